@@ -1,0 +1,34 @@
+// The op schemas (defined once, implemented per device in cpu/ and cuda/) and
+// the Python module fdistill._C, which only reports how it was built.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_capability.h"
+#include "fdistill/divergence_math.h"
+
+TORCH_LIBRARY(fdistill, m) {
+  // Per-row loss [rows] (fp32; fp64 for fp64 logits) and the row statistics
+  // [rows, 4] that the backward needs: log-sum-exps and one or two scalars.
+  m.def(
+      "divergence_fwd(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param,"
+      " float temperature, int ignore_index) -> (Tensor, Tensor)");
+  // d(sum grad_loss * loss)/d(student) [rows, vocab] in the student's dtype.
+  m.def(
+      "divergence_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats,"
+      " str divergence, float param, float temperature, int ignore_index) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "fdistill's compiled kernels (ops are registered under torch.ops.fdistill)";
+#ifdef FDISTILL_WITH_CUDA
+  mod.attr("with_cuda") = true;
+#else
+  mod.attr("with_cuda") = false;
+#endif
+  mod.attr("num_stats") = fdistill::kNumStats;
+  mod.def(
+      "cpu_capability", [](bool refresh) { return fdistill::cpu::capability_name(fdistill::cpu::cpu_capability(refresh)); },
+      pybind11::arg("refresh") = false,
+      "Instruction set of the CPU row kernels in use (default, avx2 or avx512); refresh=True re-reads "
+      "FDISTILL_CPU_CAPABILITY / ATEN_CPU_CAPABILITY.");
+}

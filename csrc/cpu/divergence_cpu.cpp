@@ -1,0 +1,83 @@
+// CPU implementation of fdistill::divergence_fwd / divergence_bwd: picks the
+// row kernel compiled for the best instruction set this CPU has and runs it
+// over rows with at::parallel_for.
+#include <cstdlib>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_capability.h"
+#include "divergence_op.h"
+
+namespace fdistill::cpu {
+
+// One declaration per compiled instruction set (row_kernels_*.cpp).
+#define FDISTILL_DECLARE_ROW_KERNELS(ISA)                                   \
+  namespace ISA {                                                           \
+  void divergence_forward_rows(const RowArgs& a, int64_t begin, int64_t end); \
+  void divergence_backward_rows(const RowArgs& a, int64_t begin, int64_t end); \
+  }
+FDISTILL_DECLARE_ROW_KERNELS(DEFAULT)
+#if defined(__x86_64__)
+FDISTILL_DECLARE_ROW_KERNELS(AVX2)
+FDISTILL_DECLARE_ROW_KERNELS(AVX512)
+#endif
+
+using RowFn = void (*)(const RowArgs&, int64_t, int64_t);
+
+static void run_rows(const RowArgs& a, bool backward) {
+  RowFn fn = backward ? DEFAULT::divergence_backward_rows : DEFAULT::divergence_forward_rows;
+#if defined(__x86_64__)
+  switch (cpu_capability()) {
+    case Capability::AVX512: fn = backward ? AVX512::divergence_backward_rows : AVX512::divergence_forward_rows; break;
+    case Capability::AVX2: fn = backward ? AVX2::divergence_backward_rows : AVX2::divergence_forward_rows; break;
+    case Capability::Default: break;
+  }
+#endif
+  // a task of at least ~64k logits amortises the thread hand-off
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.vocab, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                      const std::optional<at::Tensor>& labels,
+                                                      c10::string_view divergence, double param,
+                                                      double temperature, int64_t ignore_index) {
+  RowArgs a = make_row_args(student, teacher, labels, std::string(divergence), param, temperature, ignore_index);
+  const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
+  at::Tensor loss = at::empty({a.rows}, acc);
+  at::Tensor stats = at::empty({a.rows, kNumStats}, acc);
+  a.loss = loss.data_ptr();
+  a.stats = stats.data_ptr();
+  run_rows(a, /*backward=*/false);
+  return {loss, stats};
+}
+
+at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                              c10::string_view divergence, double param, double temperature,
+                              int64_t ignore_index) {
+  RowArgs a = make_row_args(student, teacher, labels, std::string(divergence), param, temperature, ignore_index);
+  const auto acc = accumulate_type(student.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == a.rows, "fdistill: grad_loss must be [",
+                    a.rows, "], got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({a.rows, kNumStats}) && stats.is_contiguous(),
+                    "fdistill: stats must be a contiguous [", a.rows, ", ", kNumStats, "] tensor");
+  TORCH_CHECK_TYPE(stats.scalar_type() == acc, "fdistill: stats must be ", acc);
+  const at::Tensor g = grad_loss.to(acc);
+  at::Tensor grad = at::empty({a.rows, a.vocab}, student.options());
+  a.stats = const_cast<void*>(stats.data_ptr());
+  a.grad_loss = g.data_ptr();
+  a.grad_loss_stride = g.stride(0);
+  a.grad_student = grad.data_ptr();
+  run_rows(a, /*backward=*/true);
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(fdistill, CPU, m) {
+  m.impl("divergence_fwd", &divergence_fwd_cpu);
+  m.impl("divergence_bwd", &divergence_bwd_cpu);
+}
+
+}  // namespace fdistill::cpu

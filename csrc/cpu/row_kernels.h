@@ -1,0 +1,283 @@
+// The CPU row kernels, written once and compiled once per instruction set:
+// row_kernels_{default,avx2,avx512}.cpp set CPU_CAPABILITY and include this file,
+// so every function below lands in namespace fdistill::cpu::<CAPABILITY> (ATen's
+// own scheme for its vectorised kernels). cpu_dispatch.cpp picks one at run time.
+//
+// Each row is processed in chunks of kChunk entries held in a stack buffer:
+// the chunk is converted to the accumulation type and scaled by 1/T once, its
+// maximum found, and the online log-sum-exp updated with one rescale per chunk.
+// So every pass reads the row from memory once and computes one exp per logit.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/vec_ops.h"
+#include "fdistill/row_args.h"
+
+namespace fdistill::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kChunk = 2048;
+
+template <class acc_t>
+acc_t horizontal_max(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t m = lanes[0];
+  for (int i = 1; i < Vectorized<acc_t>::size(); ++i) m = Ops<acc_t>::max(m, lanes[i]);
+  return m;
+}
+
+template <class acc_t>
+double horizontal_sum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  double s = 0;
+  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// dst[0:n] = src[0:n] / T in acc_t, padded with -inf to a whole number of
+// vectors (a -inf entry contributes exactly 0 to every formula). Returns the
+// padded length.
+template <class scalar_t, class acc_t>
+int64_t load_scaled(const scalar_t* src, int64_t n, acc_t inv_t, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec scale(inv_t);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Vec v;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v = Vec::loadu(src + i);
+    } else {
+      at::vec::load_to_float<scalar_t>(src + i, v);  // upcast before any arithmetic
+    }
+    (v * scale).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * inv_t;
+  for (; i % W; ++i) dst[i] = -std::numeric_limits<acc_t>::infinity();
+  return i;
+}
+
+template <class scalar_t, class acc_t>
+void store_converted(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else {
+    using Vec = Vectorized<float>;
+    constexpr int64_t W = Vec::size();
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + W)).store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+template <class scalar_t>
+struct RowView {
+  const scalar_t* s;
+  const scalar_t* t;
+};
+
+template <class scalar_t>
+RowView<scalar_t> row_view(const RowArgs& a, int64_t row) {
+  return {static_cast<const scalar_t*>(a.student) + row * a.student_stride,
+          static_cast<const scalar_t*>(a.teacher) + row * a.teacher_stride};
+}
+
+inline bool ignored(const RowArgs& a, int64_t row) {
+  return a.labels != nullptr && a.labels[row] == a.ignore_index;
+}
+
+// First pass: online log-sum-exps of s and t and, for the one-pass divergences,
+// the sums that give their loss (E_p[t - s], E_q[s - t], LSE(alpha t + (1-alpha) s)).
+template <Divergence D, class scalar_t, class acc_t>
+void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kForward = D == Divergence::ForwardKL || D == Divergence::Jeffreys;
+  constexpr bool kReverse = D == Divergence::ReverseKL || D == Divergence::Jeffreys;
+  constexpr bool kAlpha = D == Divergence::Alpha;
+  alignas(64) acc_t bs[kChunk], bt[kChunk], bz[kAlpha ? kChunk : 1];
+  const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
+  const Vec alpha = O::splat(a.coef.param), one_minus_alpha = O::splat(1 - a.coef.param);
+  const Vec ninf = O::splat(-std::numeric_limits<double>::infinity());
+
+  for (int64_t start = 0; start < a.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, a.vocab - start);
+    const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
+    load_scaled(row.t + start, n, inv_t, bt);
+
+    Vec max_s = ninf, max_t = ninf, max_z = ninf;
+    for (int64_t i = 0; i < padded; i += W) {
+      const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
+      max_s = O::max(max_s, s);
+      max_t = O::max(max_t, t);
+      if constexpr (kAlpha) {
+        const Vec z = alpha_logit(s, t, alpha, one_minus_alpha);
+        z.store(bz + i);
+        max_z = O::max(max_z, z);
+      }
+    }
+    const Vec shift_s = O::splat(r.s.raise(horizontal_max(max_s)));
+    const Vec shift_t = O::splat(r.t.raise(horizontal_max(max_t)));
+    const Vec shift_z = O::splat(kAlpha ? r.z.raise(horizontal_max(max_z)) : 0.0);
+
+    Vec sum_s = O::splat(0), sum_t = sum_s, w_s = sum_s, w_t = sum_s, sum_z = sum_s;
+    for (int64_t i = 0; i < padded; i += W) {
+      const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
+      const Vec es = O::exp(s - shift_s), et = O::exp(t - shift_t);
+      sum_s += es;
+      sum_t += et;
+      if constexpr (kForward) w_t += weighted(et, t, s);
+      if constexpr (kReverse) w_s += weighted(es, s, t);
+      if constexpr (kAlpha) sum_z += O::exp(Vec::loadu(bz + i) - shift_z);
+    }
+    r.s.sum += horizontal_sum(sum_s);
+    r.t.sum += horizontal_sum(sum_t);
+    if constexpr (kForward) r.t.weighted += horizontal_sum(w_t);
+    if constexpr (kReverse) r.s.weighted += horizontal_sum(w_s);
+    if constexpr (kAlpha) r.z.sum += horizontal_sum(sum_z);
+  }
+}
+
+// Second pass (mixture divergences and TV), with the log-sum-exps known.
+template <Divergence D, class scalar_t, class acc_t>
+void second_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  constexpr int64_t W = Vec::size();
+  alignas(64) acc_t bs[kChunk], bt[kChunk];
+  const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
+  const Vec lse_s = O::splat(r.s.lse()), lse_t = O::splat(r.t.lse());
+  const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, 0, 0);
+  for (int64_t start = 0; start < a.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, a.vocab - start);
+    const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
+    load_scaled(row.t + start, n, inv_t, bt);
+    Vec loss = O::splat(0), aux = loss;
+    for (int64_t i = 0; i < padded; i += W) {
+      const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse_s, lse_t);
+      Vec l, x;
+      second_pass_terms<D>(e, k, l, x);
+      loss += l;
+      aux += x;
+    }
+    r.loss2 += horizontal_sum(loss);
+    r.aux2 += horizontal_sum(aux);
+  }
+}
+
+template <Divergence D, class scalar_t, class acc_t>
+void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  auto* loss = static_cast<acc_t*>(a.loss);
+  auto* stats = static_cast<acc_t*>(a.stats);
+  for (int64_t row = begin; row < end; ++row) {
+    acc_t* st = stats + row * kNumStats;
+    if (ignored(a, row)) {
+      loss[row] = 0;
+      std::fill(st, st + kNumStats, acc_t(0));
+      continue;
+    }
+    RowSums r;
+    const auto view = row_view<scalar_t>(a, row);
+    first_pass<D, scalar_t, acc_t>(a, view, r);
+    if constexpr (needs_second_pass(D)) {
+      if (row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) second_pass<D, scalar_t, acc_t>(a, view, r);
+    }
+    loss[row] = finish_row<D, acc_t>(r, a.coef, st);
+  }
+}
+
+template <Divergence D, class scalar_t, class acc_t>
+void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  constexpr int64_t W = Vec::size();
+  alignas(64) acc_t bs[kChunk], bt[kChunk];
+  const auto* stats = static_cast<const acc_t*>(a.stats);
+  const auto* grad_loss = static_cast<const acc_t*>(a.grad_loss);
+  const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
+  for (int64_t row = begin; row < end; ++row) {
+    scalar_t* out = static_cast<scalar_t*>(a.grad_student) + row * a.vocab;
+    const acc_t* st = stats + row * kNumStats;
+    const acc_t g = grad_loss[row * a.grad_loss_stride] * inv_t;
+    const RowKind kind = row_kind(st[0], st[1]);
+    if (ignored(a, row) || kind == RowKind::Empty || (g == 0 && kind == RowKind::Normal)) {
+      std::fill(out, out + a.vocab, scalar_t(0));
+      continue;
+    }
+    if (kind == RowKind::Undefined) {
+      std::fill(out, out + a.vocab, scalar_t(NAN));
+      continue;
+    }
+    const auto view = row_view<scalar_t>(a, row);
+    const Vec lse_s = O::splat(st[0]), lse_t = O::splat(st[1]), scale = O::splat(g);
+    const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[2], st[3]);
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      const int64_t padded = load_scaled(view.s + start, n, inv_t, bs);
+      load_scaled(view.t + start, n, inv_t, bt);
+      for (int64_t i = 0; i < padded; i += W) {
+        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse_s, lse_t);
+        (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
+      }
+      store_converted(bs, n, out + start);
+    }
+  }
+}
+
+// Runtime (divergence, dtype) -> template instantiation.
+template <template <Divergence, class, class> class Fn>
+void dispatch(const RowArgs& a, int64_t begin, int64_t end) {
+  auto by_dtype = [&](auto div_tag) {
+    constexpr Divergence D = decltype(div_tag)::value;
+    switch (a.dtype) {
+      case DType::Float32: return Fn<D, float, float>::run(a, begin, end);
+      case DType::Float64: return Fn<D, double, double>::run(a, begin, end);
+      case DType::BFloat16: return Fn<D, c10::BFloat16, float>::run(a, begin, end);
+      case DType::Float16: return Fn<D, c10::Half, float>::run(a, begin, end);
+    }
+  };
+  using DV = Divergence;
+  switch (a.divergence) {
+    case DV::ForwardKL: return by_dtype(std::integral_constant<DV, DV::ForwardKL>{});
+    case DV::ReverseKL: return by_dtype(std::integral_constant<DV, DV::ReverseKL>{});
+    case DV::Jeffreys: return by_dtype(std::integral_constant<DV, DV::Jeffreys>{});
+    case DV::JSD: return by_dtype(std::integral_constant<DV, DV::JSD>{});
+    case DV::SkewKL: return by_dtype(std::integral_constant<DV, DV::SkewKL>{});
+    case DV::SkewReverseKL: return by_dtype(std::integral_constant<DV, DV::SkewReverseKL>{});
+    case DV::TV: return by_dtype(std::integral_constant<DV, DV::TV>{});
+    case DV::Alpha: return by_dtype(std::integral_constant<DV, DV::Alpha>{});
+  }
+}
+
+template <Divergence D, class scalar_t, class acc_t>
+struct ForwardFn {
+  static void run(const RowArgs& a, int64_t b, int64_t e) { forward_rows<D, scalar_t, acc_t>(a, b, e); }
+};
+template <Divergence D, class scalar_t, class acc_t>
+struct BackwardFn {
+  static void run(const RowArgs& a, int64_t b, int64_t e) { backward_rows<D, scalar_t, acc_t>(a, b, e); }
+};
+
+void divergence_forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  dispatch<ForwardFn>(a, begin, end);
+}
+void divergence_backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  dispatch<BackwardFn>(a, begin, end);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fdistill::cpu

@@ -1,0 +1,3 @@
+// Row kernels for any x86-64 / ARM CPU (scalar fallback of at::vec).
+#define CPU_CAPABILITY DEFAULT
+#include "cpu/row_kernels.h"

@@ -1,0 +1,29 @@
+// Argument checks and RowArgs construction shared by the CPU and CUDA bindings.
+// The Python layer validates first and names the argument; these checks guard
+// direct calls to torch.ops.fdistill.*.
+#pragma once
+
+#include <string>
+
+#include <ATen/ATen.h>
+
+#include "fdistill/row_args.h"
+
+namespace fdistill {
+
+// Name -> kernel, with the endpoints that the interior formula cannot take:
+// jsd beta = 0 / 1 is forward / reverse KL (TRL and Liger convention), skew
+// lambda = 0 is the plain KL.
+Divergence resolve_divergence(const std::string& name, double param);
+
+DType dtype_of(const at::Tensor& x);
+
+// Statistics and loss are kept in fp32 (fp64 for fp64 inputs).
+at::ScalarType accumulate_type(at::ScalarType t);
+
+// Checks shapes, dtypes and devices of a forward call and fills the pointers.
+RowArgs make_row_args(const at::Tensor& student, const at::Tensor& teacher,
+                      const std::optional<at::Tensor>& labels, const std::string& divergence,
+                      double param, double temperature, int64_t ignore_index);
+
+}  // namespace fdistill

@@ -1,0 +1,333 @@
+// Token-level divergence math shared by the CPU and CUDA kernels.
+//
+// Every formula is written once, as a template over a value type V: a scalar
+// (float, double; CPU and CUDA) or a SIMD vector (CPU, see csrc/cpu/vec_ops.h).
+// The primitives a type must provide live in Ops<V>. No torch headers here, so
+// .cu files that include this compile in seconds.
+//
+// Notation per row (one token): s, t are the student and teacher logits already
+// divided by the temperature; ls = s - LSE(s), lt = t - LSE(t); q = exp(ls) is
+// the student, p = exp(lt) the teacher. Formulas: shared/reference/divergences.md.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FDISTILL_HD __host__ __device__ __forceinline__
+#else
+#define FDISTILL_HD inline
+#endif
+
+namespace fdistill {
+
+enum class Divergence : int32_t {
+  ForwardKL = 0,      // KL(p || q)
+  ReverseKL = 1,      // KL(q || p)
+  Jeffreys = 2,       // (1 - beta) KL(p||q) + beta KL(q||p)
+  JSD = 3,            // beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
+  SkewKL = 4,         // KL(p || lambda p + (1-lambda) q)
+  SkewReverseKL = 5,  // KL(q || lambda q + (1-lambda) p)
+  TV = 6,             // 1/2 sum |p - q|
+  Alpha = 7,          // Amari alpha: (1 - sum p^a q^(1-a)) / (a (1-a))
+};
+constexpr int kNumDivergences = 8;
+
+// Divergences whose loss needs the normalised log-probabilities of every entry
+// (a mixture or an absolute value), hence a second pass over the row.
+FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
+  return d == Divergence::JSD || d == Divergence::SkewKL ||
+         d == Divergence::SkewReverseKL || d == Divergence::TV;
+}
+
+// Per-row statistics saved by the forward for the backward: O(1) per token.
+// [0] LSE(s), [1] LSE(t), [2] c0, [3] c1 where
+//   reverse_kl, jeffreys: c0 = KL(q||p)
+//   jsd:                  c0 = sum q (ls - log m)
+//   skew_kl:              c0 = sum q p / m
+//   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
+//   tv:                   c0 = sum q sign(q - p)
+//   alpha:                c0 = LSE(alpha t + (1-alpha) s), c1 = A = sum p^a q^(1-a)
+constexpr int kNumStats = 4;
+
+// Scalar coefficients of a divergence, fixed for a call.
+struct DivCoef {
+  double param;          // beta (jeffreys, jsd), lambda (skew*), alpha (alpha)
+  double log_w_teacher;  // log of the teacher's weight in the mixture m
+  double log_w_student;  // log of the student's weight in the mixture m
+};
+
+FDISTILL_HD DivCoef make_coef(Divergence d, double param) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  auto safe_log = [ninf](double w) { return w > 0 ? std::log(w) : ninf; };
+  DivCoef c{param, ninf, ninf};
+  if (d == Divergence::JSD) {
+    c.log_w_teacher = safe_log(param);
+    c.log_w_student = safe_log(1 - param);
+  } else if (d == Divergence::SkewKL) {  // m = lambda p + (1 - lambda) q
+    c.log_w_teacher = safe_log(param);
+    c.log_w_student = safe_log(1 - param);
+  } else if (d == Divergence::SkewReverseKL) {  // m = lambda q + (1 - lambda) p
+    c.log_w_teacher = safe_log(1 - param);
+    c.log_w_student = safe_log(param);
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------- primitives
+template <class V>
+struct Ops;  // exp, log, log1p, abs, max, min, where, comparisons, splat
+
+template <class S>
+struct ScalarOps {
+  using Mask = bool;
+  static FDISTILL_HD S splat(double x) { return static_cast<S>(x); }
+  static FDISTILL_HD S exp(S x) { return std::exp(x); }
+  static FDISTILL_HD S log(S x) { return std::log(x); }
+  static FDISTILL_HD S log1p(S x) { return std::log1p(x); }
+  static FDISTILL_HD S abs(S x) { return std::fabs(x); }
+  static FDISTILL_HD S max(S a, S b) { return (a > b || a != a) ? a : b; }  // NaN wins
+  static FDISTILL_HD S min(S a, S b) { return (a < b || a != a) ? a : b; }
+  static FDISTILL_HD bool gt(S a, S b) { return a > b; }
+  static FDISTILL_HD bool lt(S a, S b) { return a < b; }
+  static FDISTILL_HD bool eq(S a, S b) { return a == b; }
+  static FDISTILL_HD bool both(bool a, bool b) { return a && b; }
+  static FDISTILL_HD S where(bool m, S a, S b) { return m ? a : b; }
+};
+template <>
+struct Ops<float> : ScalarOps<float> {};
+template <>
+struct Ops<double> : ScalarOps<double> {};
+
+// ---------------------------------------------------------------- per entry
+template <class V>
+struct Entry {
+  V s, t;    // scaled logits
+  V ls, lt;  // log-probabilities
+  V q, p;    // probabilities
+};
+
+template <class V>
+FDISTILL_HD Entry<V> make_entry(V s, V t, V lse_s, V lse_t) {
+  using O = Ops<V>;
+  Entry<V> e;
+  e.s = s;
+  e.t = t;
+  e.ls = s - lse_s;
+  e.lt = t - lse_t;
+  e.q = O::exp(e.ls);
+  e.p = O::exp(e.lt);
+  return e;
+}
+
+// w * (a - b), and exactly 0 where the weight w is 0 (never 0 * inf).
+template <class V>
+FDISTILL_HD V weighted(V w, V a, V b) {
+  using O = Ops<V>;
+  const V zero = O::splat(0);
+  return O::where(O::gt(w, zero), w * (a - b), zero);
+}
+
+// log(exp(a) + exp(b)), -inf when both are -inf.
+template <class V>
+FDISTILL_HD V log_add_exp(V a, V b) {
+  using O = Ops<V>;
+  const V hi = O::max(a, b), lo = O::min(a, b);
+  const V ninf = O::splat(-std::numeric_limits<double>::infinity());
+  const V r = hi + O::log1p(O::exp(lo - hi));
+  return O::where(O::eq(hi, ninf), ninf, r);
+}
+
+// log m for the mixture m = w_t p + w_s q, formed in log space so that it stays
+// finite wherever p or q is positive, even when both underflow in fp32.
+template <class V>
+FDISTILL_HD V log_mixture(const Entry<V>& e, V log_wt, V log_ws) {
+  return log_add_exp(e.lt + log_wt, e.ls + log_ws);
+}
+
+// alpha t + (1 - alpha) s, -inf where both logits are -inf (masked entry).
+template <class V>
+FDISTILL_HD V alpha_logit(V s, V t, V alpha, V one_minus_alpha) {
+  using O = Ops<V>;
+  const V ninf = O::splat(-std::numeric_limits<double>::infinity());
+  const V z = alpha * t + one_minus_alpha * s;
+  return O::where(O::both(O::eq(s, ninf), O::eq(t, ninf)), ninf, z);
+}
+
+// Coefficients broadcast to V once per row.
+template <class V>
+struct RowCoef {
+  V param, one_minus, log_wt, log_ws;
+  V c0, c1;  // row statistics c0, c1 (see kNumStats)
+};
+
+template <class V>
+FDISTILL_HD RowCoef<V> make_row_coef(const DivCoef& c, double c0, double c1) {
+  using O = Ops<V>;
+  return RowCoef<V>{O::splat(c.param), O::splat(1 - c.param), O::splat(c.log_w_teacher),
+                    O::splat(c.log_w_student), O::splat(c0), O::splat(c1)};
+}
+
+// Second pass of the two-pass divergences: the loss integrand and the integrand
+// of the row scalar c0 that the gradient needs.
+template <Divergence D, class V>
+FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& loss, V& aux) {
+  using O = Ops<V>;
+  const V zero = O::splat(0);
+  if constexpr (D == Divergence::JSD) {
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    const V kl_q = weighted(e.q, e.ls, lm);
+    loss = k.param * weighted(e.p, e.lt, lm) + k.one_minus * kl_q;
+    aux = kl_q;
+  } else if constexpr (D == Divergence::SkewKL) {
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    loss = weighted(e.p, e.lt, lm);
+    aux = O::where(O::gt(e.q, zero), O::exp(e.ls + e.lt - lm), zero);  // q p / m
+  } else if constexpr (D == Divergence::SkewReverseKL) {
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    loss = weighted(e.q, e.ls, lm);
+    // q (log(q/m) - lambda q/m); the "+1" of the integrand cancels in the gradient.
+    aux = loss - k.param * O::where(O::gt(e.q, zero), O::exp(e.ls + e.ls - lm), zero);
+  } else if constexpr (D == Divergence::TV) {
+    const V diff = e.q - e.p;
+    loss = O::splat(0.5) * O::abs(diff);
+    aux = O::where(O::gt(diff, zero), e.q, O::where(O::lt(diff, zero), zero - e.q, zero));
+  } else {
+    loss = zero;
+    aux = zero;
+  }
+}
+
+// dL/ds for one entry (before the upstream gradient and the 1/T factor).
+template <Divergence D, class V>
+FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
+  using O = Ops<V>;
+  const V zero = O::splat(0);
+  // q (ls - lt - KL(q||p)), 0 where q == 0
+  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * (e.ls - e.lt - k.c0), zero); };
+  if constexpr (D == Divergence::ForwardKL) {
+    return e.q - e.p;
+  } else if constexpr (D == Divergence::ReverseKL) {
+    return reverse_kl_grad();
+  } else if constexpr (D == Divergence::Jeffreys) {
+    return k.one_minus * (e.q - e.p) + k.param * reverse_kl_grad();
+  } else if constexpr (D == Divergence::JSD) {
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    return O::where(O::gt(e.q, zero), k.one_minus * e.q * (e.ls - lm - k.c0), zero);
+  } else if constexpr (D == Divergence::SkewKL) {
+    // -(1 - lambda) q (r - sum q r), r = p / m
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    const V qr = O::where(O::gt(e.q, zero), O::exp(e.ls + e.lt - lm), zero);
+    return k.one_minus * (e.q * k.c0 - qr);
+  } else if constexpr (D == Divergence::SkewReverseKL) {
+    // q (g - sum q g), g = log(q/m) - lambda q/m (+1, which cancels)
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    const V g = e.ls - lm - k.param * O::exp(e.ls - lm);
+    return O::where(O::gt(e.q, zero), e.q * (g - k.c0), zero);
+  } else if constexpr (D == Divergence::TV) {
+    // 1/2 q (sigma - sum q sigma), sigma = sign(q - p), sign(0) = 0
+    const V diff = e.q - e.p;
+    const V one = O::splat(1);
+    const V sigma = O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
+    return O::splat(0.5) * e.q * (sigma - k.c0);
+  } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s)
+    const V r = O::exp(alpha_logit(e.s, e.t, k.param, k.one_minus) - k.c0);
+    return (k.c1 / k.param) * (e.q - r);
+  }
+}
+
+// ---------------------------------------------------------------- per row
+// Running (max, sum exp(x - max)) of an online log-sum-exp, plus optional
+// sums weighted by exp(x - max) that are rescaled with it.
+struct OnlineLSE {
+  double max = -std::numeric_limits<double>::infinity();
+  double sum = 0;
+  double weighted = 0;  // sum exp(x - max) * w(x)
+
+  // The shift to subtract before exponentiating (finite even for an all -inf row).
+  FDISTILL_HD double shift() const { return max == -std::numeric_limits<double>::infinity() ? 0 : max; }
+
+  // Raise the running max to at least m, rescaling the sums; returns the new shift.
+  FDISTILL_HD double raise(double m) {
+    if (m > max) {
+      const double scale = std::exp(max - m);  // 0 when max was -inf
+      sum *= scale;
+      weighted *= scale;
+      max = m;
+    } else if (m != m) {
+      max = m;  // NaN logits poison the row
+    }
+    return shift();
+  }
+
+  // -inf for an all -inf row, NaN when a logit was NaN.
+  FDISTILL_HD double lse() const {
+    const double inf = std::numeric_limits<double>::infinity();
+    if (max == -inf) return -inf;
+    if (!(max < inf)) return NAN;  // a NaN or +inf logit
+    return max + std::log(sum);
+  }
+};
+
+// The row's sums after all passes, reduced to the loss and the saved statistics.
+struct RowSums {
+  OnlineLSE s, t, z;  // student, teacher, alpha mixture logit
+  double loss2 = 0;   // second-pass loss sum
+  double aux2 = 0;    // second-pass row scalar
+};
+
+// How a row is treated, from its two log-sum-exps:
+//   Normal;
+//   Empty: student and teacher logits all -inf (a padding row): loss 0, gradient 0;
+//   Undefined: only one of them all -inf (no distribution), or a NaN / +inf logit:
+//              loss NaN, gradient NaN (propagated, never hidden).
+enum class RowKind { Normal, Empty, Undefined };
+
+FDISTILL_HD RowKind row_kind(double lse_s, double lse_t) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  if (lse_s == ninf && lse_t == ninf) return RowKind::Empty;
+  if (lse_s == ninf || lse_t == ninf || lse_s != lse_s || lse_t != lse_t) return RowKind::Undefined;
+  return RowKind::Normal;
+}
+
+// Finish a row: returns the loss and writes stats[kNumStats].
+template <Divergence D, class acc_t>
+FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
+  const double lse_s = r.s.lse(), lse_t = r.t.lse();
+  stats[0] = static_cast<acc_t>(lse_s);
+  stats[1] = static_cast<acc_t>(lse_t);
+  stats[2] = 0;
+  stats[3] = 0;
+  switch (row_kind(lse_s, lse_t)) {
+    case RowKind::Empty: return 0;
+    case RowKind::Undefined: return static_cast<acc_t>(NAN);
+    case RowKind::Normal: break;
+  }
+  // sum p (t - s) = E_p[t - s]; KL(p||q) = E_p[t - s] - LSE(t) + LSE(s)
+  const double fkl = r.t.weighted / r.t.sum - (lse_t - lse_s);
+  const double rkl = r.s.weighted / r.s.sum - (lse_s - lse_t);
+  double loss = 0;
+  if constexpr (D == Divergence::ForwardKL) {
+    loss = fkl;
+  } else if constexpr (D == Divergence::ReverseKL) {
+    loss = rkl;
+    stats[2] = static_cast<acc_t>(rkl);
+  } else if constexpr (D == Divergence::Jeffreys) {
+    loss = (1 - c.param) * fkl + c.param * rkl;
+    stats[2] = static_cast<acc_t>(rkl);
+  } else if constexpr (D == Divergence::Alpha) {
+    // log A = LSE(alpha t + (1-alpha) s) - alpha LSE(t) - (1-alpha) LSE(s)
+    const double lse_z = r.z.lse();
+    const double log_a = lse_z - c.param * lse_t - (1 - c.param) * lse_s;
+    stats[2] = static_cast<acc_t>(lse_z);
+    stats[3] = static_cast<acc_t>(std::exp(log_a));
+    loss = -std::expm1(log_a) / (c.param * (1 - c.param));  // (1 - A) / (a (1 - a)), no cancellation
+  } else {
+    loss = r.loss2;
+    stats[2] = static_cast<acc_t>(r.aux2);
+  }
+  return static_cast<acc_t>(loss);
+}
+
+}  // namespace fdistill
