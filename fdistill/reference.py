@@ -50,7 +50,10 @@ def _log_mixture(lt: torch.Tensor, ls: torch.Tensor, w_teacher: float, w_student
     neg_inf = torch.tensor(-math.inf, dtype=lt.dtype, device=lt.device)
     a = lt + math.log(w_teacher) if w_teacher > 0 else neg_inf.expand_as(lt)
     b = ls + math.log(w_student) if w_student > 0 else neg_inf.expand_as(ls)
-    return torch.logaddexp(a, b)
+    both = torch.isneginf(a) & torch.isneginf(b)  # logaddexp's gradient is NaN there
+    zero = torch.zeros((), dtype=lt.dtype, device=lt.device)
+    mixed = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, neg_inf, mixed)
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
