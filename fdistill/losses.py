@@ -175,7 +175,9 @@ def _pick_backend(backend: str | None, student: torch.Tensor, grad_teacher: bool
         if student.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got student_logits on {student.device}")
         if grad_teacher:
-            raise ValueError("grad_teacher=True needs backend='reference' (the fused kernels skip the teacher)")
+            raise ValueError(
+                "grad_teacher=True needs backend='reference' (the fused kernels skip the teacher)"
+            )
         require_extension()
     return backend
 
@@ -199,7 +201,8 @@ def _check_logits(student, teacher) -> None:
         )
     if student.device != teacher.device:
         raise ValueError(
-            f"student_logits ({student.device}) and teacher_logits ({teacher.device}) are on different devices"
+            f"student_logits ({student.device}) and teacher_logits ({teacher.device}) "
+            "are on different devices"
         )
 
 
@@ -238,7 +241,9 @@ def _divergence_param(divergence: str, *, beta, skew, alpha) -> float:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     if alpha in (0, 1):
-        raise ValueError(f"alpha must not be 0 or 1 (those limits are reverse_kl and forward_kl), got {alpha}")
+        raise ValueError(
+            f"alpha must not be 0 or 1 (those limits are reverse_kl and forward_kl), got {alpha}"
+        )
     if divergence in ("jeffreys", "jsd"):
         return float(beta)
     if divergence in ("skew_kl", "skew_reverse_kl"):

@@ -12,7 +12,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FDISTILL_HD __host__ __device__ __forceinline__
@@ -21,6 +20,9 @@
 #endif
 
 namespace fdistill {
+
+// +infinity usable in host and device code (numeric_limits is host-only in nvcc).
+constexpr double kInf = static_cast<double>(INFINITY);
 
 enum class Divergence : int32_t {
   ForwardKL = 0,      // KL(p || q)
@@ -59,7 +61,7 @@ struct DivCoef {
 };
 
 FDISTILL_HD DivCoef make_coef(Divergence d, double param) {
-  const double ninf = -std::numeric_limits<double>::infinity();
+  const double ninf = -kInf;
   auto safe_log = [ninf](double w) { return w > 0 ? std::log(w) : ninf; };
   DivCoef c{param, ninf, ninf};
   if (d == Divergence::JSD) {
@@ -134,7 +136,7 @@ template <class V>
 FDISTILL_HD V log_add_exp(V a, V b) {
   using O = Ops<V>;
   const V hi = O::max(a, b), lo = O::min(a, b);
-  const V ninf = O::splat(-std::numeric_limits<double>::infinity());
+  const V ninf = O::splat(-kInf);
   const V r = hi + O::log1p(O::exp(lo - hi));
   return O::where(O::eq(hi, ninf), ninf, r);
 }
@@ -150,7 +152,7 @@ FDISTILL_HD V log_mixture(const Entry<V>& e, V log_wt, V log_ws) {
 template <class V>
 FDISTILL_HD V alpha_logit(V s, V t, V alpha, V one_minus_alpha) {
   using O = Ops<V>;
-  const V ninf = O::splat(-std::numeric_limits<double>::infinity());
+  const V ninf = O::splat(-kInf);
   const V z = alpha * t + one_minus_alpha * s;
   return O::where(O::both(O::eq(s, ninf), O::eq(t, ninf)), ninf, z);
 }
@@ -241,12 +243,12 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
 // Running (max, sum exp(x - max)) of an online log-sum-exp, plus optional
 // sums weighted by exp(x - max) that are rescaled with it.
 struct OnlineLSE {
-  double max = -std::numeric_limits<double>::infinity();
+  double max = -kInf;
   double sum = 0;
   double weighted = 0;  // sum exp(x - max) * w(x)
 
   // The shift to subtract before exponentiating (finite even for an all -inf row).
-  FDISTILL_HD double shift() const { return max == -std::numeric_limits<double>::infinity() ? 0 : max; }
+  FDISTILL_HD double shift() const { return max == -kInf ? 0 : max; }
 
   // Raise the running max to at least m, rescaling the sums; returns the new shift.
   FDISTILL_HD double raise(double m) {
@@ -263,9 +265,8 @@ struct OnlineLSE {
 
   // -inf for an all -inf row, NaN when a logit was NaN.
   FDISTILL_HD double lse() const {
-    const double inf = std::numeric_limits<double>::infinity();
-    if (max == -inf) return -inf;
-    if (!(max < inf)) return NAN;  // a NaN or +inf logit
+    if (max == -kInf) return -kInf;
+    if (!(max < kInf)) return NAN;  // a NaN or +inf logit
     return max + std::log(sum);
   }
 };
@@ -285,7 +286,7 @@ struct RowSums {
 enum class RowKind { Normal, Empty, Undefined };
 
 FDISTILL_HD RowKind row_kind(double lse_s, double lse_t) {
-  const double ninf = -std::numeric_limits<double>::infinity();
+  const double ninf = -kInf;
   if (lse_s == ninf && lse_t == ninf) return RowKind::Empty;
   if (lse_s == ninf || lse_t == ninf || lse_s != lse_s || lse_t != lse_t) return RowKind::Undefined;
   return RowKind::Normal;
