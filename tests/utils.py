@@ -108,7 +108,9 @@ def make_labels(lead_shape, seed: int, ignore_frac: float = 0.3, ignore_index: i
     return labels.masked_fill(ignore, ignore_index)
 
 
-def assert_close_verbose(actual, expected, atol: float, rtol: float, name: str = "tensor", max_report: int = 6):
+def assert_close_verbose(
+    actual, expected, atol: float, rtol: float, name: str = "tensor", max_report: int = 6
+):
     """``|actual - expected| <= atol + rtol |expected|`` elementwise, with NaN and +-inf at the same places.
 
     Compares in float64; a failure reports the mismatch count and the first few indices with values.
@@ -129,7 +131,9 @@ def assert_close_verbose(actual, expected, atol: float, rtol: float, name: str =
         bad = fa != fe
         if bad.any():
             idx = bad.nonzero()[:max_report].tolist()
-            detail = ", ".join(f"{tuple(i)}: got {a[tuple(i)].item()!r} want {e[tuple(i)].item()!r}" for i in idx)
+            detail = ", ".join(
+                f"{tuple(i)}: got {a[tuple(i)].item()!r} want {e[tuple(i)].item()!r}" for i in idx
+            )
             problems.append(f"{int(bad.sum())} positions where {what} differs: {detail}")
     finite = torch.isfinite(a) & torch.isfinite(e)
     diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
@@ -174,10 +178,10 @@ def reference_rows64(student, teacher, divergence, param, temperature=1.0, label
     return rows.reshape(student.shape[:-1])
 
 
-def reduce_rows(rows, reduction, labels=None, ignore_index=-100, weight=None):
+def reduce_rows(rows, reduction, labels=None, ignore_index=-100):
     """The documented reductions, written independently of fdistill.losses."""
     if reduction == "none":
-        return rows if weight is None else rows
+        return rows
     if reduction == "sum":
         return rows.sum()
     count = rows.numel() if labels is None else int((labels != ignore_index).sum())
@@ -189,7 +193,9 @@ def loss_and_grad(student, teacher, divergence, options, reduction="mean", weigh
     s = student.detach().clone().requires_grad_(True)
     loss = fdistill.divergence_loss(s, teacher.detach(), divergence, reduction=reduction, **options, **kwargs)
     objective = loss if reduction != "none" else (loss * weight.to(loss.dtype)).sum()
-    (grad,) = torch.autograd.grad(objective, s, allow_unused=False)
+    if not objective.requires_grad:  # the reference backend, when the loss does not depend on the student
+        return loss.detach(), torch.zeros_like(s)
+    (grad,) = torch.autograd.grad(objective, s)
     return loss.detach(), grad
 
 
@@ -199,7 +205,9 @@ def oracle_loss_and_grad(
     """Loss and student gradient of the pure-PyTorch reference in float64, reduced independently."""
     assert not kw, kw
     s = student.detach().double().requires_grad_(True)
-    rows = reference_rows64(s, teacher.detach().double(), divergence, param_of(divergence, options), temperature, labels)
+    rows = reference_rows64(
+        s, teacher.detach().double(), divergence, param_of(divergence, options), temperature, labels
+    )
     loss = reduce_rows(rows, reduction, labels)
     objective = loss if reduction != "none" else (loss * weight.double()).sum()
     if not objective.requires_grad:  # e.g. skew_kl with skew = 1 does not depend on the student
