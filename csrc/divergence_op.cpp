@@ -21,6 +21,9 @@ Divergence resolve_divergence(const std::string& name, double param) {
     TORCH_CHECK_VALUE(std::isfinite(param) && param != 0 && param != 1,
                       "fdistill: alpha must be finite and not 0 or 1, got ", param);
   }
+  // endpoints: the interior formulas would form 0 * inf where one KL is infinite
+  if (d == Divergence::Jeffreys && param == 0) return Divergence::ForwardKL;
+  if (d == Divergence::Jeffreys && param == 1) return Divergence::ReverseKL;
   if (d == Divergence::JSD && param == 0) return Divergence::ForwardKL;
   if (d == Divergence::JSD && param == 1) return Divergence::ReverseKL;
   if (d == Divergence::SkewKL && param == 0) return Divergence::ForwardKL;

@@ -12,8 +12,8 @@
 namespace fdistill {
 
 // Name -> kernel, with the endpoints that the interior formula cannot take:
-// jsd beta = 0 / 1 is forward / reverse KL (TRL and Liger convention), skew
-// lambda = 0 is the plain KL.
+// jsd beta = 0 / 1 is forward / reverse KL (TRL and Liger convention), jeffreys
+// beta = 0 / 1 likewise, skew lambda = 0 is the plain KL.
 Divergence resolve_divergence(const std::string& name, double param);
 
 DType dtype_of(const at::Tensor& x);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch and libc10, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (importing registers the ops)
 

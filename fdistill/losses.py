@@ -100,7 +100,9 @@ def divergence_loss(
     lead_shape = student_logits.shape[:-1]
     student = _as_rows(student_logits, vocab)
     teacher = _as_rows(teacher_logits, vocab)
-    flat_labels = None if labels is None else _check_labels(labels, student_logits).reshape(-1).long().contiguous()
+    flat_labels = None
+    if labels is not None:
+        flat_labels = _check_labels(labels, student_logits).reshape(-1).long().contiguous()
 
     if backend == "cpu":
         rows, _ = torch.ops.fdistill.divergence_fwd(

@@ -11,7 +11,7 @@ import torch
 
 from ._extension import _C
 
-NUM_STATS = 4  # must match kNumStats in csrc/include/fdistill/divergence_math.h
+NUM_STATS = 6  # must match kNumStats in csrc/include/fdistill/divergence_math.h
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,3 +53,12 @@ if _C is not None:
         return grad_student, None, None, None, None, None, None
 
     torch.library.register_autograd("fdistill::divergence_fwd", _backward, setup_context=_setup_context)
+
+    def _no_double_backward(ctx, grad):
+        raise NotImplementedError(
+            "fdistill's fused kernels have no second derivative; use backend='reference' for double backward"
+        )
+
+    torch.library.register_autograd(
+        "fdistill::divergence_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )

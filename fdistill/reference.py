@@ -12,8 +12,9 @@ Conventions (shared with the kernels, see ``csrc/include/fdistill/divergence_mat
 * A row whose student and teacher logits are all ``-inf`` (padding) has loss 0 and gradient 0;
   a row where only one of them is all ``-inf``, or that holds a NaN or ``+inf`` logit, has a NaN
   loss and a NaN gradient.
-* ``jsd`` with ``beta = 0`` / ``1`` is forward / reverse KL (TRL's and Liger's convention); the
-  skew divergences with ``skew = 0`` are the plain forward / reverse KL.
+* ``jsd`` and ``jeffreys`` with ``beta = 0`` / ``1`` are forward / reverse KL (for ``jsd`` this is
+  TRL's and Liger's convention; it also keeps ``0 * inf`` out of the unused term); the skew
+  divergences with ``skew = 0`` are the plain forward / reverse KL.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jeffreys", "jsd", "skew_kl", "skew_r
 
 def resolve_divergence(divergence: str, param: float) -> str:
     """The kernel a (divergence, weight) pair runs: the endpoints of the mixtures are plain KLs."""
-    if divergence == "jsd" and param == 0.0:
+    if divergence in ("jsd", "jeffreys") and param == 0.0:
         return "forward_kl"
-    if divergence == "jsd" and param == 1.0:
+    if divergence in ("jsd", "jeffreys") and param == 1.0:
         return "reverse_kl"
     if divergence == "skew_kl" and param == 0.0:
         return "forward_kl"

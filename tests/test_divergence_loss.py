@@ -229,12 +229,6 @@ def test_capability_falls_back_to_hardware_for_unknown_value():
         assert active == hardware_capabilities()[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fdistill/_extension.py imports fdistill._C before torch, so `import fdistill` as the first "
-    "import fails with 'libc10.so: cannot open shared object file' and silently falls back to the reference "
-    "backend (has_cpu_kernels() is False)",
-)
 def test_import_fdistill_before_torch_loads_the_kernels():
     """`import fdistill` as a program's first import must still load the C++ kernels."""
     proc = subprocess.run(
@@ -283,11 +277,6 @@ def test_jeffreys_endpoints_are_plain_kl(beta, plain, seed):
     assert_close_verbose(got[1], want[1], 1e-13, 1e-13, "grad")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: jeffreys with beta=0 (beta=1) computes (1-beta) KL(p||q) + beta KL(q||p) with 0 * inf = NaN "
-    "when the unused direction is infinite (cpu and reference), instead of the finite plain KL",
-)
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize(
     ("beta", "plain", "masked"), [(0.0, "forward_kl", "teacher"), (1.0, "reverse_kl", "student")]
@@ -334,25 +323,10 @@ def test_masked_columns_contribute_nothing(case, seed):
     assert (grad[:, ~keep] == 0).all()
 
 
-# Where the kernel disagrees with the reference on one-sided masks (see the reasons).
-_ONE_SIDED_XFAIL = {
-    ("teacher", "alpha-alpha=-0.5"): "BUG: alpha < 0 with teacher -inf where the student has mass gives NaN, "
-    "the reference and the docs say +inf (z = alpha t + (1-alpha) s is +inf there; OnlineLSE makes it NaN)",
-    ("student", "alpha-alpha=1.5"): "BUG: alpha > 1 with student -inf where the teacher has mass gives NaN "
-    "instead of +inf (as for alpha < 0 with the teacher masked)",
-    ("student", "alpha-alpha=3.0"): "BUG: alpha > 1 with student -inf where the teacher has mass gives NaN "
-    "instead of +inf",
-    ("teacher", "skew_kl-skew=1.0"): "BUG: skew_kl with skew=1 (loss identically 0) gives a NaN gradient on "
-    "rows where the teacher has -inf entries (exp(lt - log m) = exp(-inf + inf)); the reference gives 0",
-}
-
-
 def _one_sided_params():
     for side in ("teacher", "student"):
         for case in DIVERGENCE_CASES:
-            reason = _ONE_SIDED_XFAIL.get((side, case_id(case)))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(side, case, id=f"{side}-{case_id(case)}", marks=marks)
+            yield pytest.param(side, case, id=f"{side}-{case_id(case)}")
 
 
 @pytest.mark.parametrize(("side", "case"), list(_one_sided_params()))
@@ -427,7 +401,6 @@ def test_large_logits_finite_and_close(case, kind, seed):
     assert_close_verbose(grad, want_grad, 1e-3 * max(1.0, want_grad.abs().max().item()), 1e-3, "grad")
 
 
-@pytest.mark.xfail(strict=True, reason=_LARGE_XFAIL)
 @pytest.mark.parametrize("kind", ["offset", "scale100"])
 def test_large_logits_two_x_eager_rule(kind, seed):
     """err(kernel fp32 vs ref64) <= 2 err(reference in fp32 vs ref64) + small atol, loss and gradient.
@@ -463,7 +436,6 @@ def test_large_logits_two_x_eager_rule(kind, seed):
     )
 
 
-@pytest.mark.xfail(strict=True, reason=_LARGE_FWD_XFAIL)
 def test_forward_kl_loss_with_different_large_offsets(seed):
     g = torch.Generator().manual_seed(seed)
     student = (torch.randn(4, 1000, generator=g, dtype=torch.float64) * 5 + 1e4).float()
@@ -720,12 +692,6 @@ def test_results_are_deterministic_and_thread_count_independent(seed):
         assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
 
 
-@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: divergence_bwd has no autograd formula, so a second derivative through backend='cpu' "
-    "(create_graph=True) silently comes out as 0 (only a UserWarning) instead of raising or being correct",
-)
 def test_double_backward_is_correct_or_raises(seed):
     student, teacher = make_logits((3, 40), torch.float64, scale=SCALE, seed=seed)
 

@@ -119,20 +119,24 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
     const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
     load_scaled(row.t + start, n, inv_t, bt);
 
-    Vec max_s = ninf, max_t = ninf, max_z = ninf;
+    Vec max_s = ninf, max_t = ninf;
     for (int64_t i = 0; i < padded; i += W) {
-      const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
-      max_s = O::max(max_s, s);
-      max_t = O::max(max_t, t);
-      if constexpr (kAlpha) {
-        const Vec z = alpha_logit(s, t, alpha, one_minus_alpha);
-        z.store(bz + i);
-        max_z = O::max(max_z, z);
-      }
+      max_s = O::max(max_s, Vec::loadu(bs + i));
+      max_t = O::max(max_t, Vec::loadu(bt + i));
     }
     const Vec shift_s = O::splat(r.s.raise(horizontal_max(max_s)));
     const Vec shift_t = O::splat(r.t.raise(horizontal_max(max_t)));
-    const Vec shift_z = O::splat(kAlpha ? r.z.raise(horizontal_max(max_z)) : 0.0);
+    const Vec ref_s = O::splat(r.s.ref), ref_t = O::splat(r.t.ref);  // fixed once the row has a finite max
+    Vec shift_z = O::splat(0);
+    if constexpr (kAlpha) {
+      Vec max_z = ninf;
+      for (int64_t i = 0; i < padded; i += W) {
+        const Vec z = alpha_logit(Vec::loadu(bs + i) - ref_s, Vec::loadu(bt + i) - ref_t, alpha, one_minus_alpha);
+        z.store(bz + i);
+        max_z = O::max(max_z, z);
+      }
+      shift_z = O::splat(r.z.raise(horizontal_max(max_z)));
+    }
 
     Vec sum_s = O::splat(0), sum_t = sum_s, w_s = sum_s, w_t = sum_s, sum_z = sum_s;
     for (int64_t i = 0; i < padded; i += W) {
@@ -140,8 +144,8 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
       const Vec es = O::exp(s - shift_s), et = O::exp(t - shift_t);
       sum_s += es;
       sum_t += et;
-      if constexpr (kForward) w_t += weighted(et, t, s);
-      if constexpr (kReverse) w_s += weighted(es, s, t);
+      if constexpr (kForward) w_t += weighted(et, t - ref_t, s - ref_s);
+      if constexpr (kReverse) w_s += weighted(es, s - ref_s, t - ref_t);
       if constexpr (kAlpha) sum_z += O::exp(Vec::loadu(bz + i) - shift_z);
     }
     r.s.sum += horizontal_sum(sum_s);
@@ -160,7 +164,7 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
   constexpr int64_t W = Vec::size();
   alignas(64) acc_t bs[kChunk], bt[kChunk];
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
-  const Vec lse_s = O::splat(r.s.lse()), lse_t = O::splat(r.t.lse());
+  const RowLSE<Vec> lse = make_row_lse<Vec>(r.s.max, std::log(r.s.sum), r.t.max, std::log(r.t.sum));
   const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, 0, 0);
   for (int64_t start = 0; start < a.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, a.vocab - start);
@@ -168,7 +172,7 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
     load_scaled(row.t + start, n, inv_t, bt);
     Vec loss = O::splat(0), aux = loss;
     for (int64_t i = 0; i < padded; i += W) {
-      const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse_s, lse_t);
+      const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
       Vec l, x;
       second_pass_terms<D>(e, k, l, x);
       loss += l;
@@ -213,7 +217,7 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
     scalar_t* out = static_cast<scalar_t*>(a.grad_student) + row * a.vocab;
     const acc_t* st = stats + row * kNumStats;
     const acc_t g = grad_loss[row * a.grad_loss_stride] * inv_t;
-    const RowKind kind = row_kind(st[0], st[1]);
+    const RowKind kind = row_kind(st[0] + st[1], st[2] + st[3]);
     if (ignored(a, row) || kind == RowKind::Empty || (g == 0 && kind == RowKind::Normal)) {
       std::fill(out, out + a.vocab, scalar_t(0));
       continue;
@@ -223,14 +227,15 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const auto view = row_view<scalar_t>(a, row);
-    const Vec lse_s = O::splat(st[0]), lse_t = O::splat(st[1]), scale = O::splat(g);
-    const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[2], st[3]);
+    const RowLSE<Vec> lse = make_row_lse<Vec>(st[0], st[1], st[2], st[3]);
+    const Vec scale = O::splat(g);
+    const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[4], st[5]);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       const int64_t padded = load_scaled(view.s + start, n, inv_t, bs);
       load_scaled(view.t + start, n, inv_t, bt);
       for (int64_t i = 0; i < padded; i += W) {
-        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse_s, lse_t);
+        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
         (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
       }
       store_converted(bs, n, out + start);

@@ -44,14 +44,18 @@ FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
 }
 
 // Per-row statistics saved by the forward for the backward: O(1) per token.
-// [0] LSE(s), [1] LSE(t), [2] c0, [3] c1 where
-//   reverse_kl, jeffreys: c0 = KL(q||p)
+// [0] max(s), [1] log sum exp(s - max(s)), [2] max(t), [3] log sum exp(t - max(t)),
+// [4] c0, [5] c1. The log-sum-exp is kept as (max, log-sum) so that
+// ls = (s - max) - log-sum loses nothing when the logits are large (1e4 in
+// float32: LSE itself would carry an error of half an ulp, 5e-4). c0, c1:
+//   reverse_kl, jeffreys: c0 = KL(q||p) + log_sum_s - log_sum_t (so ls - lt - KL = ds - dt - c0,
+//                         with the constants summed once, in double)
 //   jsd:                  c0 = sum q (ls - log m)
 //   skew_kl:              c0 = sum q p / m
 //   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
 //   tv:                   c0 = sum q sign(q - p)
-//   alpha:                c0 = LSE(alpha t + (1-alpha) s), c1 = A = sum p^a q^(1-a)
-constexpr int kNumStats = 4;
+//   alpha:                c0 = LSE(alpha (t - max t) + (1-alpha) (s - max s)), c1 = A = sum p^a q^(1-a)
+constexpr int kNumStats = 6;
 
 // Scalar coefficients of a divergence, fixed for a call.
 struct DivCoef {
@@ -105,19 +109,31 @@ struct Ops<double> : ScalarOps<double> {};
 // ---------------------------------------------------------------- per entry
 template <class V>
 struct Entry {
-  V s, t;    // scaled logits
+  V ds, dt;  // logits minus the row max
   V ls, lt;  // log-probabilities
   V q, p;    // probabilities
 };
 
+// A row's log-sum-exps as (max, log of the sum of exp(x - max)), broadcast to V.
 template <class V>
-FDISTILL_HD Entry<V> make_entry(V s, V t, V lse_s, V lse_t) {
+struct RowLSE {
+  V max_s, log_sum_s, max_t, log_sum_t;
+};
+
+template <class V>
+FDISTILL_HD RowLSE<V> make_row_lse(double max_s, double log_sum_s, double max_t, double log_sum_t) {
+  using O = Ops<V>;
+  return RowLSE<V>{O::splat(max_s), O::splat(log_sum_s), O::splat(max_t), O::splat(log_sum_t)};
+}
+
+template <class V>
+FDISTILL_HD Entry<V> make_entry(V s, V t, const RowLSE<V>& r) {
   using O = Ops<V>;
   Entry<V> e;
-  e.s = s;
-  e.t = t;
-  e.ls = s - lse_s;
-  e.lt = t - lse_t;
+  e.ds = s - r.max_s;  // exact for s near the max (Sterbenz), whatever the magnitude
+  e.dt = t - r.max_t;
+  e.ls = e.ds - r.log_sum_s;
+  e.lt = e.dt - r.log_sum_t;
   e.q = O::exp(e.ls);
   e.p = O::exp(e.lt);
   return e;
@@ -157,6 +173,13 @@ FDISTILL_HD V alpha_logit(V s, V t, V alpha, V one_minus_alpha) {
   return O::where(O::both(O::eq(s, ninf), O::eq(t, ninf)), ninf, z);
 }
 
+// q p / m = exp(ls + lt - log m); 0 where m is empty (p = q w_s = 0), never NaN.
+template <class V>
+FDISTILL_HD V q_times_ratio(const Entry<V>& e, V lm) {
+  using O = Ops<V>;
+  return O::where(O::gt(lm, O::splat(-kInf)), O::exp(e.ls + e.lt - lm), O::splat(0));
+}
+
 // Coefficients broadcast to V once per row.
 template <class V>
 struct RowCoef {
@@ -185,7 +208,7 @@ FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& lo
   } else if constexpr (D == Divergence::SkewKL) {
     const V lm = log_mixture(e, k.log_wt, k.log_ws);
     loss = weighted(e.p, e.lt, lm);
-    aux = O::where(O::gt(e.q, zero), O::exp(e.ls + e.lt - lm), zero);  // q p / m
+    aux = q_times_ratio(e, lm);  // q p / m
   } else if constexpr (D == Divergence::SkewReverseKL) {
     const V lm = log_mixture(e, k.log_wt, k.log_ws);
     loss = weighted(e.q, e.ls, lm);
@@ -206,8 +229,8 @@ template <Divergence D, class V>
 FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
   using O = Ops<V>;
   const V zero = O::splat(0);
-  // q (ls - lt - KL(q||p)), 0 where q == 0
-  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * (e.ls - e.lt - k.c0), zero); };
+  // q (ls - lt - KL(q||p)) = q (ds - dt - c0), 0 where q == 0
+  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * ((e.ds - e.dt) - k.c0), zero); };
   if constexpr (D == Divergence::ForwardKL) {
     return e.q - e.p;
   } else if constexpr (D == Divergence::ReverseKL) {
@@ -220,8 +243,7 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
   } else if constexpr (D == Divergence::SkewKL) {
     // -(1 - lambda) q (r - sum q r), r = p / m
     const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    const V qr = O::where(O::gt(e.q, zero), O::exp(e.ls + e.lt - lm), zero);
-    return k.one_minus * (e.q * k.c0 - qr);
+    return k.one_minus * (e.q * k.c0 - q_times_ratio(e, lm));
   } else if constexpr (D == Divergence::SkewReverseKL) {
     // q (g - sum q g), g = log(q/m) - lambda q/m (+1, which cancels)
     const V lm = log_mixture(e, k.log_wt, k.log_ws);
@@ -234,7 +256,7 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
     const V sigma = O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
     return O::splat(0.5) * e.q * (sigma - k.c0);
   } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s)
-    const V r = O::exp(alpha_logit(e.s, e.t, k.param, k.one_minus) - k.c0);
+    const V r = O::exp(alpha_logit(e.ds, e.dt, k.param, k.one_minus) - k.c0);
     return (k.c1 / k.param) * (e.q - r);
   }
 }
@@ -246,6 +268,10 @@ struct OnlineLSE {
   double max = -kInf;
   double sum = 0;
   double weighted = 0;  // sum exp(x - max) * w(x)
+  // A fixed shift for the weights w(x): the first finite max of the row, so that
+  // terms like (t - ref_t) - (s - ref_s) stay small when logits carry a large offset.
+  double ref = 0;
+  bool has_ref = false;
 
   // The shift to subtract before exponentiating (finite even for an all -inf row).
   FDISTILL_HD double shift() const { return max == -kInf ? 0 : max; }
@@ -257,6 +283,10 @@ struct OnlineLSE {
       sum *= scale;
       weighted *= scale;
       max = m;
+      if (!has_ref && m < kInf) {
+        ref = m;
+        has_ref = true;
+      }
     } else if (m != m) {
       max = m;  // NaN logits poison the row
     }
@@ -269,6 +299,9 @@ struct OnlineLSE {
     if (!(max < kInf)) return NAN;  // a NaN or +inf logit
     return max + std::log(sum);
   }
+
+  // LSE - ref, without the cancellation of two large numbers.
+  FDISTILL_HD double lse_minus_ref() const { return (max - ref) + std::log(sum); }
 };
 
 // The row's sums after all passes, reduced to the loss and the saved statistics.
@@ -286,47 +319,55 @@ struct RowSums {
 enum class RowKind { Normal, Empty, Undefined };
 
 FDISTILL_HD RowKind row_kind(double lse_s, double lse_t) {
-  const double ninf = -kInf;
-  if (lse_s == ninf && lse_t == ninf) return RowKind::Empty;
-  if (lse_s == ninf || lse_t == ninf || lse_s != lse_s || lse_t != lse_t) return RowKind::Undefined;
-  return RowKind::Normal;
+  auto finite = [](double x) { return x > -kInf && x < kInf; };  // false for NaN
+  if (lse_s == -kInf && lse_t == -kInf) return RowKind::Empty;
+  return finite(lse_s) && finite(lse_t) ? RowKind::Normal : RowKind::Undefined;
 }
 
 // Finish a row: returns the loss and writes stats[kNumStats].
 template <Divergence D, class acc_t>
 FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
-  const double lse_s = r.s.lse(), lse_t = r.t.lse();
-  stats[0] = static_cast<acc_t>(lse_s);
-  stats[1] = static_cast<acc_t>(lse_t);
-  stats[2] = 0;
-  stats[3] = 0;
-  switch (row_kind(lse_s, lse_t)) {
+  const double log_sum_s = std::log(r.s.sum), log_sum_t = std::log(r.t.sum);
+  stats[0] = static_cast<acc_t>(r.s.max);
+  stats[1] = static_cast<acc_t>(log_sum_s);
+  stats[2] = static_cast<acc_t>(r.t.max);
+  stats[3] = static_cast<acc_t>(log_sum_t);
+  stats[4] = 0;
+  stats[5] = 0;
+  switch (row_kind(r.s.lse(), r.t.lse())) {
     case RowKind::Empty: return 0;
     case RowKind::Undefined: return static_cast<acc_t>(NAN);
     case RowKind::Normal: break;
   }
-  // sum p (t - s) = E_p[t - s]; KL(p||q) = E_p[t - s] - LSE(t) + LSE(s)
-  const double fkl = r.t.weighted / r.t.sum - (lse_t - lse_s);
-  const double rkl = r.s.weighted / r.s.sum - (lse_s - lse_t);
+  // weighted sums hold E[(t - ref_t) - (s - ref_s)] * sum, so
+  // KL(p||q) = E_p[t - s] - LSE(t) + LSE(s) = w_t / z_t - ((LSE(t) - ref_t) - (LSE(s) - ref_s))
+  const double lse_gap = r.t.lse_minus_ref() - r.s.lse_minus_ref();
+  const double fkl = r.t.weighted / r.t.sum - lse_gap;
+  const double rkl = r.s.weighted / r.s.sum + lse_gap;
   double loss = 0;
   if constexpr (D == Divergence::ForwardKL) {
     loss = fkl;
   } else if constexpr (D == Divergence::ReverseKL) {
     loss = rkl;
-    stats[2] = static_cast<acc_t>(rkl);
+    stats[4] = static_cast<acc_t>(rkl + log_sum_s - log_sum_t);
   } else if constexpr (D == Divergence::Jeffreys) {
     loss = (1 - c.param) * fkl + c.param * rkl;
-    stats[2] = static_cast<acc_t>(rkl);
+    stats[4] = static_cast<acc_t>(rkl + log_sum_s - log_sum_t);
   } else if constexpr (D == Divergence::Alpha) {
-    // log A = LSE(alpha t + (1-alpha) s) - alpha LSE(t) - (1-alpha) LSE(s)
-    const double lse_z = r.z.lse();
-    const double log_a = lse_z - c.param * lse_t - (1 - c.param) * lse_s;
-    stats[2] = static_cast<acc_t>(lse_z);
-    stats[3] = static_cast<acc_t>(std::exp(log_a));
+    // z was accumulated as alpha (t - ref_t) + (1 - alpha) (s - ref_s); shift it to the row maxima:
+    // log A = LSE(alpha (t - max t) + (1 - alpha)(s - max s)) - alpha log_sum_t - (1 - alpha) log_sum_s
+    if (r.z.max == kInf) {  // alpha outside (0, 1) and disjoint supports: A and the loss are infinite
+      stats[4] = stats[5] = static_cast<acc_t>(kInf);
+      return static_cast<acc_t>(kInf);
+    }
+    const double lse_z = r.z.lse() - c.param * (r.t.max - r.t.ref) - (1 - c.param) * (r.s.max - r.s.ref);
+    const double log_a = lse_z - c.param * log_sum_t - (1 - c.param) * log_sum_s;
+    stats[4] = static_cast<acc_t>(lse_z);
+    stats[5] = static_cast<acc_t>(std::exp(log_a));
     loss = -std::expm1(log_a) / (c.param * (1 - c.param));  // (1 - A) / (a (1 - a)), no cancellation
   } else {
     loss = r.loss2;
-    stats[2] = static_cast<acc_t>(r.aux2);
+    stats[4] = static_cast<acc_t>(r.aux2);
   }
   return static_cast<acc_t>(loss);
 }
