@@ -9,13 +9,18 @@
 TORCH_LIBRARY(fdistill, m) {
   // Per-row loss [rows] (fp32; fp64 for fp64 logits) and the row statistics
   // [rows, 4] that the backward needs: log-sum-exps and one or two scalars.
+  // grad_in_place only tells the autograd formula which backward to run.
   m.def(
       "divergence_fwd(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param,"
-      " float temperature, int ignore_index) -> (Tensor, Tensor)");
+      " float temperature, int ignore_index, bool grad_in_place=False) -> (Tensor, Tensor)");
   // d(sum grad_loss * loss)/d(student) [rows, vocab] in the student's dtype.
   m.def(
       "divergence_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats,"
       " str divergence, float param, float temperature, int ignore_index) -> Tensor");
+  // The same gradient written over the student logits (which the caller no longer needs).
+  m.def(
+      "divergence_bwd_(Tensor grad_loss, Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor stats,"
+      " str divergence, float param, float temperature, int ignore_index) -> ()");
 }
 
 PYBIND11_MODULE(_C, mod) {

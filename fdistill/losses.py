@@ -10,9 +10,10 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers fake and autograd for the compiled ops)
 from ._extension import BUILD_HINT, has_cpu_kernels, require_extension
+from ._triton_dispatch import check_triton_device, triton_available, triton_forward_op
 from .reference import DIVERGENCES, divergence_rows_reference
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -31,6 +32,7 @@ def divergence_loss(
     reduction: str = "mean",
     scale_by_temperature_squared: bool = False,
     grad_teacher: bool = False,
+    grad_in_place: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""Token-level divergence between the teacher's and the student's next-token distributions.
@@ -68,8 +70,13 @@ def divergence_loss(
             (per-token losses of shape ``(...)``).
         scale_by_temperature_squared: multiply the loss by T**2 (Hinton et al.), off by default.
         grad_teacher: allow a teacher that requires grad and differentiate through it.
-        backend: ``None`` (best for the device: the C++ kernel for CPU tensors, else the reference),
-            ``"cpu"`` (the fused C++ kernel) or ``"reference"`` (pure PyTorch).
+        grad_in_place: write the student gradient over ``student_logits`` in the backward (halves the
+            memory of the backward; the logits are gone afterwards, so only for callers that no
+            longer need them). Fused backends only.
+        backend: ``None`` (best for the device: the C++ kernel for CPU tensors, Triton for CUDA
+            tensors), ``"cpu"`` (the fused C++ kernel), ``"triton"`` (CUDA tensors; CPU tensors too
+            when ``TRITON_INTERPRET=1`` was set before triton was imported) or ``"reference"``
+            (pure PyTorch).
 
     Returns:
         The loss in float32 (float64 for float64 logits): a scalar, or ``(...)`` for ``reduction="none"``.
@@ -95,6 +102,8 @@ def divergence_loss(
             "default: pass teacher_logits.detach(), or grad_teacher=True to differentiate through it"
         )
     backend = _pick_backend(backend, student_logits, grad_teacher)
+    if grad_in_place and backend == "reference":
+        raise ValueError("grad_in_place=True needs a fused backend ('cpu' or 'triton'), not 'reference'")
 
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
@@ -104,12 +113,12 @@ def divergence_loss(
     if labels is not None:
         flat_labels = _check_labels(labels, student_logits).reshape(-1).long().contiguous()
 
-    if backend == "cpu":
-        rows, _ = torch.ops.fdistill.divergence_fwd(
-            student, teacher, flat_labels, divergence, float(param), float(temperature), int(ignore_index)
-        )
-    else:
+    if backend == "reference":
         rows = _reference_rows(student, teacher, flat_labels, divergence, param, temperature, ignore_index)
+    else:
+        fwd = torch.ops.fdistill.divergence_fwd if backend == "cpu" else triton_forward_op()
+        options = (divergence, float(param), float(temperature), int(ignore_index), bool(grad_in_place))
+        rows, _ = fwd(student, teacher, flat_labels, *options)
 
     if scale_by_temperature_squared:
         rows = rows * (temperature * temperature)
@@ -168,19 +177,22 @@ def _as_rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _pick_backend(backend: str | None, student: torch.Tensor, grad_teacher: bool) -> str:
+    device = student.device.type
     if backend is None:
         if grad_teacher:
             return "reference"
-        return "cpu" if student.device.type == "cpu" and has_cpu_kernels() else "reference"
+        if device == "cpu":
+            return "cpu" if has_cpu_kernels() else "reference"
+        return "triton" if device == "cuda" and triton_available() else "reference"
     _check_choice("backend", backend, BACKENDS)
+    if backend != "reference" and grad_teacher:
+        raise ValueError(f"grad_teacher=True needs backend='reference' ({backend!r} skips the teacher)")
     if backend == "cpu":
-        if student.device.type != "cpu":
+        if device != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got student_logits on {student.device}")
-        if grad_teacher:
-            raise ValueError(
-                "grad_teacher=True needs backend='reference' (the fused kernels skip the teacher)"
-            )
         require_extension()
+    if backend == "triton":
+        check_triton_device(student.device)
     return backend
 
 

@@ -43,7 +43,8 @@ static void run_rows(const RowArgs& a, bool backward) {
 std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                       const std::optional<at::Tensor>& labels,
                                                       c10::string_view divergence, double param,
-                                                      double temperature, int64_t ignore_index) {
+                                                      double temperature, int64_t ignore_index,
+                                                      bool /*grad_in_place: read by the autograd formula*/) {
   RowArgs a = make_row_args(student, teacher, labels, std::string(divergence), param, temperature, ignore_index);
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   at::Tensor loss = at::empty({a.rows}, acc);
@@ -54,10 +55,11 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student,
   return {loss, stats};
 }
 
-at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                              const std::optional<at::Tensor>& labels, const at::Tensor& stats,
-                              c10::string_view divergence, double param, double temperature,
-                              int64_t ignore_index) {
+// Writes d(sum grad_loss * loss)/d(student) into `out` (a new tensor, or `student` itself).
+static void run_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                         const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                         c10::string_view divergence, double param, double temperature, int64_t ignore_index,
+                         const at::Tensor& out) {
   RowArgs a = make_row_args(student, teacher, labels, std::string(divergence), param, temperature, ignore_index);
   const auto acc = accumulate_type(student.scalar_type());
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == a.rows, "fdistill: grad_loss must be [",
@@ -66,18 +68,34 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
                     "fdistill: stats must be a contiguous [", a.rows, ", ", kNumStats, "] tensor");
   TORCH_CHECK_TYPE(stats.scalar_type() == acc, "fdistill: stats must be ", acc);
   const at::Tensor g = grad_loss.to(acc);
-  at::Tensor grad = at::empty({a.rows, a.vocab}, student.options());
   a.stats = const_cast<void*>(stats.data_ptr());
   a.grad_loss = g.data_ptr();
   a.grad_loss_stride = g.stride(0);
-  a.grad_student = grad.data_ptr();
+  a.grad_student = out.data_ptr();
+  a.grad_stride = out.stride(0);
   run_rows(a, /*backward=*/true);
+}
+
+at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                              c10::string_view divergence, double param, double temperature,
+                              int64_t ignore_index) {
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  run_backward(grad_loss, student, teacher, labels, stats, divergence, param, temperature, ignore_index, grad);
   return grad;
+}
+
+void divergence_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                                c10::string_view divergence, double param, double temperature,
+                                int64_t ignore_index) {
+  run_backward(grad_loss, student, teacher, labels, stats, divergence, param, temperature, ignore_index, student);
 }
 
 TORCH_LIBRARY_IMPL(fdistill, CPU, m) {
   m.impl("divergence_fwd", &divergence_fwd_cpu);
   m.impl("divergence_bwd", &divergence_bwd_cpu);
+  m.impl("divergence_bwd_", &divergence_bwd_inplace_cpu);
 }
 
 }  // namespace fdistill::cpu

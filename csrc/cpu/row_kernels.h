@@ -214,7 +214,8 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   const auto* grad_loss = static_cast<const acc_t*>(a.grad_loss);
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
   for (int64_t row = begin; row < end; ++row) {
-    scalar_t* out = static_cast<scalar_t*>(a.grad_student) + row * a.vocab;
+    // may alias the student row: each chunk is read into bs before its gradient is stored
+    scalar_t* out = static_cast<scalar_t*>(a.grad_student) + row * a.grad_stride;
     const acc_t* st = stats + row * kNumStats;
     const acc_t g = grad_loss[row * a.grad_loss_stride] * inv_t;
     const RowKind kind = row_kind(st[0] + st[1], st[2] + st[3]);

@@ -30,7 +30,8 @@ struct RowArgs {
   void* stats = nullptr;          // [rows, kNumStats]: written by forward, read by backward
   const void* grad_loss = nullptr;  // backward: [rows], any stride
   int64_t grad_loss_stride = 1;
-  void* grad_student = nullptr;   // backward: [rows, vocab], contiguous
+  void* grad_student = nullptr;   // backward: [rows, vocab], unit stride along vocab; may be `student`
+  int64_t grad_stride = 0;        // elements between gradient rows
 };
 
 }  // namespace fdistill

@@ -1,0 +1,302 @@
+"""Triton kernels of the token-level divergences, registered as ``torch.ops.fdistill.*_triton``.
+
+The op contract is the C++ one (``fdistill/ops.py``): ``divergence_fwd_triton`` maps ``[rows, V]``
+student and teacher logits to a per-row loss and ``[rows, 4]`` row statistics; the backward
+recomputes the probabilities from the statistics, so nothing of size ``[rows, V]`` is saved.
+
+One program per row walks the vocabulary in tiles of ``BLOCK`` entries with an online
+log-sum-exp (one rescale per tile), so any V works without holding a row. Tiles are loaded in
+their storage dtype and upcast to the accumulation dtype (float32, float64 for float64 logits)
+before any arithmetic. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import BWD_INPLACE_SCHEMA, BWD_SCHEMA, FWD_SCHEMA, accumulate_dtype, register_divergence_ops
+from ..reference import resolve_divergence
+from .math import DIVERGENCE_CODES, NUM_STATS, alpha_logit, grad_entry, second_pass_terms, weighted
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0 (third-order series below 1e-3)."""
+    small = tl.abs(x) < 1e-3
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))
+    return tl.where(small, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _load_scalars(PARAMS):
+    """[1/T, param, log w_teacher, log w_student] in the accumulation dtype."""
+    return tl.load(PARAMS + 0), tl.load(PARAMS + 1), tl.load(PARAMS + 2), tl.load(PARAMS + 3)
+
+
+@triton.jit
+def _raise_max(m, ref, has_ref, x):
+    """Online log-sum-exp over one tile: the new running max, the shift to exponentiate with, the
+    factor that rescales the running sums, and the row's fixed reference (its first finite max)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    first = (has_ref == 0) & (m_new > float("-inf")) & (m_new < float("inf"))
+    ref = tl.where(first, m_new, ref)
+    has_ref = has_ref | first.to(tl.int32)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix keeps the sum at 0
+    return m_new, shift, tl.exp(m - shift), ref, has_ref
+
+
+@triton.jit
+def _is_finite(x):
+    return (x > float("-inf")) & (x < float("inf"))  # False for NaN
+
+
+@triton.jit
+def _divergence_fwd_kernel(
+    S, T, LABELS, PARAMS, LOSS, STATS,
+    V, stride_s, stride_t, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    ACC = LOSS.dtype.element_ty
+    NEG_INF = float("-inf")
+    inv_t, param, log_wt, log_ws = _load_scalars(PARAMS)
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    n_cols = V
+    if HAS_LABELS:
+        n_cols = tl.where(tl.load(LABELS + row) == ignore_index, 0, V)  # ignored: no pass at all
+    offs = tl.arange(0, BLOCK)
+
+    # pass 1: online log-sum-exps, and the sums of the one-pass divergences. Weighted terms use
+    # (t - ref_t) - (s - ref_s), which stays small when the logits carry a large offset.
+    m_s = tl.full([], NEG_INF, ACC)
+    m_t = tl.full([], NEG_INF, ACC)
+    m_z = tl.full([], NEG_INF, ACC)
+    z_s = tl.zeros([], ACC)
+    z_t = tl.zeros([], ACC)
+    z_z = tl.zeros([], ACC)
+    w_s = tl.zeros([], ACC)  # sum exp(s - m_s) ((s - ref_s) - (t - ref_t))
+    w_t = tl.zeros([], ACC)  # sum exp(t - m_t) ((t - ref_t) - (s - ref_s))
+    ref_s = tl.zeros([], ACC)
+    ref_t = tl.zeros([], ACC)
+    has_s = tl.zeros([], tl.int32)
+    has_t = tl.zeros([], tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_t
+        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_t
+        m_s, shift_s, scale_s, ref_s, has_s = _raise_max(m_s, ref_s, has_s, s)
+        m_t, shift_t, scale_t, ref_t, has_t = _raise_max(m_t, ref_t, has_t, t)
+        es = tl.exp(s - shift_s)
+        et = tl.exp(t - shift_t)
+        z_s = z_s * scale_s + tl.sum(es, axis=0)
+        z_t = z_t * scale_t + tl.sum(et, axis=0)
+        if DIV == 0 or DIV == 2:
+            w_t = w_t * scale_t + tl.sum(weighted(et, t - ref_t, s - ref_s), axis=0)
+        if DIV == 1 or DIV == 2:
+            w_s = w_s * scale_s + tl.sum(weighted(es, s - ref_s, t - ref_t), axis=0)
+        if DIV == 7:
+            z = alpha_logit(s - ref_s, t - ref_t, param)
+            m_z_new = tl.maximum(m_z, tl.max(z, axis=0))
+            shift_z = tl.where(m_z_new == NEG_INF, 0.0, m_z_new)
+            z_z = z_z * tl.exp(m_z - shift_z) + tl.sum(tl.exp(z - shift_z), axis=0)
+            m_z = m_z_new
+    log_sum_s = tl.log(z_s)
+    log_sum_t = tl.log(z_t)
+    lse_s = m_s + log_sum_s  # -inf for an all -inf row, NaN after a NaN or +inf logit
+    lse_t = m_t + log_sum_t
+    empty = (lse_s == NEG_INF) & (lse_t == NEG_INF)
+    normal = _is_finite(lse_s) & _is_finite(lse_t)
+
+    # pass 2: the divergences that need normalised log-probabilities
+    loss2 = tl.zeros([], ACC)
+    aux2 = tl.zeros([], ACC)
+    if DIV == 3 or DIV == 4 or DIV == 5 or DIV == 6:
+        for start in range(0, tl.where(normal, n_cols, 0), BLOCK):
+            cols = start + offs
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_t
+            t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_t
+            ls = (s - m_s) - log_sum_s
+            lt = (t - m_t) - log_sum_t
+            term, aux = second_pass_terms(ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, DIV)
+            loss2 += tl.sum(term, axis=0)
+            aux2 += tl.sum(aux, axis=0)
+
+    # KL(p||q) = E_p[t - s] - LSE(t) + LSE(s), with both LSEs taken relative to the references
+    lse_gap = ((m_t - ref_t) + log_sum_t) - ((m_s - ref_s) + log_sum_s)
+    fkl = w_t / z_t - lse_gap
+    rkl = w_s / z_s + lse_gap
+    c0 = tl.zeros([], ACC)
+    c1 = tl.zeros([], ACC)
+    if DIV == 0:
+        loss = fkl
+    elif DIV == 1:
+        loss = rkl
+        c0 = rkl + log_sum_s - log_sum_t
+    elif DIV == 2:
+        loss = (1.0 - param) * fkl + param * rkl
+        c0 = rkl + log_sum_s - log_sum_t
+    elif DIV == 7:
+        # z was taken relative to the references; shift it to the row maxima
+        lse_z = m_z + tl.log(z_z) - param * (m_t - ref_t) - (1.0 - param) * (m_s - ref_s)
+        log_a = lse_z - param * log_sum_t - (1.0 - param) * log_sum_s
+        infinite = m_z == float("inf")  # alpha outside (0, 1), disjoint supports: A = +inf
+        c0 = tl.where(infinite, float("inf"), lse_z)
+        c1 = tl.where(infinite, float("inf"), tl.exp(log_a))
+        loss = tl.where(infinite, float("inf"), -_expm1(log_a) / (param * (1.0 - param)))
+    else:
+        loss = loss2
+        c0 = aux2
+    loss = tl.where(normal, loss, tl.where(empty, 0.0, float("nan")))
+    tl.store(LOSS + row, loss)
+    stats = STATS + row * 6
+    tl.store(stats + 0, m_s)
+    tl.store(stats + 1, log_sum_s)
+    tl.store(stats + 2, m_t)
+    tl.store(stats + 3, log_sum_t)
+    tl.store(stats + 4, c0)
+    tl.store(stats + 5, c1)
+
+
+@triton.jit
+def _divergence_bwd_kernel(
+    GRAD_LOSS, S, T, LABELS, PARAMS, STATS, GRAD,
+    V, stride_s, stride_t, stride_grad, stride_gl, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    ACC = STATS.dtype.element_ty
+    NEG_INF = float("-inf")
+    inv_t, param, log_wt, log_ws = _load_scalars(PARAMS)
+    stats = STATS + row * 6
+    m_s = tl.load(stats + 0)
+    log_sum_s = tl.load(stats + 1)
+    m_t = tl.load(stats + 2)
+    log_sum_t = tl.load(stats + 3)
+    c0 = tl.load(stats + 4)
+    c1 = tl.load(stats + 5)
+    g = tl.load(GRAD_LOSS + row * stride_gl).to(ACC) * inv_t
+    lse_s = m_s + log_sum_s
+    lse_t = m_t + log_sum_t
+    empty = (lse_s == NEG_INF) & (lse_t == NEG_INF)
+    normal = _is_finite(lse_s) & _is_finite(lse_t)
+    skip = empty | (normal & (g == 0))
+    if HAS_LABELS:
+        skip = skip | (tl.load(LABELS + row) == ignore_index)
+    compute = normal & ~skip
+    fill = tl.where(skip, 0.0, float("nan"))  # rows not computed: zeros, or NaN when undefined
+
+    s_row = S + row * stride_s
+    t_row = T + row * stride_t
+    g_row = GRAD + row * stride_grad  # may alias s_row: each tile is loaded before it is overwritten
+    offs = tl.arange(0, BLOCK)
+    n_load = tl.where(compute, V, 0)  # skipped rows read nothing
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        load = cols < n_load
+        s = tl.load(s_row + cols, mask=load, other=NEG_INF).to(ACC) * inv_t
+        t = tl.load(t_row + cols, mask=load, other=NEG_INF).to(ACC) * inv_t
+        ds = s - m_s
+        dt = t - m_t
+        ls = ds - log_sum_s
+        lt = dt - log_sum_t
+        grad = grad_entry(ds, dt, ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, c0, c1, DIV) * g
+        grad = tl.where(compute, grad, fill)
+        tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _kernel_scalars(kind: str, param: float, temperature: float, device, dtype) -> torch.Tensor:
+    """[1/T, param, log w_teacher, log w_student] as a tensor (Triton's float arguments are fp32)."""
+    log = lambda w: math.log(w) if w > 0 else -math.inf  # noqa: E731
+    w_teacher, w_student = {
+        "jsd": (param, 1 - param),
+        "skew_kl": (param, 1 - param),  # m = lambda p + (1 - lambda) q
+        "skew_reverse_kl": (1 - param, param),  # m = lambda q + (1 - lambda) p
+    }.get(kind, (0.0, 0.0))
+    values = [1.0 / temperature, param, log(w_teacher), log(w_student)]
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _tiling(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, num_warps): tiles of up to 4096 entries (2048 in float64), 8 warps for large tiles."""
+    cap = 2048 if dtype == torch.float64 else 4096
+    block = max(16, min(cap, triton.next_power_of_2(vocab)))
+    return block, 8 if block >= 2048 else 4
+
+
+def _launch_setup(student, divergence, param, temperature):
+    kind = resolve_divergence(divergence, param)
+    scalars = _kernel_scalars(kind, param, temperature, student.device, accumulate_dtype(student.dtype))
+    return DIVERGENCE_CODES[kind], scalars, *_tiling(student.shape[1], student.dtype)
+
+
+def _check_rows(student, teacher, labels):
+    torch._check(student.dim() == 2 and student.shape == teacher.shape, lambda: "student, teacher: [rows, V]")
+    torch._check(student.stride(1) == 1 and teacher.stride(1) == 1, lambda: "unit stride along V")
+    torch._check(labels is None or labels.shape == (student.shape[0],), lambda: "labels must be [rows]")
+
+
+def divergence_fwd_triton(
+    student, teacher, labels, divergence, param, temperature, ignore_index, grad_in_place=False
+):
+    _check_rows(student, teacher, labels)
+    code, scalars, block, warps = _launch_setup(student, divergence, param, temperature)
+    rows, vocab = student.shape
+    acc = accumulate_dtype(student.dtype)
+    loss = torch.empty(rows, dtype=acc, device=student.device)
+    stats = torch.empty(rows, NUM_STATS, dtype=acc, device=student.device)
+    if rows > 0:
+        _divergence_fwd_kernel[(rows,)](
+            student, teacher, labels, scalars, loss, stats,
+            vocab, student.stride(0), teacher.stride(0), ignore_index,
+            DIV=code, HAS_LABELS=labels is not None, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+    return loss, stats
+
+
+def _backward_into(
+    out, grad_loss, student, teacher, labels, stats, divergence, param, temperature, ignore_index
+):
+    _check_rows(student, teacher, labels)
+    code, scalars, block, warps = _launch_setup(student, divergence, param, temperature)
+    rows, vocab = student.shape
+    grad_loss = grad_loss.to(stats.dtype)
+    if rows > 0:
+        _divergence_bwd_kernel[(rows,)](
+            grad_loss, student, teacher, labels, scalars, stats, out,
+            vocab, student.stride(0), teacher.stride(0), out.stride(0), grad_loss.stride(0), ignore_index,
+            DIV=code, HAS_LABELS=labels is not None, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+
+
+def divergence_bwd_triton(grad_loss, student, teacher, labels, stats, *options):
+    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    _backward_into(out, grad_loss, student, teacher, labels, stats, *options)
+    return out
+
+
+def divergence_bwd_triton_(grad_loss, student, teacher, labels, stats, *options):
+    _backward_into(student, grad_loss, student, teacher, labels, stats, *options)
+
+
+# The same schemas as the C++ ops, so one autograd formula and one set of fakes serve both.
+_lib = torch.library.Library("fdistill", "FRAGMENT")
+for _name, _schema, _impl in (
+    ("divergence_fwd_triton", FWD_SCHEMA, divergence_fwd_triton),
+    ("divergence_bwd_triton", BWD_SCHEMA, divergence_bwd_triton),
+    ("divergence_bwd_triton_", BWD_INPLACE_SCHEMA, divergence_bwd_triton_),
+):
+    _lib.define(_name + _schema)
+    for _key in ("CPU", "CUDA"):  # CPU tensors only under TRITON_INTERPRET=1 (checked by the caller)
+        _lib.impl(_name, _impl, _key)
+register_divergence_ops("divergence_fwd_triton", "divergence_bwd_triton", "divergence_bwd_triton_")

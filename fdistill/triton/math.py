@@ -1,0 +1,113 @@
+"""The divergence math on the Triton side: the formulas of csrc/include/fdistill/divergence_math.h.
+
+Notation per row: ``s``, ``t`` are logits already divided by the temperature; ``ds = s - max(s)``,
+``dt = t - max(t)``; ``ls``, ``lt`` the log-probabilities; ``q = exp(ls)`` the student,
+``p = exp(lt)`` the teacher. Every function works on a tile (a block of vocabulary entries) in the
+accumulation dtype. ``DIV`` is a ``tl.constexpr`` code from :data:`DIVERGENCE_CODES`, so each
+divergence compiles to its own specialised kernel from one source.
+
+Row statistics (``NUM_STATS`` per row, as the C++ kernels): ``[max s, log-sum s, max t, log-sum t,
+c0, c1]`` with ``c0``, ``c1`` as documented for ``kNumStats`` in the C++ header.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+DIVERGENCE_CODES = {
+    "forward_kl": 0,
+    "reverse_kl": 1,
+    "jeffreys": 2,
+    "jsd": 3,
+    "skew_kl": 4,
+    "skew_reverse_kl": 5,
+    "tv": 6,
+    "alpha": 7,
+}
+NUM_STATS = 6
+
+
+@triton.jit
+def weighted(w, a, b):
+    """w * (a - b), exactly 0 where the weight w is 0 (never 0 * inf)."""
+    return tl.where(w > 0, w * (a - b), 0.0)
+
+
+@triton.jit
+def log_add_exp(a, b):
+    """log(exp(a) + exp(b)), -inf when both are -inf."""
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    r = hi + tl.log(1.0 + tl.exp(lo - hi))
+    return tl.where(hi == float("-inf"), float("-inf"), r)
+
+
+@triton.jit
+def log_mixture(ls, lt, log_wt, log_ws):
+    """log(w_t p + w_s q) in log space: finite wherever p or q is, even when both underflow."""
+    return log_add_exp(lt + log_wt, ls + log_ws)
+
+
+@triton.jit
+def q_times_ratio(ls, lt, lm):
+    """q p / m = exp(ls + lt - log m); 0 where the mixture is empty, never NaN."""
+    return tl.where(lm > float("-inf"), tl.exp(ls + lt - lm), 0.0)
+
+
+@triton.jit
+def alpha_logit(s, t, alpha):
+    """alpha t + (1 - alpha) s, -inf where both logits are -inf (a masked entry)."""
+    z = alpha * t + (1.0 - alpha) * s
+    return tl.where((s == float("-inf")) & (t == float("-inf")), float("-inf"), z)
+
+
+@triton.jit
+def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
+    """(loss integrand, integrand of the row scalar c0) of the two-pass divergences."""
+    if DIV == 3:  # jsd
+        lm = log_mixture(ls, lt, log_wt, log_ws)
+        kl_q = weighted(q, ls, lm)
+        loss = param * weighted(p, lt, lm) + (1.0 - param) * kl_q
+        aux = kl_q
+    elif DIV == 4:  # skew_kl: c0 = sum q p / m
+        lm = log_mixture(ls, lt, log_wt, log_ws)
+        loss = weighted(p, lt, lm)
+        aux = q_times_ratio(ls, lt, lm)
+    elif DIV == 5:  # skew_reverse_kl: c0 = sum q (ls - log m - lambda q / m)
+        lm = log_mixture(ls, lt, log_wt, log_ws)
+        loss = weighted(q, ls, lm)
+        aux = loss - param * tl.where(q > 0, tl.exp(ls + ls - lm), 0.0)
+    else:  # tv: c0 = sum q sign(q - p)
+        diff = q - p
+        loss = 0.5 * tl.abs(diff)
+        aux = tl.where(diff > 0, q, tl.where(diff < 0, -q, 0.0))
+    return loss, aux
+
+
+@triton.jit
+def grad_entry(ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV: tl.constexpr):
+    """dL/ds for each entry of a tile, before the upstream gradient and the 1/T factor."""
+    if DIV == 0:  # forward_kl
+        g = q - p
+    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q (ds - dt - c0)
+        g = tl.where(q > 0, q * ((ds - dt) - c0), 0.0)
+    elif DIV == 2:  # jeffreys
+        g = (1.0 - param) * (q - p) + param * tl.where(q > 0, q * ((ds - dt) - c0), 0.0)
+    elif DIV == 3:  # jsd: (1 - beta) q (ls - log m - c0)
+        lm = log_mixture(ls, lt, log_wt, log_ws)
+        g = tl.where(q > 0, (1.0 - param) * q * (ls - lm - c0), 0.0)
+    elif DIV == 4:  # skew_kl: -(1 - lambda) q (r - sum q r), r = p / m
+        lm = log_mixture(ls, lt, log_wt, log_ws)
+        g = (1.0 - param) * (q * c0 - q_times_ratio(ls, lt, lm))
+    elif DIV == 5:  # skew_reverse_kl: q (g - sum q g), g = log(q/m) - lambda q/m
+        lm = log_mixture(ls, lt, log_wt, log_ws)
+        g = tl.where(q > 0, q * (ls - lm - param * tl.exp(ls - lm) - c0), 0.0)
+    elif DIV == 6:  # tv: 1/2 q (sigma - sum q sigma)
+        diff = q - p
+        sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        g = 0.5 * q * (sigma - c0)
+    else:  # alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s)
+        r = tl.exp(alpha_logit(ds, dt, param) - c0)
+        g = (c1 / param) * (q - r)
+    return g
