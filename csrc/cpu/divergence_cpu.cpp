@@ -7,6 +7,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu/cpu_capability.h"
 #include "divergence_op.h"
 
@@ -25,6 +29,19 @@ FDISTILL_DECLARE_ROW_KERNELS(AVX512)
 #endif
 
 using RowFn = void (*)(const RowArgs&, int64_t, int64_t);
+
+// A fresh [rows, V] gradient is first touched by the kernel: with 4 KiB pages that is one page
+// fault per 4 KiB (measured: a third of forward+backward at 2048 x 32000). Asking for huge pages
+// (where transparent huge pages are in "madvise" mode) cuts the faults 512-fold. Advisory only.
+static void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.numel() * t.element_size();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
 
 static void run_rows(const RowArgs& a, bool backward) {
   RowFn fn = backward ? DEFAULT::divergence_backward_rows : DEFAULT::divergence_forward_rows;
@@ -81,6 +98,7 @@ at::Tensor divergence_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stu
                               c10::string_view divergence, double param, double temperature,
                               int64_t ignore_index) {
   at::Tensor grad = at::empty(student.sizes(), student.options());
+  advise_huge_pages(grad);
   run_backward(grad_loss, student, teacher, labels, stats, divergence, param, temperature, ignore_index, grad);
   return grad;
 }
