@@ -1,0 +1,180 @@
+"""Pure-PyTorch f-softargmax, f-softmax and Fenchel–Young losses (Roulet et al. 2025).
+
+The semantics every f-divergence kernel is tested against (run it in float64 for ground truth).
+For a convex generator ``f`` with ``f(1) = 0`` and a positive reference measure ``q``:
+
+* ``D_f(p, q) = sum_j q_j f(p_j / q_j)``;
+* f-softargmax ``p*_j = q_j (f*)'(theta_j - tau)``, ``tau`` such that ``sum_j p*_j = 1``, found by
+  bisection on the bracket of shared/reference/divergences.md §2;
+* f-softmax ``softmax_f(theta) = <p*, theta> - D_f(p*, q)``;
+* Fenchel–Young loss ``L(theta; y) = <p* - y, theta> - D_f(p*, q) + D_f(y, q)``, gradient ``p* - y``.
+
+Generators (``u = p / q``, ``v = theta - tau``):
+
+======== ================================ ================================= ===================
+f        f(u)                             (f*)'(v)                          domain of (f*)'
+======== ================================ ================================= ===================
+kl       u log u - u + 1                  exp(v)                            all v
+reverse  u - 1 - log u                    1 / (1 - v)                       v < 1
+alpha    (u^a - 1 - a (u - 1))/(a (a-1))  [1 + (a - 1) v]_+^(1/(a-1))       all v (a > 1), else
+                                                                            v < 1/(1 - a)
+js       u log u - (u+1) log((u+1)/2)     exp(v) / (2 - exp(v))             v < log 2
+======== ================================ ================================= ===================
+
+``hellinger`` is alpha = 1/2 and ``chi2`` alpha = 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F_NAMES = ("kl", "reverse_kl", "alpha", "js", "hellinger", "chi2")
+
+
+def canonical_f(f: str, alpha: float) -> tuple[str, float]:
+    """(family, alpha): hellinger and chi2 are alpha = 1/2 and 2."""
+    if f == "hellinger":
+        return "alpha", 0.5
+    if f == "chi2":
+        return "alpha", 2.0
+    return f, alpha
+
+
+def f_value(family: str, alpha: float, u: torch.Tensor) -> torch.Tensor:
+    """f(u) for u >= 0 (f(0) may be +inf)."""
+    if family == "kl":
+        return torch.special.xlogy(u, u) - u + 1
+    if family == "reverse_kl":
+        return u - 1 - torch.log(u)
+    if family == "alpha":
+        return (u.pow(alpha) - 1 - alpha * (u - 1)) / (alpha * (alpha - 1))
+    if family == "js":
+        return torch.special.xlogy(u, u) - torch.special.xlogy(u + 1, (u + 1) / 2)
+    raise ValueError(f"unknown f {family!r}")
+
+
+def f_prime(family: str, alpha: float, u: float) -> float:
+    """f'(u) for u > 0 (a Python float: the bracket)."""
+    if family == "kl":
+        return math.log(u)
+    if family == "reverse_kl":
+        return 1 - 1 / u
+    if family == "alpha":
+        return (u ** (alpha - 1) - 1) / (alpha - 1)
+    if family == "js":
+        return math.log(2 * u / (u + 1))
+    raise ValueError(f"unknown f {family!r}")
+
+
+def conj_grad(family: str, alpha: float, v: torch.Tensor) -> torch.Tensor:
+    """(f*)'(v) on its domain (the bracket keeps every evaluation inside it)."""
+    if family == "kl":
+        return torch.exp(v)
+    if family == "reverse_kl":
+        return 1 / (1 - v)
+    if family == "alpha":
+        return torch.clamp(1 + (alpha - 1) * v, min=0).pow(1 / (alpha - 1))
+    if family == "js":
+        e = torch.exp(v)
+        return e / (2 - e)
+    raise ValueError(f"unknown f {family!r}")
+
+
+def jacobian_weights(family: str, alpha: float, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """w = q (f*)''(theta - tau) = q / f''(p / q), written in p and q; 0 off the support."""
+    if family == "kl":
+        w = p
+    elif family == "reverse_kl":
+        w = p * p / q
+    elif family == "alpha":
+        w = torch.where(p > 0, p.pow(2 - alpha) * q.pow(alpha - 1), torch.zeros_like(p))
+    elif family == "js":
+        w = p * (p + q) / q
+    else:
+        raise ValueError(f"unknown f {family!r}")
+    return torch.where(p > 0, w, torch.zeros_like(w))
+
+
+def reference_measure(reference, logits: torch.Tensor) -> torch.Tensor:
+    """q broadcast to the logits' shape: 'uniform' (1/V), 'unit' (1) or a positive tensor."""
+    if isinstance(reference, str):
+        vocab = logits.shape[-1]
+        value = 1.0 / vocab if reference == "uniform" else 1.0
+        return torch.full_like(logits, value)
+    return reference.to(logits.dtype).expand_as(logits)
+
+
+def f_softargmax_reference(logits, f="alpha", *, alpha=1.5, reference="uniform", n_iter=60):
+    """p* by bisection over the last dimension (``n_iter`` halvings, then p /= sum p)."""
+    family, alpha = canonical_f(f, alpha)
+    theta = logits - logits.amax(-1, keepdim=True)  # max at 0
+    q = reference_measure(reference, theta)
+    q_star = torch.gather(q, -1, theta.argmax(-1, keepdim=True))  # q at the argmax
+    lo = -_f_prime_tensor(family, alpha, 1 / q_star)
+    hi = -_f_prime_tensor(family, alpha, 1 / q.sum(-1, keepdim=True))
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        g = (q * conj_grad(family, alpha, theta - mid)).sum(-1, keepdim=True) - 1
+        lo = torch.where(g >= 0, mid, lo)
+        hi = torch.where(g >= 0, hi, mid)
+    p = q * conj_grad(family, alpha, theta - lo)
+    return p / p.sum(-1, keepdim=True)
+
+
+def _f_prime_tensor(family, alpha, u):
+    if family == "kl":
+        return torch.log(u)
+    if family == "reverse_kl":
+        return 1 - 1 / u
+    if family == "alpha":
+        return (u.pow(alpha - 1) - 1) / (alpha - 1)
+    if family == "js":
+        return torch.log(2 * u / (u + 1))
+    raise ValueError(f"unknown f {family!r}")
+
+
+def divergence_f(family, alpha, p, q):
+    """D_f(p, q) = sum q f(p / q) over the last dimension (0 * f(0) terms kept: q f(0))."""
+    return (q * f_value(family, alpha, p / q)).sum(-1)
+
+
+def fy_loss_reference(logits, target, f="alpha", *, alpha=1.5, reference="uniform", n_iter=60):
+    """Per-row Fenchel–Young loss for a probability target of the logits' shape.
+
+    Where ``f(0) = inf`` (reverse KL) and the target has zeros, ``D_f(y, q)`` is infinite and is
+    dropped (a constant in theta): the loss is then ``<p* - y, theta> - D_f(p*, q)``.
+    """
+    family, alpha = canonical_f(f, alpha)
+    p = f_softargmax_reference(logits, f, alpha=alpha, reference=reference, n_iter=n_iter)
+    q = reference_measure(reference, logits)
+    theta = logits - logits.amax(-1, keepdim=True)
+    loss = ((p - target) * theta).sum(-1) - divergence_f(family, alpha, p, q)
+    d_y = divergence_f(family, alpha, target, q)
+    return loss + torch.where(torch.isfinite(d_y), d_y, torch.zeros_like(d_y))
+
+
+def entmax_exact(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Exact alpha-entmax (unit reference) by sorting, for alpha = 1.5 and alpha = 2 (tests)."""
+    if alpha == 2.0:  # sparsemax of theta: p = [theta - tau]_+
+        z, _ = torch.sort(logits, dim=-1, descending=True)
+        k = torch.arange(1, logits.shape[-1] + 1, device=logits.device, dtype=logits.dtype)
+        cssv = z.cumsum(-1) - 1
+        support = (z - cssv / k) > 0
+        kmax = support.sum(-1, keepdim=True)
+        tau = cssv.gather(-1, kmax - 1) / kmax.to(logits.dtype)
+        return torch.clamp(logits - tau, min=0)
+    if alpha == 1.5:  # p = [theta/2 - tau]_+^2 (Peters et al. 2019, entmax15 exact)
+        x = logits / 2
+        z, _ = torch.sort(x, dim=-1, descending=True)
+        k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+        mean = z.cumsum(-1) / k
+        mean_sq = (z * z).cumsum(-1) / k
+        ss = k * (mean_sq - mean * mean)
+        delta = torch.clamp((1 - ss) / k, min=0)
+        tau = mean - torch.sqrt(delta)
+        support = (tau <= z).sum(-1, keepdim=True)
+        tau_star = tau.gather(-1, support - 1)
+        return torch.clamp(x - tau_star, min=0) ** 2
+    raise ValueError("exact entmax only for alpha 1.5 and 2")
