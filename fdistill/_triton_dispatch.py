@@ -5,7 +5,6 @@ Importing triton late matters for ``TRITON_INTERPRET=1``, which triton reads whe
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -31,9 +30,8 @@ def check_triton_device(device: torch.device) -> None:
     )
 
 
-@functools.cache
 def triton_forward_op():
     """torch.ops.fdistill.divergence_fwd_triton, registering the Triton ops on first use."""
-    from .triton import divergence  # noqa: F401  (defines and registers the ops)
+    from .triton import divergence  # noqa: F401  (defines and registers the ops; a no-op once done)
 
     return torch.ops.fdistill.divergence_fwd_triton

@@ -108,6 +108,8 @@ def divergence_loss(
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
     student = _as_rows(student_logits, vocab)
+    if grad_in_place and student.shape[0] > 1 and student.stride(0) < vocab:
+        student = student.contiguous()  # rows share memory (e.g. expand): each needs its own gradient
     teacher = _as_rows(teacher_logits, vocab)
     flat_labels = None
     if labels is not None:

@@ -1,18 +1,41 @@
-"""Fixtures of the fdistill test suite: per-test reproducible seeds."""
+"""Fixtures of the fdistill test suite: per-test reproducible seeds.
+
+Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter, which triton
+enables only when ``TRITON_INTERPRET=1`` is set before its kernels are defined (``torch._dynamo``
+imports triton too): so it is set here, before anything else is imported.
+"""
 
 from __future__ import annotations
 
-import pytest
-import torch  # before fdistill: the extension links against torch's shared libraries
-from utils import seed_from
+import os
 
-import fdistill
+import torch  # before fdistill: the extension links against torch's shared libraries
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from utils import seed_from  # noqa: E402
+
+import fdistill  # noqa: E402
+from fdistill._triton_dispatch import interpreter_enabled, triton_available  # noqa: E402
 
 
 def pytest_report_header(config):
+    lines = []
     if not fdistill.has_cpu_kernels():
-        return "fdistill: C++ extension NOT built; kernel tests will fail"
-    return f"fdistill: CPU kernels use {fdistill.cpu_capability()}; torch {torch.__version__}"
+        lines.append("fdistill: C++ extension NOT built; kernel tests will fail")
+    else:
+        lines.append(f"fdistill: CPU kernels use {fdistill.cpu_capability()}; torch {torch.__version__}")
+    if not triton_available():
+        lines.append("fdistill: triton is not installed; Triton tests are skipped")
+    elif torch.cuda.is_available():
+        lines.append(f"fdistill: Triton kernels run on {torch.cuda.get_device_name()}")
+    elif interpreter_enabled():
+        lines.append("fdistill: Triton kernels run on CPU under the Triton interpreter (TRITON_INTERPRET=1)")
+    else:
+        lines.append("fdistill: no GPU and TRITON_INTERPRET != 1: Triton tests are skipped")
+    return lines
 
 
 @pytest.fixture

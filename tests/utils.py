@@ -256,3 +256,123 @@ def hardware_capabilities() -> list[str]:
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
             found.append("avx512")
     return found
+
+
+# ----------------------------------------------------------------------------- any backend / device
+
+
+def tolerances(dtype, slack: float = 1.0):
+    """(loss atol, loss rtol, grad rel-to-scale atol, grad rtol) of a fused kernel vs float64.
+
+    The rule of the CPU kernel tests (test_divergence_loss.py); ``slack`` widens the float32
+    arithmetic terms (CUDA Triton uses approximate exp / log), never the rounding to the grad dtype.
+    """
+    if dtype == torch.float64:
+        return 1e-10 * slack, 1e-10 * slack, 1e-10 * slack, 1e-9 * slack
+    # float32 arithmetic inside the kernel, whatever the input dtype
+    grad_rtol = 2e-5 * slack if dtype == torch.float32 else torch.finfo(dtype).eps  # 1 ulp of the grad dtype
+    return 1e-5 * slack, 1e-5 * slack, 2e-5 * slack, grad_rtol
+
+
+def check_against_oracle(
+    student, teacher, divergence, options, *, backend, reduction, weight=None, slack=1.0, **kwargs
+):
+    """Loss and gradient of ``backend`` vs the float64 reference (on the inputs' device): (loss, grad).
+
+    The same tolerance logic as the CPU kernel tests: a per-row tolerance for ``none``, one that
+    grows with the sum of the magnitudes for ``sum`` / ``mean``, and a gradient tolerance relative
+    to its natural unit (the largest upstream weight of a row, over T).
+    """
+    dtype = student.dtype
+    loss, grad = loss_and_grad(
+        student, teacher, divergence, options, reduction, weight, backend=backend, **kwargs
+    )
+    want_loss, want_grad = oracle_loss_and_grad(
+        student, teacher, divergence, options, reduction, weight, **kwargs
+    )
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype and grad.shape == student.shape and grad.device == student.device
+    loss_atol, loss_rtol, grad_atol, grad_rtol = tolerances(dtype, slack)
+    labels = kwargs.get("labels")
+    temperature = kwargs.get("temperature", 1.0)
+    ignore_index = kwargs.get("ignore_index", -100)
+
+    if reduction == "none":
+        assert_close_verbose(loss, want_loss, loss_atol, loss_rtol, "loss")
+    else:  # the error of a sum grows with the sum of the magnitudes
+        rows = reference_rows64(
+            student, teacher, divergence, param_of(divergence, options), temperature, labels, ignore_index
+        )
+        count = rows.numel() if labels is None else int((labels != ignore_index).sum())
+        tol = loss_atol * rows.numel() + loss_rtol * rows.abs().sum().item()
+        if reduction == "mean":
+            tol /= max(count, 1)
+        assert_close_verbose(loss, want_loss, tol, 0.0, "loss")
+
+    if reduction == "none":
+        unit = weight.abs().max().item()
+    elif reduction == "sum":
+        unit = 1.0
+    else:
+        count = student[..., 0].numel() if labels is None else int((labels != ignore_index).sum())
+        unit = 1.0 / max(count, 1)
+    gscale = max(want_grad.abs().max().item(), unit / temperature)
+    expected = want_grad.to(dtype) if dtype in LOW_PRECISION else want_grad  # rounded to the grad dtype
+    tiny = 2.0**-24 if dtype == torch.float16 else 0.0  # float16 subnormal spacing
+    assert_close_verbose(grad, expected, grad_atol * gscale + tiny, grad_rtol, "grad")
+    return loss, grad
+
+
+def one_case_per_divergence(cases=None):
+    """The first case of each divergence in ``cases`` (default DIVERGENCE_CASES), with a mid parameter."""
+    picked = {}
+    for divergence, options in cases or DIVERGENCE_CASES:
+        value = next(iter(options.values()), None)
+        if divergence not in picked or value in (0.3, 0.1, 1.5):
+            picked[divergence] = (divergence, options)
+    return list(picked.values())
+
+
+# Large logits: a fused kernel must be about as accurate as eager float32 PyTorch on the same input.
+LARGE_CASES = [c for c in DIVERGENCE_CASES if c[0] != "alpha"] + [("alpha", {"alpha": 0.5})]
+
+
+def large_inputs(kind: str, seed: int, vocab: int = 1271):
+    """float32 (6, vocab) logits: randn * 5 + a per-row offset in [-1e4, 1e4] ("offset"), or randn * 100."""
+    if kind == "offset":
+        return make_logits((6, vocab), torch.float32, scale=5.0, seed=seed, offset=1e4)
+    return make_logits((6, vocab), torch.float32, scale=100.0, seed=seed)
+
+
+def two_x_eager_violations(
+    student, teacher, weight, backend, slack: float = 1.0, cases=LARGE_CASES, factor: float = 2.0
+) -> dict:
+    """The cases where err(backend vs float64) > 2 err(eager float32 reference vs float64) + a small atol.
+
+    Loss and gradient, reduction "none" with upstream ``weight``; returns {case name: message}.
+    ``factor`` replaces the 2.
+    """
+    eps = torch.finfo(torch.float32).eps
+    bad = {}
+    for divergence, options in cases:
+        loss, grad = loss_and_grad(student, teacher, divergence, options, "none", weight, backend=backend)
+        eager = loss_and_grad(student, teacher, divergence, options, "none", weight, backend="reference")
+        want_loss, want_grad = oracle_loss_and_grad(student, teacher, divergence, options, "none", weight)
+        errors = {
+            "loss": (
+                max_abs_err(loss, want_loss),
+                max_abs_err(eager[0], want_loss),
+                4 * eps * slack * max(1.0, want_loss.abs().max().item()),
+            ),
+            "grad": (
+                max_abs_err(grad, want_grad),
+                max_abs_err(eager[1], want_grad),
+                4 * eps * slack * max(weight.abs().max().item(), want_grad.abs().max().item()),
+            ),
+        }
+        for name, (kernel_err, eager_err, atol) in errors.items():
+            if not kernel_err <= factor * eager_err + atol:
+                bad[f"{divergence}{options or ''} {name}"] = (
+                    f"{backend} {kernel_err:.2e} > {factor:g} x eager {eager_err:.2e} + {atol:.1e}"
+                )
+    return bad

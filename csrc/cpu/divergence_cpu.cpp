@@ -108,6 +108,9 @@ void divergence_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& s
                                 c10::string_view divergence, double param, double temperature,
                                 int64_t ignore_index) {
   run_backward(grad_loss, student, teacher, labels, stats, divergence, param, temperature, ignore_index, student);
+  // The dispatcher does not bump the version of a custom op's mutated argument: do it, so that
+  // an autograd node that saved these logits raises instead of reading the gradient.
+  student.unsafeGetTensorImpl()->bump_version();
 }
 
 TORCH_LIBRARY_IMPL(fdistill, CPU, m) {

@@ -76,11 +76,15 @@ def _divergence_fwd_kernel(
     m_s = tl.full([], NEG_INF, ACC)
     m_t = tl.full([], NEG_INF, ACC)
     m_z = tl.full([], NEG_INF, ACC)
-    z_s = tl.zeros([], ACC)
-    z_t = tl.zeros([], ACC)
-    z_z = tl.zeros([], ACC)
-    w_s = tl.zeros([], ACC)  # sum exp(s - m_s) ((s - ref_s) - (t - ref_t))
-    w_t = tl.zeros([], ACC)  # sum exp(t - m_t) ((t - ref_t) - (s - ref_s))
+    # Row sums are reduced in float64 (one conversion per entry; the kernel is memory-bound): at
+    # large logits one term dominates (1 in z, ~100s in w) and float32 would drop the rest, which
+    # shows in c0 and so in the whole gradient. z: sums of exp(x - m); w_s, w_t: sums of
+    # exp(s - m_s) ((s - ref_s) - (t - ref_t)) and exp(t - m_t) ((t - ref_t) - (s - ref_s)).
+    z_s = tl.zeros([], tl.float64)
+    z_t = tl.zeros([], tl.float64)
+    z_z = tl.zeros([], tl.float64)
+    w_s = tl.zeros([], tl.float64)
+    w_t = tl.zeros([], tl.float64)
     ref_s = tl.zeros([], ACC)
     ref_t = tl.zeros([], ACC)
     has_s = tl.zeros([], tl.int32)
@@ -94,28 +98,28 @@ def _divergence_fwd_kernel(
         m_t, shift_t, scale_t, ref_t, has_t = _raise_max(m_t, ref_t, has_t, t)
         es = tl.exp(s - shift_s)
         et = tl.exp(t - shift_t)
-        z_s = z_s * scale_s + tl.sum(es, axis=0)
-        z_t = z_t * scale_t + tl.sum(et, axis=0)
+        z_s = z_s * scale_s + tl.sum(es.to(tl.float64), axis=0)
+        z_t = z_t * scale_t + tl.sum(et.to(tl.float64), axis=0)
         if DIV == 0 or DIV == 2:
-            w_t = w_t * scale_t + tl.sum(weighted(et, t - ref_t, s - ref_s), axis=0)
+            w_t = w_t * scale_t + tl.sum(weighted(et, t - ref_t, s - ref_s).to(tl.float64), axis=0)
         if DIV == 1 or DIV == 2:
-            w_s = w_s * scale_s + tl.sum(weighted(es, s - ref_s, t - ref_t), axis=0)
+            w_s = w_s * scale_s + tl.sum(weighted(es, s - ref_s, t - ref_t).to(tl.float64), axis=0)
         if DIV == 7:
             z = alpha_logit(s - ref_s, t - ref_t, param)
             m_z_new = tl.maximum(m_z, tl.max(z, axis=0))
             shift_z = tl.where(m_z_new == NEG_INF, 0.0, m_z_new)
-            z_z = z_z * tl.exp(m_z - shift_z) + tl.sum(tl.exp(z - shift_z), axis=0)
+            z_z = z_z * tl.exp(m_z - shift_z) + tl.sum(tl.exp(z - shift_z).to(tl.float64), axis=0)
             m_z = m_z_new
-    log_sum_s = tl.log(z_s)
-    log_sum_t = tl.log(z_t)
+    log_sum_s = tl.log(z_s).to(ACC)
+    log_sum_t = tl.log(z_t).to(ACC)
     lse_s = m_s + log_sum_s  # -inf for an all -inf row, NaN after a NaN or +inf logit
     lse_t = m_t + log_sum_t
     empty = (lse_s == NEG_INF) & (lse_t == NEG_INF)
     normal = _is_finite(lse_s) & _is_finite(lse_t)
 
     # pass 2: the divergences that need normalised log-probabilities
-    loss2 = tl.zeros([], ACC)
-    aux2 = tl.zeros([], ACC)
+    loss2 = tl.zeros([], tl.float64)
+    aux2 = tl.zeros([], tl.float64)
     if DIV == 3 or DIV == 4 or DIV == 5 or DIV == 6:
         for start in range(0, tl.where(normal, n_cols, 0), BLOCK):
             cols = start + offs
@@ -125,27 +129,32 @@ def _divergence_fwd_kernel(
             ls = (s - m_s) - log_sum_s
             lt = (t - m_t) - log_sum_t
             term, aux = second_pass_terms(ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, DIV)
-            loss2 += tl.sum(term, axis=0)
-            aux2 += tl.sum(aux, axis=0)
+            loss2 += tl.sum(term.to(tl.float64), axis=0)
+            aux2 += tl.sum(aux.to(tl.float64), axis=0)
 
+    # Row scalars in float64 (a handful of operations per row, as the C++ kernels do), so that
+    # constants such as c0 = KL + log_sum_s - log_sum_t are rounded once.
     # KL(p||q) = E_p[t - s] - LSE(t) + LSE(s), with both LSEs taken relative to the references
-    lse_gap = ((m_t - ref_t) + log_sum_t) - ((m_s - ref_s) + log_sum_s)
+    F64 = tl.float64
+    lsum_s = tl.log(z_s)
+    lsum_t = tl.log(z_t)
+    lse_gap = ((m_t.to(F64) - ref_t.to(F64)) + lsum_t) - ((m_s.to(F64) - ref_s.to(F64)) + lsum_s)
     fkl = w_t / z_t - lse_gap
     rkl = w_s / z_s + lse_gap
-    c0 = tl.zeros([], ACC)
-    c1 = tl.zeros([], ACC)
+    param = param.to(F64)
+    c0 = tl.zeros([], F64)
+    c1 = tl.zeros([], F64)
     if DIV == 0:
         loss = fkl
-    elif DIV == 1:
-        loss = rkl
-        c0 = rkl + log_sum_s - log_sum_t
-    elif DIV == 2:
-        loss = (1.0 - param) * fkl + param * rkl
-        c0 = rkl + log_sum_s - log_sum_t
+    elif DIV == 1 or DIV == 2:
+        loss = rkl if DIV == 1 else (1.0 - param) * fkl + param * rkl
+        c0 = rkl + lsum_s - lsum_t
+        c1 = c0 - c0.to(ACC).to(F64)  # c0 + c1 as a float pair: the rounding error of c0
     elif DIV == 7:
         # z was taken relative to the references; shift it to the row maxima
-        lse_z = m_z + tl.log(z_z) - param * (m_t - ref_t) - (1.0 - param) * (m_s - ref_s)
-        log_a = lse_z - param * log_sum_t - (1.0 - param) * log_sum_s
+        lse_z = m_z.to(F64) + tl.log(z_z)
+        lse_z = lse_z - param * (m_t.to(F64) - ref_t.to(F64)) - (1.0 - param) * (m_s.to(F64) - ref_s.to(F64))
+        log_a = lse_z - param * lsum_t - (1.0 - param) * lsum_s
         infinite = m_z == float("inf")  # alpha outside (0, 1), disjoint supports: A = +inf
         c0 = tl.where(infinite, float("inf"), lse_z)
         c1 = tl.where(infinite, float("inf"), tl.exp(log_a))
@@ -154,14 +163,16 @@ def _divergence_fwd_kernel(
         loss = loss2
         c0 = aux2
     loss = tl.where(normal, loss, tl.where(empty, 0.0, float("nan")))
-    tl.store(LOSS + row, loss)
+    c0 = tl.where(normal, c0, 0.0)  # rows not computed keep finite statistics (as the C++ kernels)
+    c1 = tl.where(normal, c1, 0.0)
+    tl.store(LOSS + row, loss.to(ACC))
     stats = STATS + row * 6
     tl.store(stats + 0, m_s)
     tl.store(stats + 1, log_sum_s)
     tl.store(stats + 2, m_t)
     tl.store(stats + 3, log_sum_t)
-    tl.store(stats + 4, c0)
-    tl.store(stats + 5, c1)
+    tl.store(stats + 4, c0.to(ACC))
+    tl.store(stats + 5, c1.to(ACC))
 
 
 @triton.jit
@@ -287,6 +298,7 @@ def divergence_bwd_triton(grad_loss, student, teacher, labels, stats, *options):
 
 def divergence_bwd_triton_(grad_loss, student, teacher, labels, stats, *options):
     _backward_into(student, grad_loss, student, teacher, labels, stats, *options)
+    torch.autograd.graph.increment_version(student)  # see divergence_bwd_inplace_cpu
 
 
 # The same schemas as the C++ ops, so one autograd formula and one set of fakes serve both.

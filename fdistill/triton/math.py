@@ -90,10 +90,10 @@ def grad_entry(ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV: tl.cons
     """dL/ds for each entry of a tile, before the upstream gradient and the 1/T factor."""
     if DIV == 0:  # forward_kl
         g = q - p
-    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q (ds - dt - c0)
-        g = tl.where(q > 0, q * ((ds - dt) - c0), 0.0)
+    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q (ds - dt - c0 - c1), c0 + c1 a float pair
+        g = tl.where(q > 0, q * (((ds - dt) - c0) - c1), 0.0)
     elif DIV == 2:  # jeffreys
-        g = (1.0 - param) * (q - p) + param * tl.where(q > 0, q * ((ds - dt) - c0), 0.0)
+        g = (1.0 - param) * (q - p) + param * tl.where(q > 0, q * (((ds - dt) - c0) - c1), 0.0)
     elif DIV == 3:  # jsd: (1 - beta) q (ls - log m - c0)
         lm = log_mixture(ls, lt, log_wt, log_ws)
         g = tl.where(q > 0, (1.0 - param) * q * (ls - lm - c0), 0.0)

@@ -48,8 +48,9 @@ FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
 // [4] c0, [5] c1. The log-sum-exp is kept as (max, log-sum) so that
 // ls = (s - max) - log-sum loses nothing when the logits are large (1e4 in
 // float32: LSE itself would carry an error of half an ulp, 5e-4). c0, c1:
-//   reverse_kl, jeffreys: c0 = KL(q||p) + log_sum_s - log_sum_t (so ls - lt - KL = ds - dt - c0,
-//                         with the constants summed once, in double)
+//   reverse_kl, jeffreys: c0 + c1 = KL(q||p) + log_sum_s - log_sum_t (so ls - lt - KL = ds - dt - c0 - c1):
+//                         summed once in double and kept as a float pair (c1 the rounding error of
+//                         c0), since |c0| ~ 100s at large logits and q (ds - dt - c0) needs it exactly
 //   jsd:                  c0 = sum q (ls - log m)
 //   skew_kl:              c0 = sum q p / m
 //   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
@@ -229,8 +230,10 @@ template <Divergence D, class V>
 FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
   using O = Ops<V>;
   const V zero = O::splat(0);
-  // q (ls - lt - KL(q||p)) = q (ds - dt - c0), 0 where q == 0
-  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * ((e.ds - e.dt) - k.c0), zero); };
+  // q (ls - lt - KL(q||p)) = q (ds - dt - c0 - c1), 0 where q == 0
+  auto reverse_kl_grad = [&]() {
+    return O::where(O::gt(e.q, zero), e.q * (((e.ds - e.dt) - k.c0) - k.c1), zero);
+  };
   if constexpr (D == Divergence::ForwardKL) {
     return e.q - e.p;
   } else if constexpr (D == Divergence::ReverseKL) {
@@ -347,12 +350,11 @@ FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
   double loss = 0;
   if constexpr (D == Divergence::ForwardKL) {
     loss = fkl;
-  } else if constexpr (D == Divergence::ReverseKL) {
-    loss = rkl;
-    stats[4] = static_cast<acc_t>(rkl + log_sum_s - log_sum_t);
-  } else if constexpr (D == Divergence::Jeffreys) {
-    loss = (1 - c.param) * fkl + c.param * rkl;
-    stats[4] = static_cast<acc_t>(rkl + log_sum_s - log_sum_t);
+  } else if constexpr (D == Divergence::ReverseKL || D == Divergence::Jeffreys) {
+    loss = D == Divergence::ReverseKL ? rkl : (1 - c.param) * fkl + c.param * rkl;
+    const double c0 = rkl + log_sum_s - log_sum_t;
+    stats[4] = static_cast<acc_t>(c0);
+    stats[5] = static_cast<acc_t>(c0 - static_cast<double>(stats[4]));
   } else if constexpr (D == Divergence::Alpha) {
     // z was accumulated as alpha (t - ref_t) + (1 - alpha) (s - ref_s); shift it to the row maxima:
     // log A = LSE(alpha (t - max t) + (1 - alpha)(s - max s)) - alpha log_sum_t - (1 - alpha) log_sum_s

@@ -1,0 +1,296 @@
+"""The Triton kernels on a CUDA GPU, at LLM vocabulary sizes (skipped without a GPU).
+
+CUDA float32 exp / log are approximate and the vocabulary is 100x the CPU tests', so losses get
+tolerances of 1e-4 and gradients the bfloat16 rule (1 ulp of bfloat16) plus a per-row relative
+error of the whole gradient row (an entry-wise absolute tolerance would say nothing about entries
+of size 1 / V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from utils import (
+    DIVERGENCE_CASES,
+    OpRecorder,
+    assert_close_verbose,
+    case_id,
+    loss_and_grad,
+    make_labels,
+    make_logits,
+    oracle_loss_and_grad,
+    param_of,
+    reference_rows64,
+    tolerances,
+)
+
+import fdistill
+from fdistill._triton_dispatch import triton_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not triton_available(), reason="needs triton"),
+]
+
+INF, NAN = math.inf, math.nan
+CUDA = torch.device("cuda")
+CASE_IDS = [case_id(c) for c in DIVERGENCE_CASES]
+SECTION = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jeffreys", {"beta": 0.3}),
+    ("jsd", {"beta": 0.3}),
+    ("skew_kl", {"skew": 0.1}),
+    ("skew_reverse_kl", {"skew": 0.1}),
+    ("tv", {}),
+    ("alpha", {"alpha": 1.5}),
+]
+SECTION_IDS = [case_id(c) for c in SECTION]
+SCALE = 2.5
+LOSS_TOL = 1e-4  # absolute and relative, float32 arithmetic with approximate exp / log over 1e5 entries
+ROW_REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # |grad - ref|_2 / |ref|_2 per row
+
+
+def cuda_logits(shape, dtype, seed, **kwargs):
+    student, teacher = make_logits(shape, dtype, scale=kwargs.pop("scale", SCALE), seed=seed, **kwargs)
+    return student.to(CUDA), teacher.to(CUDA)
+
+
+def cuda_randn(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(CUDA)
+
+
+def check_gpu(student, teacher, divergence, options, *, weight=None, reduction="none", **kwargs):
+    """backend="triton" on CUDA vs the float64 reference: loss, gradient entries, gradient rows."""
+    dtype = student.dtype
+    labels = kwargs.get("labels")
+    temperature = kwargs.get("temperature", 1.0)
+    loss, grad = loss_and_grad(
+        student, teacher, divergence, options, reduction, weight, backend="triton", **kwargs
+    )
+    want_loss, want_grad = oracle_loss_and_grad(
+        student, teacher, divergence, options, reduction, weight, **kwargs
+    )
+    assert loss.device == student.device and grad.device == student.device
+    assert grad.dtype == dtype and grad.shape == student.shape
+    count = student[..., 0].numel() if labels is None else int((labels != -100).sum())
+    if reduction == "none":
+        assert_close_verbose(loss, want_loss, LOSS_TOL, LOSS_TOL, "loss")
+    else:  # the error of a sum grows with the sum of the magnitudes
+        rows = reference_rows64(
+            student, teacher, divergence, param_of(divergence, options), temperature, labels
+        )
+        tol = LOSS_TOL * (rows.numel() + rows.abs().sum().item())
+        assert_close_verbose(
+            loss, want_loss, tol / max(count, 1) if reduction == "mean" else tol, 0.0, "loss"
+        )
+    # entries: the bfloat16 rule of the CPU tests, with room for approximate exp / log
+    _, _, grad_atol, grad_rtol = tolerances(torch.bfloat16, slack=10.0)
+    unit = {"none": weight.abs().max().item() if weight is not None else 1.0, "sum": 1.0}.get(
+        reduction, 1.0 / max(count, 1)
+    )
+    gscale = max(want_grad.abs().max().item(), unit / temperature)
+    assert_close_verbose(grad, want_grad.to(dtype), grad_atol * gscale, grad_rtol, "grad")
+    # rows: the relative error of each gradient row as a whole (exactly 0 where the reference row is)
+    rows_want = want_grad.reshape(-1, want_grad.shape[-1])
+    rows_err = (grad.double() - want_grad).reshape(rows_want.shape).norm(dim=-1)
+    rel = rows_err / rows_want.norm(dim=-1)
+    bad = ~(rows_err <= ROW_REL_TOL[dtype] * rows_want.norm(dim=-1))
+    assert not bad.any(), (
+        f"gradient rows beyond {ROW_REL_TOL[dtype]:g} relative error: "
+        f"rows {bad.nonzero().flatten().tolist()}, relative errors {rel[bad].tolist()}"
+    )
+    return loss, grad
+
+
+def test_default_backend_on_cuda_is_triton(seed):
+    student, teacher = cuda_logits((4, 3, 1000), torch.float32, seed)
+    labels = make_labels((4, 3), seed).to(CUDA)
+    with OpRecorder() as rec:
+        default = fdistill.divergence_loss(student, teacher, "jsd", labels=labels)
+    assert "fdistill.divergence_fwd_triton.default" in rec.names, rec.names
+    assert torch.equal(
+        default, fdistill.divergence_loss(student, teacher, "jsd", labels=labels, backend="triton")
+    )
+    with pytest.raises(ValueError, match="CPU tensors"):
+        fdistill.divergence_loss(student, teacher, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=CASE_IDS)
+def test_llama3_vocabulary_matches_reference(case, dtype, seed):
+    """(8, 128256): the Llama 3 vocabulary, 32 tiles of 4096 (the last one partial)."""
+    divergence, options = case
+    student, teacher = cuda_logits((8, 128256), dtype, seed)
+    check_gpu(student, teacher, divergence, options, weight=cuda_randn(8, seed + 2))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("forward_kl", {}),
+        ("jsd", {"beta": 0.5}),
+        ("skew_reverse_kl", {"skew": 0.1}),
+        ("alpha", {"alpha": 0.5}),
+    ],
+    ids=["forward_kl", "jsd", "skew_reverse_kl", "alpha"],
+)
+def test_gemma_vocabulary_matches_reference(case, seed):
+    """(2, 262144) float32, with temperature: 64 full tiles."""
+    divergence, options = case
+    student, teacher = cuda_logits((2, 262144), torch.float32, seed)
+    check_gpu(student, teacher, divergence, options, weight=cuda_randn(2, seed + 2), temperature=2.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", SECTION, ids=SECTION_IDS)
+def test_labels_and_reductions(case, reduction, seed):
+    divergence, options = case
+    student, teacher = cuda_logits((4, 8, 32000), torch.bfloat16, seed)
+    labels = make_labels((4, 8), seed).to(CUDA)
+    _, grad = check_gpu(
+        student, teacher, divergence, options, reduction=reduction, labels=labels, temperature=2.5
+    )
+    assert (grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("case", SECTION, ids=SECTION_IDS)
+def test_neg_inf_masks_and_whole_tiles(case, seed):
+    """A shared -inf mask (30%), and rows whose first / last tiles / all but a few entries are -inf."""
+    divergence, options = case
+    student, teacher = cuda_logits((8, 128256), torch.float32, seed, neg_inf_frac=0.3)
+    student[0, :8192], teacher[0, :8192] = -INF, -INF  # the first two tiles masked
+    student[1, 4096:], teacher[1, 4096:] = -INF, -INF  # all tiles but the first masked
+    student[2, :-5], teacher[2, :-5] = -INF, -INF  # five entries left, in the last (partial) tile
+    _, grad = check_gpu(student, teacher, divergence, options, weight=cuda_randn(8, seed + 2))
+    assert (grad[torch.isneginf(student)] == 0).all()
+
+
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=CASE_IDS)
+def test_special_rows(case, seed):
+    """All -inf (0 / 0); one side all -inf, a NaN, a +inf (NaN loss and NaN gradient row); nothing leaks."""
+    divergence, options = case
+    student, teacher = cuda_logits((10, 128256), torch.bfloat16, seed, scale=1.0)
+    student[0], teacher[0] = -INF, -INF
+    student[1] = -INF
+    teacher[2] = -INF
+    student[3, 100000] = NAN
+    teacher[4, 5] = NAN
+    student[5, 70000] = INF
+    teacher[6, 128255] = INF
+    weight = cuda_randn(10, seed).abs() + 0.5
+    loss, grad = loss_and_grad(student, teacher, divergence, options, "none", weight, backend="triton")
+    assert loss[0].item() == 0 and (grad[0] == 0).all()
+    assert torch.isnan(loss[1:7]).all(), loss
+    assert torch.isnan(grad[1:7]).all(), "NaN rows propagate NaN into every gradient entry"
+    assert torch.isfinite(loss[7:]).all() and torch.isfinite(grad[7:]).all()
+    clean = loss_and_grad(student[7:], teacher[7:], divergence, options, "none", weight[7:], backend="triton")
+    assert torch.equal(loss[7:], clean[0]) and torch.equal(grad[7:], clean[1])
+
+
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=CASE_IDS)
+def test_ties_give_zero(case, seed):
+    """Identical student and teacher: loss 0 and gradient 0, up to rounding (relative to q <= 1)."""
+    divergence, options = case
+    student, _ = cuda_logits((4, 128256), torch.float32, seed)
+    weight = cuda_randn(4, seed)
+    loss, grad = loss_and_grad(
+        student, student.clone(), divergence, options, "none", weight, backend="triton"
+    )
+    assert_close_verbose(loss, torch.zeros(4), LOSS_TOL, 0, "loss")
+    assert_close_verbose(grad, torch.zeros_like(grad), 1e-5 * weight.abs().max().item(), 0, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("case", SECTION, ids=SECTION_IDS)
+def test_grad_in_place(case, dtype, seed):
+    """Same gradient as out of place, bit for bit, through an LM head; the logits hold it afterwards."""
+    divergence, options = case
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(16, 256, generator=gen).to(CUDA, dtype)
+    w = (torch.randn(256, 32000, generator=gen) / 8).to(CUDA, dtype)
+    _, teacher = cuda_logits((2, 8, 32000), dtype, seed)
+    labels = make_labels((2, 8), seed).to(CUDA)
+    results = []
+    for grad_in_place in (False, True):
+        w_ = w.clone().requires_grad_(True)
+        logits = (h @ w_).view(2, 8, 32000)
+        logits.retain_grad()
+        loss = fdistill.divergence_loss(
+            logits,
+            teacher,
+            divergence,
+            **options,
+            labels=labels,
+            backend="triton",
+            grad_in_place=grad_in_place,
+        )
+        loss.backward()
+        results.append((loss.detach(), logits.detach(), logits.grad, w_.grad))
+    (loss, _, grad, grad_w), (loss_ip, logits_ip, grad_ip, grad_w_ip) = results
+    assert torch.equal(loss_ip, loss) and torch.equal(grad_ip, grad)
+    assert torch.equal(logits_ip, grad), "the logits must hold the gradient"
+    assert torch.equal(grad_w_ip, grad_w)
+    assert (grad_ip[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("case", SECTION, ids=SECTION_IDS)
+def test_agrees_with_cpu_kernel(case, seed):
+    divergence, options = case
+    student, teacher = make_logits((6, 32000), torch.float32, scale=SCALE, seed=seed)
+    labels = make_labels((6,), seed)
+    weight = torch.randn(6, generator=torch.Generator().manual_seed(seed))
+    cpu = loss_and_grad(student, teacher, divergence, options, "none", weight, labels=labels, backend="cpu")
+    gpu = loss_and_grad(
+        student.to(CUDA),
+        teacher.to(CUDA),
+        divergence,
+        options,
+        "none",
+        weight.to(CUDA),
+        labels=labels.to(CUDA),
+        backend="triton",
+    )
+    assert_close_verbose(gpu[0], cpu[0], 1e-4 * max(1.0, cpu[0].abs().max().item()), 1e-4, "loss")
+    gscale = max(cpu[1].abs().max().item(), weight.abs().max().item())
+    assert_close_verbose(gpu[1], cpu[1], 1e-4 * gscale, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_on_cuda(compile_backend, seed):
+    torch._dynamo.reset()
+    try:
+
+        def loss_fn(s, t, labels):
+            return fdistill.divergence_loss(s, t, "jsd", beta=0.3, labels=labels, temperature=2.0)
+
+        compiled = torch.compile(loss_fn, backend=compile_backend, fullgraph=True)
+        student, teacher = cuda_logits((2, 4, 32000), torch.bfloat16, seed)
+        labels = make_labels((2, 4), seed).to(CUDA)
+        results = []
+        for fn in (compiled, loss_fn):
+            s = student.clone().requires_grad_(True)
+            loss = fn(s, teacher, labels)
+            loss.backward()
+            results.append((loss.detach(), s.grad))
+        assert_close_verbose(results[0][0], results[1][0], 1e-6, 1e-6, "loss")
+        assert_close_verbose(results[0][1], results[1][1], 1e-7, 1e-2, "grad")
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["nolabels", "labels"])
+def test_opcheck_on_cuda(labelled, seed):
+    fdistill.divergence_loss(*cuda_logits((1, 8), torch.float32, seed), backend="triton")  # registers the ops
+    fwd, bwd = torch.ops.fdistill.divergence_fwd_triton, torch.ops.fdistill.divergence_bwd_triton
+    student, teacher = cuda_logits((6, 37), torch.float32, seed)
+    labels = make_labels((6,), seed).to(CUDA) if labelled else None
+    _, stats = fwd(student, teacher, labels, "jsd", 0.3, 1.7, -100)
+    torch.library.opcheck(fwd.default, (student.requires_grad_(True), teacher, labels, "jsd", 0.3, 1.7, -100))
+    grad_loss = cuda_randn(6, seed)
+    torch.library.opcheck(
+        bwd.default, (grad_loss, student.detach(), teacher, labels, stats, "jsd", 0.3, 1.7, -100)
+    )
