@@ -48,3 +48,11 @@ def seed(request) -> int:
 def _seed_global_rng(request):
     """Code that draws from torch's global generator is reproducible too."""
     torch.manual_seed(seed_from("global:" + request.node.nodeid))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests start and end with a reset torch._dynamo."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

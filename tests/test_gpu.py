@@ -8,21 +8,31 @@ of size 1 / V).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from utils import (
+    CASE_IDS,
     DIVERGENCE_CASES,
+    INF,
+    NAN,
+    SCALE,
+    SECTION,
+    SECTION_IDS,
     OpRecorder,
     assert_close_verbose,
-    case_id,
+    check_special_rows,
+    check_triton_agrees_with_cpu,
+    compiled_vs_eager,
     loss_and_grad,
     make_labels,
     make_logits,
+    opcheck_backward,
+    opcheck_forward,
     oracle_loss_and_grad,
     param_of,
+    randn,
     reference_rows64,
+    run_linear_head,
     tolerances,
 )
 
@@ -35,32 +45,17 @@ pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="needs triton"),
 ]
 
-INF, NAN = math.inf, math.nan
 CUDA = torch.device("cuda")
-CASE_IDS = [case_id(c) for c in DIVERGENCE_CASES]
-SECTION = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jeffreys", {"beta": 0.3}),
-    ("jsd", {"beta": 0.3}),
-    ("skew_kl", {"skew": 0.1}),
-    ("skew_reverse_kl", {"skew": 0.1}),
-    ("tv", {}),
-    ("alpha", {"alpha": 1.5}),
-]
-SECTION_IDS = [case_id(c) for c in SECTION]
-SCALE = 2.5
 LOSS_TOL = 1e-4  # absolute and relative, float32 arithmetic with approximate exp / log over 1e5 entries
 ROW_REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # |grad - ref|_2 / |ref|_2 per row
 
 
 def cuda_logits(shape, dtype, seed, **kwargs):
-    student, teacher = make_logits(shape, dtype, scale=kwargs.pop("scale", SCALE), seed=seed, **kwargs)
-    return student.to(CUDA), teacher.to(CUDA)
+    return make_logits(shape, dtype, scale=kwargs.pop("scale", SCALE), seed=seed, device=CUDA, **kwargs)
 
 
 def cuda_randn(shape, seed):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(CUDA)
+    return randn(shape, seed, device=CUDA)
 
 
 def check_gpu(student, teacher, divergence, options, *, weight=None, reduction="none", **kwargs):
@@ -182,13 +177,10 @@ def test_special_rows(case, seed):
     student[5, 70000] = INF
     teacher[6, 128255] = INF
     weight = cuda_randn(10, seed).abs() + 0.5
-    loss, grad = loss_and_grad(student, teacher, divergence, options, "none", weight, backend="triton")
-    assert loss[0].item() == 0 and (grad[0] == 0).all()
-    assert torch.isnan(loss[1:7]).all(), loss
-    assert torch.isnan(grad[1:7]).all(), "NaN rows propagate NaN into every gradient entry"
-    assert torch.isfinite(loss[7:]).all() and torch.isfinite(grad[7:]).all()
-    clean = loss_and_grad(student[7:], teacher[7:], divergence, options, "none", weight[7:], backend="triton")
-    assert torch.equal(loss[7:], clean[0]) and torch.equal(grad[7:], clean[1])
+    clean_s, clean_t = student[7:], teacher[7:]
+    check_special_rows(
+        student, teacher, clean_s, clean_t, divergence, options, weight, backend="triton", oracle=False
+    )
 
 
 @pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=CASE_IDS)
@@ -213,24 +205,10 @@ def test_grad_in_place(case, dtype, seed):
     h = torch.randn(16, 256, generator=gen).to(CUDA, dtype)
     w = (torch.randn(256, 32000, generator=gen) / 8).to(CUDA, dtype)
     _, teacher = cuda_logits((2, 8, 32000), dtype, seed)
-    labels = make_labels((2, 8), seed).to(CUDA)
-    results = []
-    for grad_in_place in (False, True):
-        w_ = w.clone().requires_grad_(True)
-        logits = (h @ w_).view(2, 8, 32000)
-        logits.retain_grad()
-        loss = fdistill.divergence_loss(
-            logits,
-            teacher,
-            divergence,
-            **options,
-            labels=labels,
-            backend="triton",
-            grad_in_place=grad_in_place,
-        )
-        loss.backward()
-        results.append((loss.detach(), logits.detach(), logits.grad, w_.grad))
-    (loss, _, grad, grad_w), (loss_ip, logits_ip, grad_ip, grad_w_ip) = results
+    labels = make_labels((2, 8), seed, device=CUDA)
+    args = (h, w, teacher, divergence, options)
+    loss, _, grad, grad_w = run_linear_head("triton", False, *args, labels=labels)
+    loss_ip, logits_ip, grad_ip, grad_w_ip = run_linear_head("triton", True, *args, labels=labels)
     assert torch.equal(loss_ip, loss) and torch.equal(grad_ip, grad)
     assert torch.equal(logits_ip, grad), "the logits must hold the gradient"
     assert torch.equal(grad_w_ip, grad_w)
@@ -242,55 +220,25 @@ def test_agrees_with_cpu_kernel(case, seed):
     divergence, options = case
     student, teacher = make_logits((6, 32000), torch.float32, scale=SCALE, seed=seed)
     labels = make_labels((6,), seed)
-    weight = torch.randn(6, generator=torch.Generator().manual_seed(seed))
-    cpu = loss_and_grad(student, teacher, divergence, options, "none", weight, labels=labels, backend="cpu")
-    gpu = loss_and_grad(
-        student.to(CUDA),
-        teacher.to(CUDA),
-        divergence,
-        options,
-        "none",
-        weight.to(CUDA),
-        labels=labels.to(CUDA),
-        backend="triton",
+    weight = randn(6, seed)
+    check_triton_agrees_with_cpu(
+        student, teacher, divergence, options, weight, tol=1e-4, device=CUDA, labels=labels
     )
-    assert_close_verbose(gpu[0], cpu[0], 1e-4 * max(1.0, cpu[0].abs().max().item()), 1e-4, "loss")
-    gscale = max(cpu[1].abs().max().item(), weight.abs().max().item())
-    assert_close_verbose(gpu[1], cpu[1], 1e-4 * gscale, 1e-4, "grad")
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_compile_on_cuda(compile_backend, seed):
-    torch._dynamo.reset()
-    try:
+def test_compile_on_cuda(compile_backend, fresh_dynamo, seed):
+    def loss_fn(s, t, labels):
+        return fdistill.divergence_loss(s, t, "jsd", beta=0.3, labels=labels, temperature=2.0)
 
-        def loss_fn(s, t, labels):
-            return fdistill.divergence_loss(s, t, "jsd", beta=0.3, labels=labels, temperature=2.0)
-
-        compiled = torch.compile(loss_fn, backend=compile_backend, fullgraph=True)
-        student, teacher = cuda_logits((2, 4, 32000), torch.bfloat16, seed)
-        labels = make_labels((2, 4), seed).to(CUDA)
-        results = []
-        for fn in (compiled, loss_fn):
-            s = student.clone().requires_grad_(True)
-            loss = fn(s, teacher, labels)
-            loss.backward()
-            results.append((loss.detach(), s.grad))
-        assert_close_verbose(results[0][0], results[1][0], 1e-6, 1e-6, "loss")
-        assert_close_verbose(results[0][1], results[1][1], 1e-7, 1e-2, "grad")
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend=compile_backend, fullgraph=True)
+    shapes = [(2, 4, 32000)]
+    compiled_vs_eager(compiled, loss_fn, shapes, torch.bfloat16, seed, CUDA, scale=SCALE, grad_rtol=1e-2)
 
 
 @pytest.mark.parametrize("labelled", [False, True], ids=["nolabels", "labels"])
 def test_opcheck_on_cuda(labelled, seed):
     fdistill.divergence_loss(*cuda_logits((1, 8), torch.float32, seed), backend="triton")  # registers the ops
     fwd, bwd = torch.ops.fdistill.divergence_fwd_triton, torch.ops.fdistill.divergence_bwd_triton
-    student, teacher = cuda_logits((6, 37), torch.float32, seed)
-    labels = make_labels((6,), seed).to(CUDA) if labelled else None
-    _, stats = fwd(student, teacher, labels, "jsd", 0.3, 1.7, -100)
-    torch.library.opcheck(fwd.default, (student.requires_grad_(True), teacher, labels, "jsd", 0.3, 1.7, -100))
-    grad_loss = cuda_randn(6, seed)
-    torch.library.opcheck(
-        bwd.default, (grad_loss, student.detach(), teacher, labels, stats, "jsd", 0.3, 1.7, -100)
-    )
+    opcheck_forward(fwd, "jsd", 0.3, torch.float32, labelled, seed, CUDA)
+    opcheck_backward(fwd, bwd, "jsd", 0.3, torch.float32, labelled, seed, CUDA)

@@ -7,67 +7,36 @@ one, so the gradient must be bit for bit the same, and the logits must hold it a
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from utils import (
     DIVERGENCE_CASES,
+    INF,
+    SECTION,
+    SECTION_IDS,
+    SKIP_WITHOUT_TRITON,
+    TRITON_DEVICE,
+    TRITON_INTERPRETER_WARNINGS,
     assert_close_verbose,
     case_id,
     make_labels,
     make_logits,
+    opcheck_backward,
     param_of,
+    randn,
+    run_linear_head,
 )
 
 import fdistill
-from fdistill._triton_dispatch import interpreter_enabled, triton_available, triton_forward_op
+from fdistill._triton_dispatch import triton_forward_op
 
-INF, NAN = math.inf, math.nan
-CASE_IDS = [case_id(c) for c in DIVERGENCE_CASES]
-SECTION = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jeffreys", {"beta": 0.3}),
-    ("jsd", {"beta": 0.3}),
-    ("skew_kl", {"skew": 0.1}),
-    ("skew_reverse_kl", {"skew": 0.1}),
-    ("tv", {}),
-    ("alpha", {"alpha": 1.5}),
-]
-SECTION_IDS = [case_id(c) for c in SECTION]
+BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("triton", id="triton", marks=SKIP_WITHOUT_TRITON)]
 
-_TRITON_RUNS = triton_available() and (torch.cuda.is_available() or interpreter_enabled())
-TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_SKIP_TRITON = pytest.mark.skipif(not _TRITON_RUNS, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("triton", id="triton", marks=_SKIP_TRITON)]
-
-pytestmark = [  # numpy inside the Triton interpreter evaluates masked lanes too
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-]
+pytestmark = TRITON_INTERPRETER_WARNINGS
 
 
 def device_of(backend: str) -> torch.device:
     return TRITON_DEVICE if backend == "triton" else torch.device("cpu")
-
-
-def randn(shape, seed, dtype=torch.float32, device="cpu"):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
-
-
-def run_linear_head(backend, grad_in_place, h, w, teacher, divergence, options, weight=None, **kwargs):
-    """A non-leaf student, logits = h @ W (an LM head): (loss, logits, dL/dlogits, W.grad)."""
-    w = w.detach().clone().requires_grad_(True)
-    logits = (h @ w).view(teacher.shape)
-    logits.retain_grad()
-    loss = fdistill.divergence_loss(
-        logits, teacher, divergence, **options, backend=backend, grad_in_place=grad_in_place, **kwargs
-    )
-    objective = (loss * weight).sum() if weight is not None else loss
-    objective.backward()
-    return loss.detach(), logits.detach(), logits.grad, w.grad
 
 
 def _in_place_params():
@@ -313,38 +282,27 @@ def test_raw_in_place_op_writes_the_out_of_place_values(case, backend, dtype, se
 @pytest.mark.parametrize(("divergence", "param"), [("forward_kl", 0.0), ("jsd", 0.3), ("alpha", 1.5)])
 def test_opcheck_in_place_backward(divergence, param, backend, seed):
     fwd, _, bwd_ = _ops(backend)
-    student, teacher = make_logits((6, 37), torch.float32, seed=seed)
-    student, teacher = student.to(device_of(backend)), teacher.to(device_of(backend))
-    labels = make_labels((6,), seed).to(student.device)
-    _, stats = fwd(student, teacher, labels, divergence, param, 1.7, -100)
-    grad_loss = randn(6, seed, device=student.device)
-    torch.library.opcheck(
-        bwd_.default, (grad_loss, student, teacher, labels, stats, divergence, param, 1.7, -100)
-    )
+    opcheck_backward(fwd, bwd_, divergence, param, torch.float32, True, seed, device_of(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_aot_eager_with_grad_in_place(backend, seed):
+def test_compile_aot_eager_with_grad_in_place(backend, fresh_dynamo, seed):
     """Under torch.compile the gradient is right (whether the logits are reused is up to AOTAutograd)."""
     device = device_of(backend)
-    torch._dynamo.reset()
-    try:
 
-        def head_loss(h, w, teacher, labels):
-            logits = (h @ w).view(teacher.shape)
-            return fdistill.divergence_loss(
-                logits, teacher, "jsd", beta=0.3, labels=labels, backend=backend, grad_in_place=True
-            )
+    def head_loss(h, w, teacher, labels):
+        logits = (h @ w).view(teacher.shape)
+        return fdistill.divergence_loss(
+            logits, teacher, "jsd", beta=0.3, labels=labels, backend=backend, grad_in_place=True
+        )
 
-        compiled = torch.compile(head_loss, backend="aot_eager", fullgraph=True)
-        h, w = randn((6, 16), seed, device=device), randn((16, 129), seed + 1, device=device)
-        _, teacher = make_logits((2, 3, 129), torch.float32, seed=seed)
-        teacher, labels = teacher.to(device), make_labels((2, 3), seed).to(device)
-        grads = []
-        for fn in (compiled, head_loss):
-            w_ = w.clone().requires_grad_(True)
-            fn(h, w_, teacher, labels).backward()
-            grads.append(w_.grad)
-        assert_close_verbose(grads[0], grads[1], 1e-6, 1e-6, "W.grad compiled vs eager")
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(head_loss, backend="aot_eager", fullgraph=True)
+    h, w = randn((6, 16), seed, device=device), randn((16, 129), seed + 1, device=device)
+    _, teacher = make_logits((2, 3, 129), torch.float32, seed=seed)
+    teacher, labels = teacher.to(device), make_labels((2, 3), seed).to(device)
+    grads = []
+    for fn in (compiled, head_loss):
+        w_ = w.clone().requires_grad_(True)
+        fn(h, w_, teacher, labels).backward()
+        grads.append(w_.grad)
+    assert_close_verbose(grads[0], grads[1], 1e-6, 1e-6, "W.grad compiled vs eager")

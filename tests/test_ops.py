@@ -5,21 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 from utils import (
+    ALL_DTYPE_IDS,
     ALL_DTYPES,
+    CASE_IDS,
     DIVERGENCE_CASES,
+    OPCHECK_CASES,
     assert_close_verbose,
-    case_id,
+    assert_stats_hold_lse,
+    compiled_vs_eager,
     make_labels,
     make_logits,
+    opcheck_backward,
+    opcheck_forward,
     param_of,
     reference_rows64,
 )
 
 import fdistill
 from fdistill.ops import NUM_STATS
-
-CASE_IDS = [case_id(c) for c in DIVERGENCE_CASES]
-OPCHECK_CASES = [("forward_kl", 0.0), ("jsd", 0.3), ("skew_reverse_kl", 0.1), ("tv", 0.0), ("alpha", 1.5)]
 
 fwd = torch.ops.fdistill.divergence_fwd
 bwd = torch.ops.fdistill.divergence_bwd
@@ -28,7 +31,7 @@ bwd = torch.ops.fdistill.divergence_bwd
 # ----------------------------------------------------------------------------- raw op contract
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=[str(d).removeprefix("torch.") for d in ALL_DTYPES])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=ALL_DTYPE_IDS)
 def test_raw_op_output_contract(dtype, seed):
     student, teacher = make_logits((9, 300), dtype, seed=seed)
     labels = make_labels((9,), seed)
@@ -39,12 +42,7 @@ def test_raw_op_output_contract(dtype, seed):
     assert (loss[labels == -100] == 0).all()
     # the saved statistics hold the log-sum-exps of the scaled logits as (max, log-sum)
     keep = labels != -100
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    for name, logits, col in (("s", student, 0), ("t", teacher, 2)):
-        scaled = logits[keep].double() / 2.0
-        assert_close_verbose(stats[keep, col], scaled.amax(-1), tol, tol, f"max({name})")
-        lse = stats[keep, col].double() + stats[keep, col + 1].double()
-        assert_close_verbose(lse, torch.logsumexp(scaled, -1), tol, tol, f"LSE({name})")
+    assert_stats_hold_lse(stats, student, teacher, keep, 2.0, 1e-12 if dtype == torch.float64 else 1e-5)
     weight = torch.randn(9, dtype=acc)
     grad = bwd(weight, student, teacher, labels, stats, "jsd", 0.3, 2.0, -100)
     assert grad.shape == student.shape and grad.dtype == dtype and grad.is_contiguous()
@@ -109,23 +107,14 @@ def test_raw_op_resolves_endpoints_like_the_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
 def test_opcheck_forward(divergence, param, dtype, labelled, seed):
-    student, teacher = make_logits((6, 37), dtype, seed=seed)
-    labels = make_labels((6,), seed) if labelled else None
-    student.requires_grad_(True)
-    torch.library.opcheck(fwd.default, (student, teacher, labels, divergence, param, 1.7, -100))
+    opcheck_forward(fwd, divergence, param, dtype, labelled, seed)
 
 
 @pytest.mark.parametrize("labelled", [False, True], ids=["nolabels", "labels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES[:3], ids=[c[0] for c in OPCHECK_CASES[:3]])
 def test_opcheck_backward(divergence, param, dtype, labelled, seed):
-    student, teacher = make_logits((6, 37), dtype, seed=seed)
-    labels = make_labels((6,), seed) if labelled else None
-    _, stats = fwd(student, teacher, labels, divergence, param, 1.7, -100)
-    grad_loss = torch.randn(6, dtype=stats.dtype)
-    torch.library.opcheck(
-        bwd.default, (grad_loss, student, teacher, labels, stats, divergence, param, 1.7, -100)
-    )
+    opcheck_backward(fwd, bwd, divergence, param, dtype, labelled, seed)
 
 
 # ----------------------------------------------------------------------------- gradcheck
@@ -158,28 +147,6 @@ def test_gradcheck(case, backend, reduction, seed):
 # ----------------------------------------------------------------------------- torch.compile
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _compiled_vs_eager(compiled, eager, shapes, dtype, seed):
-    for i, shape in enumerate(shapes):
-        student, teacher = make_logits(shape, dtype, seed=seed + i)
-        labels = make_labels(shape[:-1], seed + i)
-        results = []
-        for fn in (compiled, eager):
-            s = student.clone().requires_grad_(True)
-            loss = fn(s, teacher, labels)
-            loss.backward()
-            results.append((loss.detach(), s.grad))
-        (closs, cgrad), (eloss, egrad) = results
-        assert_close_verbose(closs, eloss, 1e-6, 1e-6, f"loss {shape}")
-        assert_close_verbose(cgrad, egrad, 1e-7, 1e-6, f"grad {shape}")
-
-
 @pytest.mark.parametrize(
     ("divergence", "options"),
     [("forward_kl", {}), ("jsd", {"beta": 0.3}), ("alpha", {"alpha": 1.5}), ("tv", {})],
@@ -200,7 +167,7 @@ def test_compile_aot_eager_fullgraph(divergence, options, fresh_dynamo, seed):
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     # a second batch size exercises the dynamic-shape path of the fake implementations
-    _compiled_vs_eager(compiled, loss_fn, [(2, 3, 257), (5, 3, 257)], torch.float32, seed)
+    compiled_vs_eager(compiled, loss_fn, [(2, 3, 257), (5, 3, 257)], torch.float32, seed)
 
 
 def test_compile_aot_eager_reduction_none_bf16(fresh_dynamo, seed):
@@ -211,7 +178,7 @@ def test_compile_aot_eager_reduction_none_bf16(fresh_dynamo, seed):
         return (rows * torch.linspace(0.5, 1.5, rows.shape[-1])).sum()
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    _compiled_vs_eager(compiled, loss_fn, [(4, 3, 100)], torch.bfloat16, seed)
+    compiled_vs_eager(compiled, loss_fn, [(4, 3, 100)], torch.bfloat16, seed)
 
 
 def test_compile_inductor(fresh_dynamo, seed):
@@ -221,7 +188,7 @@ def test_compile_inductor(fresh_dynamo, seed):
         return fdistill.divergence_loss(s, t, "jsd", beta=0.3, labels=labels, temperature=1.5, backend="cpu")
 
     compiled = torch.compile(loss_fn, fullgraph=True)
-    _compiled_vs_eager(compiled, loss_fn, [(3, 4, 333)], torch.float32, seed)
+    compiled_vs_eager(compiled, loss_fn, [(3, 4, 333)], torch.float32, seed)
 
 
 def test_fake_tensor_shapes():

@@ -11,7 +11,6 @@ tolerance (1 ulp) of the CPU tests.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -20,73 +19,71 @@ import textwrap
 import pytest
 import torch
 from utils import (
+    CASE_IDS,
     DIVERGENCE_CASES,
+    INF,
     LARGE_CASES,
+    ON_CUDA,
+    OPCHECK_CASES,
+    SCALE,
+    SECTION,
+    SECTION_IDS,
+    SKIP_WITHOUT_TRITON,
+    TRITON_DEVICE,
+    TRITON_INTERPRETER_WARNINGS,
     OpRecorder,
     assert_close_verbose,
+    assert_stats_hold_lse,
     case_id,
     check_against_oracle,
+    check_all_tokens_ignored,
+    check_ignored_rows_with_garbage,
+    check_one_sided_neg_inf,
+    check_scale_by_temperature_squared,
+    check_special_rows,
+    check_ties_give_zero,
+    check_triton_agrees_with_cpu,
+    compiled_vs_eager,
+    generator,
     large_inputs,
     loss_and_grad,
     make_labels,
     make_logits,
     max_abs_err,
+    opcheck_backward,
+    opcheck_forward,
+    opposite_offset_logits,
     oracle_loss_and_grad,
     param_of,
     reference_rows64,
+    special_rows_logits,
     tolerances,
     two_x_eager_violations,
 )
+from utils import randn as seeded_randn
 
 import fdistill
-from fdistill._triton_dispatch import interpreter_enabled, triton_available
 from fdistill.ops import NUM_STATS
 
-ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+DEVICE = TRITON_DEVICE  # CUDA, else CPU tensors under the Triton interpreter
 SLACK = 10.0 if ON_CUDA else 1.0  # CUDA float32 exp / log are approximate; the interpreter uses numpy's
 
-pytestmark = [
-    pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
-    pytest.mark.skipif(
-        not ON_CUDA and not interpreter_enabled(), reason="no GPU, and TRITON_INTERPRET=1 is not set"
-    ),
-    # numpy inside the interpreter evaluates masked lanes too (-inf - -inf, exp overflow, log 0)
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-]
+pytestmark = [SKIP_WITHOUT_TRITON, *TRITON_INTERPRETER_WARNINGS]
 
-INF, NAN = math.inf, math.nan
-CASE_IDS = [case_id(c) for c in DIVERGENCE_CASES]
-# one case per divergence, with a parameter inside its range
-SECTION = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jeffreys", {"beta": 0.3}),
-    ("jsd", {"beta": 0.3}),
-    ("skew_kl", {"skew": 0.1}),
-    ("skew_reverse_kl", {"skew": 0.1}),
-    ("tv", {}),
-    ("alpha", {"alpha": 1.5}),
-]
-SECTION_IDS = [case_id(c) for c in SECTION]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["f32", "bf16", "f64"]
-SCALE = 2.5  # standard deviation of the random logits
 
 
 def logits(shape, dtype=torch.float32, seed=0, **kwargs):
-    student, teacher = make_logits(shape, dtype, seed=seed, **kwargs)
-    return student.to(DEVICE), teacher.to(DEVICE)
+    return make_logits(shape, dtype, seed=seed, device=DEVICE, **kwargs)
 
 
 def randn(shape, seed, dtype=torch.float32):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+    return seeded_randn(shape, seed, dtype, DEVICE)
 
 
 def labels_for(lead_shape, seed):
-    return make_labels(lead_shape, seed).to(DEVICE)
+    return make_labels(lead_shape, seed, device=DEVICE)
 
 
 def check(student, teacher, divergence, options, **kwargs):
@@ -213,11 +210,7 @@ def test_raw_ops_contract(case, seed):
     want = reference_rows64(student, teacher, divergence, param, 1.5, labels)
     assert_close_verbose(loss, want, 1e-12, 1e-12, "loss")
     keep = labels != -100
-    for name, x, col in (("s", student, 0), ("t", teacher, 2)):  # the log-sum-exps as (max, log-sum)
-        scaled = x[keep] / 1.5
-        assert_close_verbose(stats[keep, col], scaled.amax(-1), 1e-12, 1e-12, f"max({name})")
-        lse = stats[keep, col] + stats[keep, col + 1]
-        assert_close_verbose(lse, torch.logsumexp(scaled, -1), 1e-12, 1e-12, f"LSE({name})")
+    assert_stats_hold_lse(stats, student, teacher, keep, 1.5, 1e-12)
     s = student.clone().requires_grad_(True)
     upstream = randn((8, 3), seed, torch.float64)[:, 1]  # stride 3
     (autograd,) = torch.autograd.grad(fwd(s, teacher, labels, divergence, param, 1.5, -100)[0], s, upstream)
@@ -242,24 +235,18 @@ def test_agrees_with_cpu_kernel(case, seed):
     divergence, options = case
     student, teacher = make_logits((4, 3, 2500), torch.float32, scale=SCALE, seed=seed)
     labels = make_labels((4, 3), seed)
-    weight = torch.randn((4, 3), generator=torch.Generator().manual_seed(seed + 2))
-    kwargs = {"temperature": 1.3, "labels": labels}
-    cpu = loss_and_grad(student, teacher, divergence, options, "none", weight, backend="cpu", **kwargs)
-    on = {"labels": labels.to(DEVICE), "temperature": 1.3}
-    tri = loss_and_grad(
-        student.to(DEVICE),
-        teacher.to(DEVICE),
+    weight = seeded_randn((4, 3), seed + 2)
+    cpu, tri = check_triton_agrees_with_cpu(
+        student,
+        teacher,
         divergence,
         options,
-        "none",
-        weight.to(DEVICE),
-        backend="triton",
-        **on,
+        weight,
+        tol=1e-6 * SLACK * SLACK,
+        device=DEVICE,
+        temperature=1.3,
+        labels=labels,
     )
-    tol = 1e-6 * SLACK * SLACK
-    assert_close_verbose(tri[0], cpu[0], tol * max(1.0, cpu[0].abs().max().item()), tol, "loss")
-    gscale = max(cpu[1].abs().max().item(), weight.abs().max().item() / 1.3)
-    assert_close_verbose(tri[1], cpu[1], tol * gscale, tol, "grad")
     assert ((tri[0] == 0) == (cpu[0] == 0)).all(), "ignored rows are 0 in both"
 
 
@@ -293,17 +280,10 @@ def test_one_sided_neg_inf(side, case, seed):
     """-inf on one side only: the loss (finite or +inf) as the reference; the gradient where it is finite."""
     divergence, options = case
     student, teacher = logits((4, 300), torch.float64, seed, scale=SCALE)
-    (teacher if side == "teacher" else student)[:2, :40] = -INF  # rows 0 and 1 only
     weight = randn(4, seed, torch.float64)
-    loss, grad = loss_and_grad(student, teacher, divergence, options, "none", weight, backend="triton")
-    want_loss, want_grad = oracle_loss_and_grad(student, teacher, divergence, options, "none", weight)
-    assert_close_verbose(loss, want_loss, 1e-10 * SLACK, 1e-10 * SLACK, "loss")
-    if divergence in ("forward_kl", "reverse_kl"):
-        infinite = (divergence == "forward_kl") == (side == "student")
-        assert (torch.isposinf(loss[:2]) if infinite else torch.isfinite(loss[:2])).all()
-    finite_rows = torch.isfinite(want_loss)
-    assert finite_rows[2:].all()
-    assert_close_verbose(grad[finite_rows], want_grad[finite_rows], 1e-10, 1e-9, "grad (finite rows)")
+    check_one_sided_neg_inf(
+        student, teacher, side, divergence, options, weight, backend="triton", slack=SLACK
+    )
 
 
 @pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=CASE_IDS)
@@ -341,38 +321,13 @@ def test_ties_give_zero(case, dtype, vocab, seed):
     """Identical student and teacher, and constant rows: loss 0 and gradient 0 for every divergence."""
     divergence, options = case
     base, _ = make_logits((2, vocab), dtype, scale=SCALE, seed=seed)
-    student = torch.cat([base, torch.full((2, vocab), 4.0, dtype=dtype)]).to(DEVICE)
-    teacher = torch.cat([base.clone(), torch.full((2, vocab), -3.0, dtype=dtype)]).to(DEVICE)
-    weight = randn(4, seed)
-    loss, grad = loss_and_grad(
-        student, teacher, divergence, options, "none", weight, temperature=1.3, backend="triton"
-    )
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    # one-pass KLs cancel E_p[t - s] against LSE(t) - LSE(s): a few ulps of |t - s| / T = 7 / 1.3
-    loss_tol = 16 * eps * SLACK * (1 + 7.0 / 1.3)
-    assert_close_verbose(loss, torch.zeros(4), loss_tol, 0, "loss")
-    assert_close_verbose(
-        grad, torch.zeros_like(grad), 16 * eps * SLACK * weight.abs().max().item(), 0, "grad"
-    )
+    check_ties_give_zero(base, divergence, options, randn(4, seed), backend="triton", slack=SLACK)
 
 
 def _special_rows(dtype, vocab, seed, col):
-    """Rows 0-6 special (see test_special_rows_only_poison_their_row), rows 7-9 clean."""
-    student, teacher = make_logits((7, vocab), dtype, scale=1.0, seed=seed)  # float16 gradients stay finite
-    student[0], teacher[0] = -INF, -INF  # padding: loss 0, gradient 0
-    student[1] = -INF  # no student distribution
-    teacher[2] = -INF  # no teacher distribution
-    student[3, col] = NAN
-    teacher[4, col // 2] = NAN
-    student[5, col] = INF
-    teacher[6, 0] = INF
-    clean_s, clean_t = make_logits((3, vocab), dtype, scale=1.0, seed=seed + 1)
-    return (
-        torch.cat([student, clean_s]).to(DEVICE),
-        torch.cat([teacher, clean_t]).to(DEVICE),
-        clean_s.to(DEVICE),
-        clean_t.to(DEVICE),
-    )
+    """Rows 0-6 special (see test_special_rows_only_poison_their_row), rows 7-9 clean, on DEVICE."""
+    inputs = special_rows_logits(dtype, vocab, seed, student_nan=col, teacher_nan=col // 2, student_inf=col)
+    return tuple(x.to(DEVICE) for x in inputs)
 
 
 def _special_rows_params():
@@ -389,17 +344,8 @@ def _special_rows_params():
 def test_special_rows_only_poison_their_row(case, dtype, vocab, col, seed):
     """Padding rows (all -inf) give 0 / 0; one-sided empty, NaN or +inf rows give NaN, nothing else does."""
     divergence, options = case
-    student, teacher, clean_s, clean_t = _special_rows(dtype, vocab, seed, col)
-    weight = (torch.rand(10, generator=torch.Generator().manual_seed(seed)) + 0.5).to(DEVICE)
-    loss, grad = loss_and_grad(student, teacher, divergence, options, "none", weight, backend="triton")
-    assert loss[0].item() == 0 and (grad[0] == 0).all()
-    assert torch.isnan(loss[1:7]).all(), loss
-    assert torch.isnan(grad[1:7]).all(), "NaN rows propagate NaN into every gradient entry"
-    assert torch.isfinite(loss[7:]).all() and torch.isfinite(grad[7:]).all()
-    clean = loss_and_grad(clean_s, clean_t, divergence, options, "none", weight[7:], backend="triton")
-    assert torch.equal(loss[7:], clean[0]) and torch.equal(grad[7:], clean[1])
-    want_loss, _ = oracle_loss_and_grad(student, teacher, divergence, options, "none", weight)
-    assert_close_verbose(loss[:7], want_loss[:7], 0, 0, "special rows vs reference")
+    weight = (torch.rand(10, generator=generator(seed)) + 0.5).to(DEVICE)
+    check_special_rows(*_special_rows(dtype, vocab, seed, col), divergence, options, weight, backend="triton")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -407,18 +353,7 @@ def test_special_rows_only_poison_their_row(case, dtype, vocab, col, seed):
 def test_all_tokens_ignored(case, reduction, seed):
     divergence, options = case
     student, teacher = logits((2, 3, 64), torch.float32, seed, scale=SCALE)
-    student[0, 1, 3] = NAN  # garbage in ignored rows must not matter
-    labels = torch.full((2, 3), -100, device=DEVICE)
-    s = student.clone().requires_grad_(True)
-    loss = fdistill.divergence_loss(
-        s, teacher, divergence, **options, labels=labels, reduction=reduction, backend="triton"
-    )
-    if reduction == "none":
-        assert torch.equal(loss, torch.zeros(2, 3, device=DEVICE))
-    else:
-        assert loss.item() == 0.0
-    loss.sum().backward()
-    assert torch.equal(s.grad, torch.zeros_like(s))
+    check_all_tokens_ignored(student, teacher, divergence, options, reduction, backend="triton")
 
 
 @pytest.mark.parametrize("case", SECTION, ids=SECTION_IDS)
@@ -427,18 +362,8 @@ def test_ignored_rows_with_garbage_do_not_leak(case, seed):
     divergence, options = case
     student, teacher = logits((2, 4, 129), torch.bfloat16, seed, scale=SCALE)
     labels = labels_for((2, 4), seed)
-    ignored = labels == -100
-    dirty_s, dirty_t = student.clone(), teacher.clone()
-    dirty_s[ignored] = NAN
-    dirty_t[ignored] = INF
-    dirty_t[tuple(ignored.nonzero()[0])] = -INF
-    for reduction, weight in (("mean", None), ("sum", None), ("none", randn((2, 4), seed))):
-        kwargs = {"labels": labels, "backend": "triton"}
-        clean = loss_and_grad(student, teacher, divergence, options, reduction, weight, **kwargs)
-        dirty = loss_and_grad(dirty_s, dirty_t, divergence, options, reduction, weight, **kwargs)
-        assert torch.isfinite(dirty[0]).all() and torch.isfinite(dirty[1]).all(), reduction
-        assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1]), reduction
-        assert (dirty[1][ignored] == 0).all()
+    weight = randn((2, 4), seed)
+    check_ignored_rows_with_garbage(student, teacher, labels, divergence, options, weight, backend="triton")
 
 
 # KL(q || p) and the divergences that resolve to it (jeffreys beta=1, jsd beta=1, skew_reverse_kl skew=0)
@@ -475,9 +400,7 @@ def test_large_logits_reverse_kl_gradient_as_accurate_as_cpu_kernel():
 
 
 def test_large_opposite_offsets_forward_kl(seed):
-    g = torch.Generator().manual_seed(seed)
-    student = (torch.randn(4, 1000, generator=g, dtype=torch.float64) * 5 + 1e4).float().to(DEVICE)
-    teacher = (torch.randn(4, 1000, generator=g, dtype=torch.float64) * 5 - 1e4).float().to(DEVICE)
+    student, teacher = opposite_offset_logits(seed, DEVICE)
     loss = fdistill.divergence_loss(student, teacher, "forward_kl", reduction="none", backend="triton")
     eager = fdistill.divergence_loss(student, teacher, "forward_kl", reduction="none", backend="reference")
     want = reference_rows64(student, teacher, "forward_kl", 0.0)
@@ -507,19 +430,7 @@ def test_backend_choice_records_the_triton_op(seed):
 def test_scale_by_temperature_squared_and_module(case, seed):
     divergence, options = case
     student, teacher = logits((3, 4, 200), torch.float64, seed, scale=SCALE)
-    plain = loss_and_grad(student, teacher, divergence, options, "mean", temperature=3.0, backend="triton")
-    scaled = loss_and_grad(
-        student,
-        teacher,
-        divergence,
-        options,
-        "mean",
-        temperature=3.0,
-        scale_by_temperature_squared=True,
-        backend="triton",
-    )
-    assert_close_verbose(scaled[0], plain[0] * 9.0, 0, 1e-14, "loss")
-    assert_close_verbose(scaled[1], plain[1] * 9.0, 0, 1e-14, "grad")
+    plain = check_scale_by_temperature_squared(student, teacher, divergence, options, backend="triton")
     module = fdistill.DivergenceLoss(divergence, **options, temperature=3.0, backend="triton")
     assert torch.equal(module(student, teacher), plain[0])
 
@@ -547,8 +458,6 @@ def test_double_backward_raises(seed):
 
 # ----------------------------------------------------------------------------- opcheck and torch.compile
 
-OPCHECK_CASES = [("forward_kl", 0.0), ("jsd", 0.3), ("skew_reverse_kl", 0.1), ("tv", 0.0), ("alpha", 1.5)]
-
 
 def _triton_ops():
     fdistill.divergence_loss(*logits((1, 4)), backend="triton")  # registers the ops (lazily imported)
@@ -573,10 +482,7 @@ def _opcheck_forward_params():
 @pytest.mark.parametrize(("divergence", "param", "dtype", "labelled"), list(_opcheck_forward_params()))
 def test_opcheck_forward(divergence, param, dtype, labelled, seed):
     fwd, _ = _triton_ops()
-    student, teacher = logits((6, 37), dtype, seed)
-    labels = labels_for((6,), seed) if labelled else None
-    student.requires_grad_(True)
-    torch.library.opcheck(fwd.default, (student, teacher, labels, divergence, param, 1.7, -100))
+    opcheck_forward(fwd, divergence, param, dtype, labelled, seed, DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -585,18 +491,10 @@ def test_opcheck_forward(divergence, param, dtype, labelled, seed):
 @pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
 def test_opcheck_backward(divergence, param, dtype, labelled, seed):
     fwd, bwd = _triton_ops()
-    student, teacher = logits((6, 37), dtype, seed)
-    labels = labels_for((6,), seed) if labelled else None
-    _, stats = fwd(student, teacher, labels, divergence, param, 1.7, -100)
-    grad_loss = randn(6, seed, stats.dtype)
-    torch.library.opcheck(
-        bwd.default, (grad_loss, student, teacher, labels, stats, divergence, param, 1.7, -100)
-    )
+    opcheck_backward(fwd, bwd, divergence, param, dtype, labelled, seed, DEVICE)
 
 
-def test_compile_aot_eager_fullgraph(seed):
-    torch._dynamo.reset()
-
+def test_compile_aot_eager_fullgraph(fresh_dynamo, seed):
     def loss_fn(s, t, labels):
         return fdistill.divergence_loss(
             s,
@@ -609,22 +507,9 @@ def test_compile_aot_eager_fullgraph(seed):
             backend="triton",
         )
 
-    try:
-        compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-        for i, shape in enumerate([(2, 3, 257), (5, 3, 257)]):  # the second: dynamic shapes in the fakes
-            student, teacher = logits(shape, torch.float32, seed + i)
-            labels = labels_for(shape[:-1], seed + i)
-            results = []
-            for fn in (compiled, loss_fn):
-                s = student.clone().requires_grad_(True)
-                loss = fn(s, teacher, labels)
-                loss.backward()
-                results.append((loss.detach(), s.grad))
-            (closs, cgrad), (eloss, egrad) = results
-            assert_close_verbose(closs, eloss, 1e-6, 1e-6, f"loss {shape}")
-            assert_close_verbose(cgrad, egrad, 1e-7, 1e-6, f"grad {shape}")
-    finally:
-        torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    # the second batch size: dynamic shapes in the fakes
+    compiled_vs_eager(compiled, loss_fn, [(2, 3, 257), (5, 3, 257)], torch.float32, seed, DEVICE)
 
 
 # ----------------------------------------------------------------------------- bad input
