@@ -8,6 +8,41 @@
 #include "fdistill/divergence_math.h"
 
 namespace fdistill {
+// Per instruction set, like ATen's Vectorized: each row_kernels_<isa>.cpp gets its own copy,
+// so no inline function here has one name and two bodies across files.
+namespace CPU_CAPABILITY {
+
+// exp of float lanes to about 1 ulp, as cheap as ATen's exp_u20 (whose error
+// reaches 4e-5 relative, i.e. hundreds of ulps, near x = -7: enough to move the
+// log-sum-exp and the KL statistics visibly at large logits).
+//   exp(x) = 2^n exp(r),  n = round(x / ln 2),  r = x - n ln 2 in two steps (Cody-Waite),
+//   |r| <= ln(2)/2, exp(r) by its degree-7 Taylor polynomial (truncation 5e-9).
+// 0 below log(FLT_MIN) (subnormal results flushed, and at -inf), +inf above
+// log(FLT_MAX), NaN kept; results below FLT_MIN may be subnormal.
+inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& x) {
+  using Vf = at::vec::Vectorized<float>;
+  using Vi = at::vec::Vectorized<int32_t>;
+  const Vf lo(-87.3365478515625f), hi(88.72283935546875f);  // log(FLT_MIN), log(FLT_MAX)
+  const Vf xc = at::vec::minimum(at::vec::maximum(x, lo), hi);
+  const Vf n = (xc * Vf(1.44269504088896341f)).round();
+  Vf r = at::vec::fmadd(n, Vf(-0.693145751953125f), xc);  // ln 2 = 0.693145751953125 + 1.42860682e-6
+  r = at::vec::fmadd(n, Vf(-1.428606765330187e-06f), r);
+  Vf p(1.f / 5040);
+  p = at::vec::fmadd(p, r, Vf(1.f / 720));
+  p = at::vec::fmadd(p, r, Vf(1.f / 120));
+  p = at::vec::fmadd(p, r, Vf(1.f / 24));
+  p = at::vec::fmadd(p, r, Vf(1.f / 6));
+  p = at::vec::fmadd(p, r, Vf(0.5f));
+  p = at::vec::fmadd(p, r, Vf(1.f));
+  p = at::vec::fmadd(p, r, Vf(1.f));
+  // 2^n from the exponent bits; n in [-126, 128] and 2^128 overflows, so n = 128 takes 2^127 * 2
+  const Vf n1 = at::vec::minimum(n, Vf(127.f));
+  const Vf scale = at::vec::cast<float>((at::vec::convert_to_int_of_same_size(n1) + Vi(127)) << Vi(23));
+  Vf y = (p * scale) * (Vf(1.f) + (n - n1));
+  y = Vf::blendv(y, Vf(0.f), x < lo);
+  y = Vf::blendv(y, Vf(std::numeric_limits<float>::infinity()), x > hi);
+  return Vf::blendv(y, x, x != x);  // NaN in, NaN out
+}
 
 template <class S>
 struct VecOps {
@@ -16,7 +51,7 @@ struct VecOps {
   static V splat(double x) { return V(static_cast<S>(x)); }
   static V exp(const V& x) {
     if constexpr (std::is_same_v<S, float>) {
-      return x.exp_u20();  // <= 20 ulp, 0 below log(FLT_MIN) (and at -inf)
+      return exp_float(x);
     } else {
       return x.exp();
     }
@@ -33,9 +68,11 @@ struct VecOps {
   static V where(const V& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };
 
+}  // namespace CPU_CAPABILITY
+
 template <>
-struct Ops<at::vec::Vectorized<float>> : VecOps<float> {};
+struct Ops<at::vec::Vectorized<float>> : CPU_CAPABILITY::VecOps<float> {};
 template <>
-struct Ops<at::vec::Vectorized<double>> : VecOps<double> {};
+struct Ops<at::vec::Vectorized<double>> : CPU_CAPABILITY::VecOps<double> {};
 
 }  // namespace fdistill

@@ -48,9 +48,9 @@ FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
 // [4] c0, [5] c1. The log-sum-exp is kept as (max, log-sum) so that
 // ls = (s - max) - log-sum loses nothing when the logits are large (1e4 in
 // float32: LSE itself would carry an error of half an ulp, 5e-4). c0, c1:
-//   reverse_kl, jeffreys: c0 + c1 = KL(q||p) + log_sum_s - log_sum_t (so ls - lt - KL = ds - dt - c0 - c1):
+//   reverse_kl, jeffreys: c0 + c1 = KL(q||p) + LSE(s) - LSE(t) (so ls - lt - KL = s - t - c0 - c1):
 //                         summed once in double and kept as a float pair (c1 the rounding error of
-//                         c0), since |c0| ~ 100s at large logits and q (ds - dt - c0) needs it exactly
+//                         c0), since |c0| ~ 100s at large logits and q (s - t - c0) needs it exactly
 //   jsd:                  c0 = sum q (ls - log m)
 //   skew_kl:              c0 = sum q p / m
 //   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
@@ -110,6 +110,7 @@ struct Ops<double> : ScalarOps<double> {};
 // ---------------------------------------------------------------- per entry
 template <class V>
 struct Entry {
+  V s, t;    // logits (over the temperature)
   V ds, dt;  // logits minus the row max
   V ls, lt;  // log-probabilities
   V q, p;    // probabilities
@@ -131,6 +132,8 @@ template <class V>
 FDISTILL_HD Entry<V> make_entry(V s, V t, const RowLSE<V>& r) {
   using O = Ops<V>;
   Entry<V> e;
+  e.s = s;
+  e.t = t;
   e.ds = s - r.max_s;  // exact for s near the max (Sterbenz), whatever the magnitude
   e.dt = t - r.max_t;
   e.ls = e.ds - r.log_sum_s;
@@ -146,6 +149,22 @@ FDISTILL_HD V weighted(V w, V a, V b) {
   using O = Ops<V>;
   const V zero = O::splat(0);
   return O::where(O::gt(w, zero), w * (a - b), zero);
+}
+
+// (s - t) - (k_hi + k_lo), rounded once where the result is small. s - t is formed
+// exactly as a float pair (Knuth's two-sum) before the constant is taken off: at
+// large logits |s - t| ~ 100s, and the plain difference would carry half an ulp of
+// that into q (ls - lt - KL), the reverse-KL gradient, wherever q ~ 1.
+// Infinite or NaN s - t passes through unchanged (the error term would be NaN).
+template <class V>
+FDISTILL_HD V exact_gap(V s, V t, V k_hi, V k_lo) {
+  using O = Ops<V>;
+  const V d = s - t;
+  const V t_seen = s - d;  // the t and s that d accounts for
+  const V s_seen = d + t_seen;
+  const V err = (s - s_seen) - (t - t_seen);
+  const V finite_err = O::where(O::lt(O::abs(d), O::splat(kInf)), err, O::splat(0));
+  return (d - k_hi) + (finite_err - k_lo);
 }
 
 // log(exp(a) + exp(b)), -inf when both are -inf.
@@ -230,10 +249,8 @@ template <Divergence D, class V>
 FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
   using O = Ops<V>;
   const V zero = O::splat(0);
-  // q (ls - lt - KL(q||p)) = q (ds - dt - c0 - c1), 0 where q == 0
-  auto reverse_kl_grad = [&]() {
-    return O::where(O::gt(e.q, zero), e.q * (((e.ds - e.dt) - k.c0) - k.c1), zero);
-  };
+  // q (ls - lt - KL(q||p)) = q ((s - t) - (c0 + c1)), 0 where q == 0
+  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * exact_gap(e.s, e.t, k.c0, k.c1), zero); };
   if constexpr (D == Divergence::ForwardKL) {
     return e.q - e.p;
   } else if constexpr (D == Divergence::ReverseKL) {
@@ -352,7 +369,7 @@ FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
     loss = fkl;
   } else if constexpr (D == Divergence::ReverseKL || D == Divergence::Jeffreys) {
     loss = D == Divergence::ReverseKL ? rkl : (1 - c.param) * fkl + c.param * rkl;
-    const double c0 = rkl + log_sum_s - log_sum_t;
+    const double c0 = rkl + (r.s.max + log_sum_s) - (r.t.max + log_sum_t);  // KL(q||p) + LSE(s) - LSE(t)
     stats[4] = static_cast<acc_t>(c0);
     stats[5] = static_cast<acc_t>(c0 - static_cast<double>(stats[4]));
   } else if constexpr (D == Divergence::Alpha) {
