@@ -103,7 +103,10 @@ def _divergence_fwd_kernel(
         if DIV == 0 or DIV == 2:
             w_t = w_t * scale_t + tl.sum(weighted(et, t - ref_t, s - ref_s).to(tl.float64), axis=0)
         if DIV == 1 or DIV == 2:
-            w_s = w_s * scale_s + tl.sum(weighted(es, s - ref_s, t - ref_t).to(tl.float64), axis=0)
+            # in float64 from the start: c0 = w_s / z_s ~ 100s must be good to far better than a
+            # float ulp of it, since the gradient q ((s - t) - c0) cancels to its last digits
+            gap = (s.to(tl.float64) - t.to(tl.float64)) - (ref_s.to(tl.float64) - ref_t.to(tl.float64))
+            w_s = w_s * scale_s + tl.sum(tl.where(es > 0, es.to(tl.float64) * gap, 0.0), axis=0)
         if DIV == 7:
             z = alpha_logit(s - ref_s, t - ref_t, param)
             m_z_new = tl.maximum(m_z, tl.max(z, axis=0))
@@ -133,7 +136,7 @@ def _divergence_fwd_kernel(
             aux2 += tl.sum(aux.to(tl.float64), axis=0)
 
     # Row scalars in float64 (a handful of operations per row, as the C++ kernels do), so that
-    # constants such as c0 = KL + log_sum_s - log_sum_t are rounded once.
+    # constants such as c0 = KL + LSE(s) - LSE(t) are rounded once.
     # KL(p||q) = E_p[t - s] - LSE(t) + LSE(s), with both LSEs taken relative to the references
     F64 = tl.float64
     lsum_s = tl.log(z_s)
@@ -148,7 +151,7 @@ def _divergence_fwd_kernel(
         loss = fkl
     elif DIV == 1 or DIV == 2:
         loss = rkl if DIV == 1 else (1.0 - param) * fkl + param * rkl
-        c0 = rkl + lsum_s - lsum_t
+        c0 = rkl + (m_s.to(F64) + lsum_s) - (m_t.to(F64) + lsum_t)  # KL(q||p) + LSE(s) - LSE(t)
         c1 = c0 - c0.to(ACC).to(F64)  # c0 + c1 as a float pair: the rounding error of c0
     elif DIV == 7:
         # z was taken relative to the references; shift it to the row maxima
@@ -218,7 +221,7 @@ def _divergence_bwd_kernel(
         dt = t - m_t
         ls = ds - log_sum_s
         lt = dt - log_sum_t
-        grad = grad_entry(ds, dt, ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, c0, c1, DIV) * g
+        grad = grad_entry(s, t, ds, dt, ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, c0, c1, DIV) * g
         grad = tl.where(compute, grad, fill)
         tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
 

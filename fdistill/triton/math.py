@@ -35,6 +35,22 @@ def weighted(w, a, b):
 
 
 @triton.jit
+def exact_gap(s, t, k_hi, k_lo):
+    """(s - t) - (k_hi + k_lo), rounded once where the result is small.
+
+    s - t is formed exactly as a pair (Knuth's two-sum) before the constant is taken off: at large
+    logits |s - t| ~ 100s and the plain difference would carry half an ulp of that into the
+    reverse-KL gradient q (ls - lt - KL) wherever q ~ 1. Infinite or NaN s - t passes through.
+    """
+    d = s - t
+    t_seen = s - d
+    s_seen = d + t_seen
+    err = (s - s_seen) - (t - t_seen)
+    err = tl.where(tl.abs(d) < float("inf"), err, 0.0)
+    return (d - k_hi) + (err - k_lo)
+
+
+@triton.jit
 def log_add_exp(a, b):
     """log(exp(a) + exp(b)), -inf when both are -inf."""
     hi = tl.maximum(a, b)
@@ -86,14 +102,14 @@ def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
 
 
 @triton.jit
-def grad_entry(ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV: tl.constexpr):
+def grad_entry(s, t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV: tl.constexpr):
     """dL/ds for each entry of a tile, before the upstream gradient and the 1/T factor."""
     if DIV == 0:  # forward_kl
         g = q - p
-    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q (ds - dt - c0 - c1), c0 + c1 a float pair
-        g = tl.where(q > 0, q * (((ds - dt) - c0) - c1), 0.0)
+    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q ((s - t) - (c0 + c1)), c0 + c1 a float pair
+        g = tl.where(q > 0, q * exact_gap(s, t, c0, c1), 0.0)
     elif DIV == 2:  # jeffreys
-        g = (1.0 - param) * (q - p) + param * tl.where(q > 0, q * (((ds - dt) - c0) - c1), 0.0)
+        g = (1.0 - param) * (q - p) + param * tl.where(q > 0, q * exact_gap(s, t, c0, c1), 0.0)
     elif DIV == 3:  # jsd: (1 - beta) q (ls - log m - c0)
         lm = log_mixture(ls, lt, log_wt, log_ws)
         g = tl.where(q > 0, (1.0 - param) * q * (ls - lm - c0), 0.0)
