@@ -221,7 +221,9 @@ def _divergence_bwd_kernel(
         dt = t - m_t
         ls = ds - log_sum_s
         lt = dt - log_sum_t
-        grad = grad_entry(s, t, ds, dt, ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, c0, c1, DIV) * g
+        q = tl.exp(ls)
+        p = tl.exp(lt)
+        grad = grad_entry(s, t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV) * g
         grad = tl.where(compute, grad, fill)
         tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
 
