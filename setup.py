@@ -40,7 +40,7 @@ def _extension():
             sources,
             include_dirs=include_dirs,
             define_macros=[("FDISTILL_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17"]},
         )
     return CppExtension("fdistill._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
 

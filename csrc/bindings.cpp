@@ -5,6 +5,7 @@
 
 #include "cpu/cpu_capability.h"
 #include "fdistill/divergence_math.h"
+#include "fdistill/fdiv_math.h"
 
 TORCH_LIBRARY(fdistill, m) {
   // Per-row loss [rows] (fp32; fp64 for fp64 logits) and the row statistics
@@ -21,6 +22,18 @@ TORCH_LIBRARY(fdistill, m) {
   m.def(
       "divergence_bwd_(Tensor grad_loss, Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor stats,"
       " str divergence, float param, float temperature, int ignore_index) -> ()");
+
+  // f-divergence operators and Fenchel-Young losses (fdiv_args.h): solves for tau per row, then
+  // mode 0 -> (p* [rows, vocab] in the logits' dtype, stats), mode 1 -> (FY loss [rows], stats),
+  // mode 2 -> (f-softmax value [rows], stats); stats [rows, 3] = [max theta, tau - max, S0].
+  m.def(
+      "fdiv_fwd(Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, str f, float alpha,"
+      " float reference_value, float temperature, int ignore_index, int max_sweeps, float tol, int mode)"
+      " -> (Tensor, Tensor)");
+  // Modes 1 and 2: grad_rows / T * (p* - y) [rows, vocab] in the logits' dtype (y = 0 in mode 2).
+  m.def(
+      "fdiv_bwd(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
+      " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, mod) {
@@ -31,6 +44,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("with_cuda") = false;
 #endif
   mod.attr("num_stats") = fdistill::kNumStats;
+  mod.attr("num_fdiv_stats") = fdistill::kFDivStats;
   mod.def(
       "cpu_capability", [](bool refresh) { return fdistill::cpu::capability_name(fdistill::cpu::cpu_capability(refresh)); },
       pybind11::arg("refresh") = false,

@@ -7,7 +7,10 @@ For a convex generator ``f`` with ``f(1) = 0`` and a positive reference measure 
 * f-softargmax ``p*_j = q_j (f*)'(theta_j - tau)``, ``tau`` such that ``sum_j p*_j = 1``, found by
   bisection on the bracket of shared/reference/divergences.md §2;
 * f-softmax ``softmax_f(theta) = <p*, theta> - D_f(p*, q)``;
-* Fenchel–Young loss ``L(theta; y) = <p* - y, theta> - D_f(p*, q) + D_f(y, q)``, gradient ``p* - y``.
+* Fenchel–Young loss ``L(theta; y) = <p* - y, theta> - D_f(p*, q) + D_f(y, q)``, gradient ``p* - y``
+  (``D_f(y, q)`` dropped for reverse KL).
+
+``-inf`` logits are masked: outside the simplex, and left out of every sum.
 
 Generators (``u = p / q``, ``v = theta - tau``):
 
@@ -106,21 +109,29 @@ def reference_measure(reference, logits: torch.Tensor) -> torch.Tensor:
     return reference.to(logits.dtype).expand_as(logits)
 
 
-def f_softargmax_reference(logits, f="alpha", *, alpha=1.5, reference="uniform", n_iter=60):
-    """p* by bisection over the last dimension (``n_iter`` halvings, then p /= sum p)."""
+def f_softargmax_reference(logits, f="alpha", *, alpha=1.5, reference="uniform", n_iter=80):
+    """p* by bisection over the last dimension (``n_iter`` halvings, then p /= sum p).
+
+    ``-inf`` logits are masked (p = 0, outside the simplex); an all ``-inf`` row gives p = 0.
+    """
     family, alpha = canonical_f(f, alpha)
-    theta = logits - logits.amax(-1, keepdim=True)  # max at 0
+    live = logits > -math.inf
+    empty = ~live.any(-1, keepdim=True)
+    top = logits.amax(-1, keepdim=True)
+    theta = logits - torch.where(empty, torch.zeros_like(top), top)  # max at 0
     q = reference_measure(reference, theta)
     q_star = torch.gather(q, -1, theta.argmax(-1, keepdim=True))  # q at the argmax
+    q_total = torch.where(live, q, torch.zeros_like(q)).sum(-1, keepdim=True)
     lo = -_f_prime_tensor(family, alpha, 1 / q_star)
-    hi = -_f_prime_tensor(family, alpha, 1 / q.sum(-1, keepdim=True))
+    hi = -_f_prime_tensor(family, alpha, 1 / torch.where(empty, torch.ones_like(q_total), q_total))
     for _ in range(n_iter):
         mid = (lo + hi) / 2
         g = (q * conj_grad(family, alpha, theta - mid)).sum(-1, keepdim=True) - 1
         lo = torch.where(g >= 0, mid, lo)
         hi = torch.where(g >= 0, hi, mid)
     p = q * conj_grad(family, alpha, theta - lo)
-    return p / p.sum(-1, keepdim=True)
+    p = p / p.sum(-1, keepdim=True)
+    return torch.where(empty, torch.zeros_like(p), p)
 
 
 def _f_prime_tensor(family, alpha, u):
@@ -135,24 +146,48 @@ def _f_prime_tensor(family, alpha, u):
     raise ValueError(f"unknown f {family!r}")
 
 
-def divergence_f(family, alpha, p, q):
-    """D_f(p, q) = sum q f(p / q) over the last dimension (0 * f(0) terms kept: q f(0))."""
-    return (q * f_value(family, alpha, p / q)).sum(-1)
+def _q_f(family, alpha, p, q):
+    """q f(p / q) per entry."""
+    return q * f_value(family, alpha, p / q)
 
 
-def fy_loss_reference(logits, target, f="alpha", *, alpha=1.5, reference="uniform", n_iter=60):
-    """Per-row Fenchel–Young loss for a probability target of the logits' shape.
+def divergence_f(family, alpha, p, q, live=None):
+    """D_f(p, q) = sum q f(p / q) over the last dimension, over the ``live`` entries (default all)."""
+    terms = _q_f(family, alpha, p, q)
+    if live is not None:
+        terms = torch.where(live, terms, torch.zeros_like(terms))
+    return terms.sum(-1)
 
-    Where ``f(0) = inf`` (reverse KL) and the target has zeros, ``D_f(y, q)`` is infinite and is
-    dropped (a constant in theta): the loss is then ``<p* - y, theta> - D_f(p*, q)``.
+
+def f_softmax_reference(logits, p, f="alpha", alpha=1.5, reference="uniform"):
+    """softmax_f = <p, theta> - D_f(p, q) over the entries that are not -inf (-inf for an empty row)."""
+    family, alpha = canonical_f(f, alpha)
+    live = logits > -math.inf
+    q = reference_measure(reference, logits)
+    inner = torch.where(live, p * logits, torch.zeros_like(p)).sum(-1)
+    value = inner - divergence_f(family, alpha, p, q, live)
+    return torch.where(live.any(-1), value, torch.full_like(value, -math.inf))
+
+
+def fy_loss_reference(logits, target, f="alpha", *, alpha=1.5, reference="uniform", n_iter=80):
+    """Per-row Fenchel–Young loss ``<p* - y, theta> - D_f(p*, q) + D_f(y, q)`` for a probability target.
+
+    Sums run over the entries that are not -inf; target mass on a -inf entry gives +inf; an all -inf
+    row gives 0. ``reverse_kl``: ``D_f(y, q)`` is dropped (a constant in theta, infinite as soon as y
+    has a zero), so the loss is ``<p* - y, theta> - D_f(p*, q)``.
     """
     family, alpha = canonical_f(f, alpha)
     p = f_softargmax_reference(logits, f, alpha=alpha, reference=reference, n_iter=n_iter)
+    live = logits > -math.inf
     q = reference_measure(reference, logits)
-    theta = logits - logits.amax(-1, keepdim=True)
-    loss = ((p - target) * theta).sum(-1) - divergence_f(family, alpha, p, q)
-    d_y = divergence_f(family, alpha, target, q)
-    return loss + torch.where(torch.isfinite(d_y), d_y, torch.zeros_like(d_y))
+    top = logits.amax(-1, keepdim=True)
+    theta = torch.where(live, logits - top, torch.zeros_like(logits))  # shift-invariant: sum p = sum y
+    loss = ((p - target) * theta).sum(-1) - divergence_f(family, alpha, p, q, live)
+    if family != "reverse_kl":
+        loss = loss + divergence_f(family, alpha, target, q, live)
+    outside = ((target > 0) & ~live).any(-1)
+    loss = torch.where(outside, torch.full_like(loss, math.inf), loss)
+    return torch.where(live.any(-1), loss, torch.zeros_like(loss))
 
 
 def entmax_exact(logits: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -25,4 +25,5 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "cpu/row_kernels.h"
+#include "cpu/fdiv_kernels.h"
 #endif

@@ -35,4 +35,5 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #include "cpu/row_kernels.h"
+#include "cpu/fdiv_kernels.h"
 #endif

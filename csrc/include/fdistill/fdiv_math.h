@@ -40,6 +40,70 @@ FDISTILL_HD double f_prime(FKind k, const FCoef& c, double u) {
   }
 }
 
+// ---------------------------------------------------------------- solving for tau
+// Per-row statistics of the f-divergence ops: [max theta, tau - max theta, S0], so that
+// p_j = q_j (f*)'(theta_j - max - tau) / S0 (S0 = the sum at the final tau: the output is
+// renormalised). theta = logits / T.
+constexpr int kFDivStats = 3;
+
+// Safeguarded Newton on phi(tau) = S0(tau)^c - 1, S0(tau) = sum_j q_j (f*)'(x_j - tau),
+// x = theta - max theta. phi has the root of S0 = 1 and is convex or concave in the way
+// that makes Newton from the left end of the bracket monotone: c = alpha - 1 makes
+// S0^c a weighted power sum (sum q x^(1/c))^c of functions affine in tau (a norm for
+// 1 < alpha <= 2; linear when one entry dominates or alpha = 2), and c = -1 does the
+// same for reverse KL (alpha -> 0); JS takes c = 1 (S0 itself is convex). Steps that
+// leave the bracket [lo, hi] (alpha > 2, rounding) fall back to bisection.
+struct TauSearch {
+  double lo, hi;  // S0(lo) >= 1 >= S0(hi)
+  double tau;     // the next point to evaluate
+  double c;       // the Newton power
+  double eps;     // machine epsilon of the sums' terms: Newton steps below eps (1 + |tau|) are noise
+};
+
+FDISTILL_HD double newton_power(FKind k, const FCoef& c) {
+  switch (k) {
+    case FKind::ReverseKL: return -1;
+    case FKind::JS: return 1;
+    default: return c.alpha - 1;
+  }
+}
+
+// q_max: q at an argmax of theta; q_total: sum of q over the entries that are not -inf.
+// tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1), tau_hi = -f'(1 / q_total)
+// (every entry at most 1 / q_total): both keep (f*)' inside its domain.
+FDISTILL_HD TauSearch start_tau_search(FKind k, const FCoef& c, double q_max, double q_total, double eps) {
+  TauSearch s;
+  s.lo = -f_prime(k, c, 1 / q_max);
+  s.hi = -f_prime(k, c, 1 / q_total);
+  s.tau = s.lo;
+  s.c = newton_power(k, c);
+  s.eps = eps;
+  return s;
+}
+
+// Given S0 and S1 = -dS0/dtau = sum q (f*)''(x - tau) at s.tau: true when |S0 - 1| <= tol, when
+// the Newton step is below the resolution eps (1 + |tau|) of x - tau (near a pole of (f*)' S0 moves
+// in steps of eps S1 there, so tol may be out of reach), or when the bracket cannot shrink further (then
+// s.tau is the answer: the caller renormalises p by S0); otherwise moves s.tau.
+FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
+  if (std::fabs(s0 - 1) <= tol) return true;
+  if (s0 > 1) {
+    s.lo = s.tau;
+  } else {
+    s.hi = s.tau;
+  }
+  // phi / phi' with phi = S0^c - 1, phi' = -c S0^(c-1) S1
+  double next = s.tau + (s0 - std::pow(s0, 1 - s.c)) / (s.c * s1);
+  if (!(next > s.lo && next < s.hi)) {
+    next = 0.5 * (s.lo + s.hi);  // bisection; also catches NaN (S0 = 0 or S1 = 0)
+  } else if (std::fabs(next - s.tau) <= s.eps * (1 + std::fabs(s.tau))) {
+    return true;  // a step below what x - tau can resolve: p would not change
+  }
+  if (next == s.lo || next == s.hi) return true;  // bracket at rounding level
+  s.tau = next;
+  return false;
+}
+
 // (f*)'(v) and (f*)''(v) of a tile; the bracket keeps v inside the domain.
 template <FKind K, class V>
 FDISTILL_HD V conj_grad(V v, V alpha_m1, V inv_am1) {
@@ -85,38 +149,56 @@ FDISTILL_HD V conj_grad2(V v, V alpha_m1, V inv_am1) {
   }
 }
 
-// q f(u) - q f(u0) for u = p/q, u0 = y/q: the FY loss integrand D_f(p, q) - D_f(y, q) per entry,
-// exactly 0 where p = y (so the many entries with p = y = 0 add nothing: no cancellation at large V).
-// For reverse KL, f(0) = inf: D_f(y, q) is dropped (a constant in theta) and this is q f(p/q).
+// f(0): the value of q f(p/q) / q at p = 0 (an entry outside the support). Reverse KL's is +inf;
+// its q_f below is the whole q f(p/q) (it is only evaluated where p > 0).
+FDISTILL_HD double f_at_zero(FKind k, const FCoef& c) {
+  switch (k) {
+    case FKind::KL: return 1;
+    case FKind::ReverseKL: return 0;
+    case FKind::JS: return 0.69314718055994530942;  // log 2
+    default: return 1 / c.alpha;
+  }
+}
+
+// q f(p/q) - q f(0): 0 at p = 0, so sums over a vocabulary where most entries have p = 0 (or
+// p ~ y) add no O(q) terms that would cancel. With f(0) = f_at_zero:
+//   kl:    p log(p/q) - p
+//   alpha: (q^(1-a) p^a - a p) / (a (a - 1))
+//   js:    p log(p/q) - (p + q) log1p(p/q) + p log 2
+//   reverse_kl: q f(p/q) = p - q - q log(p/q) (p > 0)
 template <FKind K, class V>
 FDISTILL_HD V q_f(V p, V q, V alpha, V inv_am1) {
   using O = Ops<V>;
   const V zero = O::splat(0), one = O::splat(1);
-  if constexpr (K == FKind::KL) {  // q f(p/q) = p log(p/q) - p + q
-    return O::where(O::gt(p, zero), p * (O::log(p) - O::log(q)), zero) - p + q;
-  } else if constexpr (K == FKind::ReverseKL) {  // p - q - q log(p/q)
+  const V p_log_ratio = O::where(O::gt(p, zero), p * (O::log(p) - O::log(q)), zero);  // p log(p/q), 0 at p = 0
+  if constexpr (K == FKind::KL) {
+    return p_log_ratio - p;
+  } else if constexpr (K == FKind::ReverseKL) {
     return p - q - q * (O::log(p) - O::log(q));
-  } else if constexpr (K == FKind::JS) {  // p log(p/q) - (p+q) log((p+q)/(2q))
-    const V s = p + q;
-    return O::where(O::gt(p, zero), p * (O::log(p) - O::log(q)), zero) - s * (O::log(s) - O::log(O::splat(2) * q));
-  } else {  // (q^(1-a) p^a - q - a (p - q)) / (a (a - 1))
+  } else if constexpr (K == FKind::JS) {
+    return p_log_ratio - (p + q) * O::log1p(p / q) + p * O::splat(0.69314718055994530942);
+  } else {
     const V pa = O::where(O::gt(p, zero), O::exp(alpha * O::log(p) + (one - alpha) * O::log(q)), zero);
-    return (pa - q - alpha * (p - q)) * inv_am1 / alpha;
+    return (pa - alpha * p) * inv_am1 / alpha;
   }
 }
 
-// The FY loss integrand (p - y) theta - [q f(p/q) - q f(y/q)] of one entry. Masked entries
-// (theta = -inf) are outside the simplex and contribute 0; so do entries with p = y, exactly.
+// The FY loss integrand (p - y) theta - [q f(p/q) - q f(y/q)] of one entry (f(0) cancels) (theta may be the
+// max-shifted logits: the sum is shift-invariant as sum p = sum y = 1). Entries with p = y add
+// exactly 0. Masked entries (theta = -inf) are outside the simplex: 0, or +inf where y > 0 (the
+// target has mass the model cannot reach). Reverse KL: D_f(y, q) is dropped (a constant in theta,
+// infinite as soon as y has a zero, as one-hot labels do), so the term is (p - y) theta - q f(p/q).
 template <FKind K, class V>
 FDISTILL_HD V fy_entry(V theta, V p, V y, V q, V alpha, V inv_am1) {
   using O = Ops<V>;
   const V zero = O::splat(0);
   const auto masked = O::eq(theta, O::splat(-kInf));
+  const V outside = O::where(O::gt(y, zero), O::splat(kInf), zero);
   if constexpr (K == FKind::ReverseKL) {
-    return O::where(masked, zero, (p - y) * theta - q_f<K>(p, q, alpha, inv_am1));
+    return O::where(masked, outside, (p - y) * theta - q_f<K>(p, q, alpha, inv_am1));
   } else {
     const V term = (p - y) * theta - (q_f<K>(p, q, alpha, inv_am1) - q_f<K>(y, q, alpha, inv_am1));
-    return O::where(O::eq(p, y), zero, O::where(masked, zero, term));
+    return O::where(masked, outside, O::where(O::eq(p, y), zero, term));
   }
 }
 

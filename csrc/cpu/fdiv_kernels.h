@@ -1,0 +1,325 @@
+// CPU row kernels of the f-divergence operators (fdiv_args.h), compiled once per
+// instruction set next to the divergence kernels (row_kernels_<isa>.cpp include
+// this file after row_kernels.h, whose helpers it uses).
+//
+// Per row: the logits are scaled and copied once into a buffer in the accumulation
+// type (L2-resident up to V ~ 256k in fp32), max-shifted, and every sweep of the
+// tau search reads that buffer, not the logits.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/row_kernels.h"
+#include "fdistill/fdiv_args.h"
+
+namespace fdistill::cpu {
+namespace CPU_CAPABILITY {
+
+// Sum of vector terms in double: float lanes hold at most kFlush terms each
+// before they are added to the double total (S0 must be good to ~1e-7 for the
+// tolerance on sum p - 1; lanes over a whole 32k row would lose ~1e-5).
+template <class acc_t>
+struct ChunkedSum {
+  static constexpr int kFlush = 16;
+  Vectorized<acc_t> lanes = Vectorized<acc_t>(acc_t(0));
+  int count = 0;
+  double total = 0;
+  void add(const Vectorized<acc_t>& v) {
+    lanes += v;
+    if (++count == kFlush) flush();
+  }
+  double flush() {
+    total += horizontal_sum(lanes);
+    lanes = Vectorized<acc_t>(acc_t(0));
+    count = 0;
+    return total;
+  }
+};
+
+// One row: x = theta - max theta (padded with -inf), q (padded; null when constant).
+template <class acc_t>
+struct FDivRow {
+  acc_t* x;
+  const acc_t* q;  // null: the constant reference value
+  acc_t q_value;
+  int64_t padded;  // a whole number of vectors
+  Vectorized<acc_t> q_at(int64_t i) const { return q ? Vectorized<acc_t>::loadu(q + i) : Vectorized<acc_t>(q_value); }
+};
+
+// (S0, S1) = sum q ((f*)'(x - tau), (f*)''(x - tau)).
+template <FKind K, class acc_t>
+void conj_sums(const FDivRow<acc_t>& r, const FCoef& c, double tau, double& s0, double& s1) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  const Vec t = O::splat(tau), am1 = O::splat(c.alpha - 1), inv_am1 = O::splat(c.inv_am1);
+  ChunkedSum<acc_t> sum0, sum1;
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+    const Vec v = Vec::loadu(r.x + i) - t, q = r.q_at(i);
+    sum0.add(q * conj_grad<K>(v, am1, inv_am1));
+    if constexpr (K != FKind::KL) sum1.add(q * conj_grad2<K>(v, am1, inv_am1));
+  }
+  s0 = sum0.flush();
+  s1 = sum1.flush();
+}
+
+// p = q (f*)'(x - tau) / S0 into dst (acc_t, padded length).
+template <FKind K, class acc_t>
+void write_probs(const FDivRow<acc_t>& r, const FCoef& c, double tau, double s0, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  const Vec t = O::splat(tau), am1 = O::splat(c.alpha - 1), inv_am1 = O::splat(c.inv_am1), inv_s0 = O::splat(1 / s0);
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+    (r.q_at(i) * conj_grad<K>(Vec::loadu(r.x + i) - t, am1, inv_am1) * inv_s0).store(dst + i);
+  }
+}
+
+template <class acc_t>
+struct RowScratch {
+  std::vector<acc_t> x, q, p, y;
+  void reserve(int64_t n) {
+    x.resize(n);
+    q.resize(n);
+    p.resize(n);
+    y.resize(n);
+  }
+};
+
+// Loads theta = logits / T into x, returns its max (NaN when the row has a NaN or
+// +inf, -inf when every entry is -inf) and shifts x by it.
+template <class scalar_t, class acc_t>
+acc_t load_shifted(const FDivArgs& a, int64_t row, FDivRow<acc_t>& r, RowScratch<acc_t>& buf) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  const auto* src = static_cast<const scalar_t*>(a.logits) + row * a.logits_stride;
+  r.x = buf.x.data();
+  r.padded = load_scaled(src, a.vocab, static_cast<acc_t>(a.inv_temperature), r.x);
+  Vec vmax = O::splat(-kInf);
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) vmax = O::max(vmax, Vec::loadu(r.x + i));
+  const acc_t m = horizontal_max(vmax);
+  if (!(m > -kInf && m < kInf)) return m;
+  const Vec shift = O::splat(m);
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) (Vec::loadu(r.x + i) - shift).store(r.x + i);
+  r.q = nullptr;
+  r.q_value = static_cast<acc_t>(a.reference_value);
+  if (a.reference != nullptr) {
+    const auto* q = static_cast<const acc_t*>(a.reference) + row * a.reference_stride;
+    std::copy(q, q + a.vocab, buf.q.data());
+    std::fill(buf.q.data() + a.vocab, buf.q.data() + r.padded, acc_t(1));  // x = -inf there: no mass
+    r.q = buf.q.data();
+  }
+  return m;
+}
+
+// Solves for tau; returns (tau, S0 at tau). KL: tau = 0 and S0 = sum q exp(x) (closed form).
+template <FKind K, class acc_t>
+void solve_tau(const FDivArgs& a, const FDivRow<acc_t>& r, double& tau, double& s0) {
+  double s1 = 0;
+  if constexpr (K == FKind::KL) {
+    tau = 0;
+    conj_sums<K>(r, a.coef, tau, s0, s1);
+    return;
+  }
+  // the bracket needs q at an argmax (x = 0) and the total q of the entries that are not -inf
+  double q_max = r.q_value, q_total = 0;
+  int64_t argmax = 0;
+  while (r.x[argmax] != 0) ++argmax;
+  if (r.q) q_max = r.q[argmax];
+  for (int64_t j = 0; j < a.vocab; ++j) {
+    if (r.x[j] > -kInf) q_total += r.q ? r.q[j] : 1.0;
+  }
+  if (!r.q) q_total *= r.q_value;
+  TauSearch search = start_tau_search(K, a.coef, q_max, q_total, std::numeric_limits<acc_t>::epsilon());
+  for (int64_t sweep = 0;; ++sweep) {
+    tau = search.tau;
+    conj_sums<K>(r, a.coef, tau, s0, s1);
+    if (tau_step(search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps) return;
+  }
+}
+
+// The FY target row as probabilities in acc_t (padding 0), or null when there is none.
+template <class acc_t>
+const acc_t* load_target(const FDivArgs& a, int64_t row, int64_t padded, RowScratch<acc_t>& buf) {
+  if (a.target == nullptr) return nullptr;
+  acc_t* yb = buf.y.data();
+  auto load = [&](auto* base) {
+    using src_t = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
+    const src_t* src = base + row * a.target_stride;
+    constexpr bool kVectorised = std::is_same_v<src_t, acc_t> ||
+                                 (std::is_same_v<acc_t, float> && !std::is_same_v<src_t, double>);
+    if constexpr (kVectorised) {
+      load_scaled(src, a.vocab, acc_t(1), yb);
+    } else {  // a target dtype other than the logits' (rare): convert entry by entry
+      for (int64_t j = 0; j < a.vocab; ++j) yb[j] = static_cast<acc_t>(static_cast<float>(src[j]));
+    }
+  };
+  switch (a.target_dtype) {
+    case DType::Float32: load(static_cast<const float*>(a.target)); break;
+    case DType::Float64: load(static_cast<const double*>(a.target)); break;
+    case DType::BFloat16: load(static_cast<const c10::BFloat16*>(a.target)); break;
+    case DType::Float16: load(static_cast<const c10::Half*>(a.target)); break;
+  }
+  std::fill(yb + a.vocab, yb + padded, acc_t(0));
+  return yb;
+}
+
+inline bool label_in_range(const FDivArgs& a, int64_t row) {
+  const int64_t k = a.labels[row];
+  return k >= 0 && k < a.vocab;
+}
+
+inline bool fdiv_row_ignored(const FDivArgs& a, int64_t row) {
+  return a.labels != nullptr && a.labels[row] == a.ignore_index;
+}
+
+// Loss integrand sums of mode FYLoss / SoftmaxValue over the row, with p in buf.p.
+template <FKind K, class acc_t>
+double row_value(const FDivArgs& a, int64_t row, const FDivRow<acc_t>& r, RowScratch<acc_t>& buf) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  const Vec alpha = O::splat(a.coef.alpha), inv_am1 = O::splat(a.coef.inv_am1), zero = O::splat(0);
+  const Vec ninf = O::splat(-kInf);
+  ChunkedSum<acc_t> sum;
+  const acc_t* p = buf.p.data();
+  if (a.mode == FDivMode::SoftmaxValue) {
+    // sum over live entries of p x - q f(p/q) = sum (p x - [q f(p/q) - q f(0)]) - f(0) sum q
+    ChunkedSum<acc_t> live_q;
+    for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+      const Vec x = Vec::loadu(r.x + i), pv = Vec::loadu(p + i), q = r.q_at(i);
+      const auto masked = O::eq(x, ninf);
+      sum.add(O::where(masked, zero, pv * x - q_f<K>(pv, q, alpha, inv_am1)));
+      live_q.add(O::where(masked, zero, q));
+    }
+    return sum.flush() - f_at_zero(K, a.coef) * live_q.flush();
+  }
+  const acc_t* y = load_target(a, row, r.padded, buf);
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+    const Vec yv = y ? Vec::loadu(y + i) : zero;
+    sum.add(fy_entry<K>(Vec::loadu(r.x + i), Vec::loadu(p + i), yv, r.q_at(i), alpha, inv_am1));
+  }
+  double loss = sum.flush();
+  if (a.labels != nullptr) {  // one-hot y: swap the y = 0 term of the label entry for its y = 1 term
+    if (!label_in_range(a, row)) return NAN;
+    const int64_t k = a.labels[row];
+    const acc_t qk = r.q ? r.q[k] : r.q_value, al = static_cast<acc_t>(a.coef.alpha), ia = static_cast<acc_t>(a.coef.inv_am1);
+    loss += static_cast<double>(fy_entry<K, acc_t>(r.x[k], p[k], acc_t(1), qk, al, ia)) -
+            static_cast<double>(fy_entry<K, acc_t>(r.x[k], p[k], acc_t(0), qk, al, ia));
+  }
+  return loss;
+}
+
+template <FKind K, class scalar_t, class acc_t>
+void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
+  RowScratch<acc_t> buf;
+  buf.reserve(a.vocab + Vectorized<acc_t>::size());
+  auto* stats = static_cast<acc_t*>(a.stats);
+  for (int64_t row = begin; row < end; ++row) {
+    acc_t* st = stats + row * kFDivStats;
+    scalar_t* probs = a.mode == FDivMode::SoftArgmax ? static_cast<scalar_t*>(a.out) + row * a.out_stride : nullptr;
+    acc_t* value = a.mode == FDivMode::SoftArgmax ? nullptr : static_cast<acc_t*>(a.out) + row;
+    if (fdiv_row_ignored(a, row)) {
+      st[0] = 0, st[1] = 0, st[2] = 1;
+      *value = 0;
+      continue;
+    }
+    FDivRow<acc_t> r;
+    const acc_t m = load_shifted<scalar_t, acc_t>(a, row, r, buf);
+    if (!(m > -kInf && m < kInf)) {  // all -inf: p = 0, loss 0, value -inf; NaN / +inf: NaN
+      const bool empty = m == -kInf;
+      st[0] = m, st[1] = empty ? 0 : m, st[2] = empty ? 1 : m;
+      if (probs) std::fill(probs, probs + a.vocab, scalar_t(empty ? 0.0f : NAN));
+      if (value) *value = empty ? (a.mode == FDivMode::FYLoss ? 0 : -kInf) : NAN;
+      continue;
+    }
+    double tau = 0, s0 = 1;
+    solve_tau<K, acc_t>(a, r, tau, s0);
+    st[0] = m, st[1] = static_cast<acc_t>(tau), st[2] = static_cast<acc_t>(s0);
+    write_probs<K>(r, a.coef, tau, s0, buf.p.data());
+    if (probs) {
+      store_converted(buf.p.data(), a.vocab, probs);
+    } else {
+      const double v = row_value<K, acc_t>(a, row, r, buf);
+      *value = static_cast<acc_t>(a.mode == FDivMode::SoftmaxValue ? m + v : v);
+    }
+  }
+}
+
+// grad_logits = grad_rows / T (p - y), p recomputed from the stats.
+template <FKind K, class scalar_t, class acc_t>
+void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  RowScratch<acc_t> buf;
+  buf.reserve(a.vocab + Vec::size());
+  const auto* stats = static_cast<const acc_t*>(a.stats);
+  const auto* grad_rows = static_cast<const acc_t*>(a.grad_rows);
+  for (int64_t row = begin; row < end; ++row) {
+    scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + row * a.grad_stride;
+    const acc_t* st = stats + row * kFDivStats;
+    const acc_t g = grad_rows[row * a.grad_rows_stride] * static_cast<acc_t>(a.inv_temperature);
+    const acc_t m = st[0];
+    if (fdiv_row_ignored(a, row) || m == -kInf || (g == 0 && m == m)) {
+      std::fill(out, out + a.vocab, scalar_t(0));
+      continue;
+    }
+    FDivRow<acc_t> r;
+    const acc_t m_now = load_shifted<scalar_t, acc_t>(a, row, r, buf);
+    if (!(m_now > -kInf && m_now < kInf) || m != m_now) {  // a NaN / +inf row (or stats not of these logits)
+      std::fill(out, out + a.vocab, scalar_t(NAN));
+      continue;
+    }
+    acc_t* p = buf.p.data();
+    write_probs<K>(r, a.coef, st[1], st[2], p);
+    const Vec scale = O::splat(g);
+    if (const acc_t* y = load_target(a, row, r.padded, buf)) {
+      for (int64_t i = 0; i < r.padded; i += Vec::size()) ((Vec::loadu(p + i) - Vec::loadu(y + i)) * scale).store(p + i);
+    } else {
+      for (int64_t i = 0; i < r.padded; i += Vec::size()) (Vec::loadu(p + i) * scale).store(p + i);
+      if (a.labels != nullptr) {
+        if (!label_in_range(a, row)) {
+          std::fill(out, out + a.vocab, scalar_t(NAN));
+          continue;
+        }
+        p[a.labels[row]] -= g;
+      }
+    }
+    store_converted(p, a.vocab, out);
+  }
+}
+
+// Runtime (f kind, dtype) -> template instantiation; the entry points of this instruction set.
+template <template <FKind, class, class> class Fn>
+void dispatch_fdiv(const FDivArgs& a, int64_t begin, int64_t end) {
+  auto by_dtype = [&](auto kind) {
+    constexpr FKind K = decltype(kind)::value;
+    switch (a.dtype) {
+      case DType::Float32: return Fn<K, float, float>::run(a, begin, end);
+      case DType::Float64: return Fn<K, double, double>::run(a, begin, end);
+      case DType::BFloat16: return Fn<K, c10::BFloat16, float>::run(a, begin, end);
+      case DType::Float16: return Fn<K, c10::Half, float>::run(a, begin, end);
+    }
+  };
+  switch (a.kind) {
+    case FKind::KL: return by_dtype(std::integral_constant<FKind, FKind::KL>{});
+    case FKind::ReverseKL: return by_dtype(std::integral_constant<FKind, FKind::ReverseKL>{});
+    case FKind::Alpha: return by_dtype(std::integral_constant<FKind, FKind::Alpha>{});
+    case FKind::Alpha15: return by_dtype(std::integral_constant<FKind, FKind::Alpha15>{});
+    case FKind::Alpha2: return by_dtype(std::integral_constant<FKind, FKind::Alpha2>{});
+    case FKind::JS: return by_dtype(std::integral_constant<FKind, FKind::JS>{});
+  }
+}
+
+template <FKind K, class scalar_t, class acc_t>
+struct FDivForwardFn {
+  static void run(const FDivArgs& a, int64_t b, int64_t e) { fdiv_forward_rows<K, scalar_t, acc_t>(a, b, e); }
+};
+template <FKind K, class scalar_t, class acc_t>
+struct FDivBackwardFn {
+  static void run(const FDivArgs& a, int64_t b, int64_t e) { fdiv_backward_rows<K, scalar_t, acc_t>(a, b, e); }
+};
+
+void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivForwardFn>(a, begin, end); }
+void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivBackwardFn>(a, begin, end); }
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fdistill::cpu

@@ -1,0 +1,464 @@
+// CUDA kernels of the f-divergence operators (fdiv_args.h): f-softargmax, Fenchel–Young
+// loss and f-softmax value. Raw pointers, no torch headers (fdiv_cuda_op.cpp is the torch side).
+//
+// Forward: one thread block per row (grid-stride over rows).
+//   pass 1   theta = logits / T (kept in dynamic shared memory when the row fits), a block
+//            reduction of (max, first argmax, sum of q over the entries that are not -inf);
+//   sweeps   S0, S1 = sum q (f*)'(x - tau), sum q (f*)''(x - tau), x = theta - max, summed in
+//            double and reduced over the block; thread 0 runs tau_step and broadcasts tau
+//            (KL: one sweep, tau = 0 and S0 = sum q exp(x), as the CPU kernels do);
+//   output   p = q (f*)'(x - tau) / S0, or the row's FY loss / f-softmax value (a third reduction).
+// Backward: elementwise, grid (vocabulary chunks, rows), p recomputed from the stats.
+// Same per-row semantics as the CPU kernels (csrc/cpu/fdiv_kernels.h).
+#include "cuda/fdiv_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace fdistill::cuda {
+namespace {
+
+constexpr int kMaxThreads = 1024;  // forward block size upper bound (launch bounds)
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kBwdThreads = 256;
+constexpr int kBwdPerThread = 4;  // entries per backward thread (a block covers 1024 entries)
+
+// ---------------------------------------------------------------- conversions
+template <class A, class T>
+__device__ __forceinline__ A to_acc(T v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<A>(__half2float(v));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return static_cast<A>(__bfloat162float(v));
+  } else {
+    return static_cast<A>(v);
+  }
+}
+
+template <class T, class A>
+__device__ __forceinline__ T from_acc(A v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(static_cast<float>(v));
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// theta = logit / T rounded on its own: never fused into an FMA with the max shift that
+// follows (nvcc contracts by default), so that x = theta - max is the same whether theta was
+// kept in shared memory or re-read, in the backward, and on the CPU (x = 0 exactly at the max).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// Target probabilities in their own dtype (uniform branch per launch).
+template <class A>
+__device__ __forceinline__ A load_target(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::Float64: return static_cast<A>(static_cast<const double*>(base)[i]);
+    case DType::BFloat16: return to_acc<A>(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::Float16: return to_acc<A>(static_cast<const __half*>(base)[i]);
+    default: return static_cast<A>(static_cast<const float*>(base)[i]);
+  }
+}
+
+// ---------------------------------------------------------------- block reductions
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sums of a and b over the block, valid in thread 0. Ends with a barrier-free read of the
+// scratch by warp 0: the caller must __syncthreads before the next reduction.
+__device__ __forceinline__ void block_sum2(double& a, double& b, double* sh_a, double* sh_b) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    sh_a[warp] = a;
+    sh_b[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x >> 5;
+    a = warp_sum(lane < nw ? sh_a[lane] : 0.0);
+    b = warp_sum(lane < nw ? sh_b[lane] : 0.0);
+  }
+}
+
+// (max, first index of the max) with NaN winning: the max pass of a row.
+template <class A>
+__device__ __forceinline__ void arg_combine(A& m, int& i, A m2, int i2) {
+  if (m2 != m2) {
+    if (m == m || i2 < i) m = m2, i = i2;
+  } else if (m2 > m || (m2 == m && i2 < i)) {
+    m = m2, i = i2;
+  }
+}
+
+template <class A>
+struct MaxScratch {
+  A m[kMaxWarps];
+  int i[kMaxWarps];
+  double q[kMaxWarps];
+};
+
+// Block-wide (max, first argmax, sum), valid in thread 0; caller syncs before the next use.
+template <class A>
+__device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, MaxScratch<A>& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const A m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+    arg_combine(m, idx, m2, i2);
+    qs += __shfl_xor_sync(0xffffffffu, qs, o);
+  }
+  if (lane == 0) {
+    sh.m[warp] = m;
+    sh.i[warp] = idx;
+    sh.q[warp] = qs;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x >> 5;
+    m = lane < nw ? sh.m[lane] : static_cast<A>(-kInf);
+    idx = lane < nw ? sh.i[lane] : INT_MAX;
+    qs = lane < nw ? sh.q[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const A m2 = __shfl_xor_sync(0xffffffffu, m, o);
+      const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+      arg_combine(m, idx, m2, i2);
+      qs += __shfl_xor_sync(0xffffffffu, qs, o);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- one row
+// theta_j = logits_j / T, from shared memory when the row was kept there.
+template <class T, class A>
+struct RowView {
+  const T* logits;
+  const A* theta_smem;  // null: re-read the logits
+  const A* q;           // null: the constant q_value
+  A q_value;
+  A inv_t;
+  __device__ __forceinline__ A theta(int j) const {
+    return theta_smem ? theta_smem[j] : mul_rn(to_acc<A>(logits[j]), inv_t);
+  }
+  __device__ __forceinline__ A q_at(int j) const { return q ? q[j] : q_value; }
+};
+
+template <FKind K, class T, class A>
+__global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArgs a, const bool use_smem) {
+  using O = Ops<A>;
+  extern __shared__ __align__(16) unsigned char fdiv_smem[];
+  __shared__ MaxScratch<A> sh_max;
+  __shared__ double sh_a[kMaxWarps], sh_b[kMaxWarps];
+  __shared__ A sh_m;
+  __shared__ double sh_qmax, sh_qtotal, sh_tau, sh_s0;
+  __shared__ int sh_done;
+
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int V = static_cast<int>(a.vocab);
+  const A ninf = O::splat(-kInf), inf = O::splat(kInf);
+  const A am1 = O::splat(a.coef.alpha - 1), inv_am1 = O::splat(a.coef.inv_am1), alpha = O::splat(a.coef.alpha);
+  A* const xs = use_smem ? reinterpret_cast<A*>(fdiv_smem) : nullptr;
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    __syncthreads();  // the previous row's broadcasts have been read
+    A* const st = static_cast<A*>(a.stats) + row * kFDivStats;
+    A* const value = a.mode == FDivMode::SoftArgmax ? nullptr : static_cast<A*>(a.out) + row;
+    T* const probs = a.mode == FDivMode::SoftArgmax ? static_cast<T*>(a.out) + row * a.out_stride : nullptr;
+    const int64_t label = a.labels ? a.labels[row] : -1;
+    if (a.labels && label == a.ignore_index) {  // loss 0, neutral stats
+      if (tid == 0) {
+        st[0] = 0, st[1] = 0, st[2] = 1;
+        if (value) *value = 0;
+      }
+      continue;
+    }
+    RowView<T, A> r;
+    r.logits = static_cast<const T*>(a.logits) + row * a.logits_stride;
+    r.theta_smem = nullptr;
+    r.q = a.reference ? static_cast<const A*>(a.reference) + row * a.reference_stride : nullptr;
+    r.q_value = O::splat(a.reference_value);
+    r.inv_t = O::splat(a.inv_temperature);
+
+    // pass 1: theta (into shared memory), max, first argmax, live q mass
+    A m = ninf;
+    int idx = INT_MAX;
+    double qs = 0;
+    for (int j = tid; j < V; j += nt) {
+      const A th = r.theta(j);
+      if (xs) xs[j] = th;
+      arg_combine(m, idx, th, j);
+      if constexpr (K != FKind::KL) {
+        if (th > ninf) qs += r.q ? static_cast<double>(r.q[j]) : 1.0;
+      }
+    }
+    block_argmax_sum(m, idx, qs, sh_max);
+    if (tid == 0) {
+      sh_m = m;
+      sh_qmax = r.q && idx < V ? static_cast<double>(r.q[idx]) : a.reference_value;  // idx = V: no live entry
+      sh_qtotal = r.q ? qs : qs * a.reference_value;
+    }
+    __syncthreads();
+    m = sh_m;
+    r.theta_smem = xs;  // each thread reads back only the entries it wrote: no barrier needed
+
+    if (!(m > ninf && m < inf)) {  // all -inf: p = 0, loss 0, value -inf; NaN / +inf: NaN
+      const bool empty = m == ninf;
+      const A nan = O::splat(NAN);
+      if (tid == 0) {
+        st[0] = m, st[1] = empty ? A(0) : m, st[2] = empty ? A(1) : m;
+        if (value) *value = empty ? (a.mode == FDivMode::FYLoss ? A(0) : ninf) : nan;
+      }
+      if (probs) {
+        const T fill = from_acc<T>(empty ? A(0) : nan);
+        for (int j = tid; j < V; j += nt) probs[j] = fill;
+      }
+      continue;
+    }
+
+    // solve for tau: the evaluated tau and S0 end in sh_tau, sh_s0
+    if constexpr (K == FKind::KL) {
+      double s0 = 0, unused = 0;
+      for (int j = tid; j < V; j += nt) {
+        const A x = r.theta(j) - m;
+        if (x > ninf) s0 += static_cast<double>(r.q_at(j) * O::exp(x));
+      }
+      block_sum2(s0, unused, sh_a, sh_b);
+      if (tid == 0) sh_tau = 0, sh_s0 = s0;
+      __syncthreads();
+    } else {
+      TauSearch search;  // thread 0's
+      if (tid == 0) {
+        search = start_tau_search(K, a.coef, sh_qmax, sh_qtotal, sizeof(A) == 8 ? 2.220446049250313e-16 : 1.1920928955078125e-07);
+        sh_tau = search.tau;
+      }
+      __syncthreads();
+      for (int64_t sweep = 0;; ++sweep) {
+        const double tau = sh_tau;
+        const A t = static_cast<A>(tau);
+        double s0 = 0, s1 = 0;
+        for (int j = tid; j < V; j += nt) {
+          const A x = r.theta(j) - m;
+          if (!(x > ninf)) continue;  // masked: no mass
+          const A v = x - t, q = r.q_at(j);
+          s0 += static_cast<double>(q * conj_grad<K>(v, am1, inv_am1));
+          s1 += static_cast<double>(q * conj_grad2<K>(v, am1, inv_am1));
+        }
+        block_sum2(s0, s1, sh_a, sh_b);
+        if (tid == 0) {
+          const bool done = tau_step(search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps;
+          sh_done = done;
+          if (done) {
+            sh_s0 = s0;  // sh_tau keeps the evaluated tau
+          } else {
+            sh_tau = search.tau;
+          }
+        }
+        __syncthreads();
+        if (sh_done) break;
+      }
+    }
+    const double tau = sh_tau, s0 = sh_s0;
+    if (tid == 0) st[0] = m, st[1] = static_cast<A>(tau), st[2] = static_cast<A>(s0);
+    const A t = static_cast<A>(tau), inv_s0 = static_cast<A>(1 / s0), zero = O::splat(0);
+    auto prob = [&](A x, A q) { return x > ninf ? q * conj_grad<K>(x - t, am1, inv_am1) * inv_s0 : zero; };
+
+    if (probs) {
+      for (int j = tid; j < V; j += nt) probs[j] = from_acc<T>(prob(r.theta(j) - m, r.q_at(j)));
+      continue;
+    }
+    if (a.labels && !(label >= 0 && label < V)) {  // a label outside the vocabulary: NaN loss
+      if (tid == 0) *value = O::splat(NAN);
+      continue;
+    }
+    double sum = 0, unused = 0;
+    if (a.mode == FDivMode::SoftmaxValue) {  // live entries: p x - q f(p/q) = p x - [q f(p/q) - q f(0)] - q f(0)
+      for (int j = tid; j < V; j += nt) {
+        const A x = r.theta(j) - m, q = r.q_at(j), p = prob(x, q);
+        if (x > ninf) sum += static_cast<double>(p * x - q_f<K>(p, q, alpha, inv_am1));
+      }
+    } else {  // FY loss: y from the target probabilities, the one-hot label, or 0
+      const int64_t y_off = row * a.target_stride;
+      const A one = O::splat(1);
+      for (int j = tid; j < V; j += nt) {
+        const A x = r.theta(j) - m, q = r.q_at(j), p = prob(x, q);
+        const A y = a.target ? load_target<A>(a.target, a.target_dtype, y_off + j) : (j == label ? one : zero);
+        sum += static_cast<double>(fy_entry<K>(x, p, y, q, alpha, inv_am1));
+      }
+    }
+    block_sum2(sum, unused, sh_a, sh_b);
+    if (tid == 0) {
+      const double live_mass = f_at_zero(K, a.coef) * sh_qtotal;  // sum over live entries of q f(0)
+      *value = static_cast<A>(a.mode == FDivMode::SoftmaxValue ? static_cast<double>(m) + sum - live_mass : sum);
+    }
+  }
+}
+
+// grad_logits = grad_rows / T (p - y), p = q (f*)'(x - tau) / S0 from the stats.
+template <FKind K, class T, class A>
+__global__ void __launch_bounds__(kBwdThreads) fdiv_backward_kernel(const FDivArgs a) {
+  using O = Ops<A>;
+  const int V = static_cast<int>(a.vocab);
+  const A ninf = O::splat(-kInf), inf = O::splat(kInf), zero = O::splat(0);
+  const A am1 = O::splat(a.coef.alpha - 1), inv_am1 = O::splat(a.coef.inv_am1);
+  const A inv_t = O::splat(a.inv_temperature), q_value = O::splat(a.reference_value);
+  const int j0 = blockIdx.x * blockDim.x + threadIdx.x, dj = gridDim.x * blockDim.x;
+  for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
+    T* const out = static_cast<T*>(a.grad_logits) + row * a.grad_stride;
+    const A* const st = static_cast<const A*>(a.stats) + row * kFDivStats;
+    const A g = static_cast<const A*>(a.grad_rows)[row * a.grad_rows_stride] * inv_t;
+    const A m = st[0];
+    const int64_t label = a.labels ? a.labels[row] : -1;
+    if ((a.labels && label == a.ignore_index) || m == ninf || (g == zero && m == m)) {
+      const T z = from_acc<T>(zero);
+      for (int j = j0; j < V; j += dj) out[j] = z;
+      continue;
+    }
+    if (!(m < inf && m == m)) {  // a NaN / +inf row
+      const T nan = from_acc<T>(O::splat(NAN));
+      for (int j = j0; j < V; j += dj) out[j] = nan;
+      continue;
+    }
+    const T* const logits = static_cast<const T*>(a.logits) + row * a.logits_stride;
+    const A* const q_row = a.reference ? static_cast<const A*>(a.reference) + row * a.reference_stride : nullptr;
+    const A t = static_cast<A>(static_cast<double>(st[1]));
+    const A inv_s0 = static_cast<A>(1 / static_cast<double>(st[2]));
+    if (a.labels && !(label >= 0 && label < V)) {  // a label outside the vocabulary
+      const T nan = from_acc<T>(O::splat(NAN));
+      for (int j = j0; j < V; j += dj) out[j] = nan;
+      continue;
+    }
+    const bool fy = a.mode == FDivMode::FYLoss;
+    const int64_t y_off = row * a.target_stride;
+    for (int j = j0; j < V; j += dj) {
+      const A x = mul_rn(to_acc<A>(logits[j]), inv_t) - m;
+      const A q = q_row ? q_row[j] : q_value;
+      const A p = x > ninf ? q * conj_grad<K>(x - t, am1, inv_am1) * inv_s0 : zero;
+      A d;
+      if (fy && a.target) {
+        d = (p - load_target<A>(a.target, a.target_dtype, y_off + j)) * g;
+      } else {
+        d = p * g;
+        if (fy && j == label) d -= g;
+      }
+      out[j] = from_acc<T>(d);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    throw std::runtime_error(std::string("fdistill: ") + what + ": " + cudaGetErrorString(e));
+  }
+}
+
+int forward_threads(int64_t vocab) {
+  int t = 128;  // about 16 entries per thread, 128..1024 threads
+  while (t < kMaxThreads && t * 16 < vocab) t *= 2;
+  return t;
+}
+
+template <FKind K, class T, class A>
+void launch_forward(const FDivArgs& a, cudaStream_t stream) {
+  auto* kernel = fdiv_forward_kernel<K, T, A>;
+  // the row's theta in shared memory when it fits next to the kernel's static scratch
+  static const int static_smem = [kernel] {
+    cudaFuncAttributes attr{};
+    check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+    return static_cast<int>(attr.sharedSizeBytes);
+  }();
+  int dev = 0, optin = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  const int64_t row_bytes = a.vocab * static_cast<int64_t>(sizeof(A));
+  const bool use_smem = a.vocab > 0 && row_bytes <= optin - static_smem;
+  const int smem = use_smem ? static_cast<int>(row_bytes) : 0;
+  if (smem > 48 * 1024) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+  }
+  const unsigned grid = static_cast<unsigned>(a.rows < INT_MAX ? a.rows : INT_MAX);
+  kernel<<<grid, forward_threads(a.vocab), smem, stream>>>(a, use_smem);
+  check(cudaGetLastError(), "fdiv forward kernel launch");
+}
+
+template <FKind K, class T, class A>
+void launch_backward(const FDivArgs& a, cudaStream_t stream) {
+  constexpr int64_t per_block = kBwdThreads * kBwdPerThread;
+  const int64_t chunks = (a.vocab + per_block - 1) / per_block;
+  const dim3 grid(static_cast<unsigned>(chunks < 65535 ? chunks : 65535),
+                  static_cast<unsigned>(a.rows < 65535 ? a.rows : 65535));
+  fdiv_backward_kernel<K, T, A><<<grid, kBwdThreads, 0, stream>>>(a);
+  check(cudaGetLastError(), "fdiv backward kernel launch");
+}
+
+template <FKind K>
+struct KindTag {
+  static constexpr FKind value = K;
+};
+
+// fn(KindTag<K>, T*, A*) for the kind and the (logits, accumulation) types of `a`.
+template <class T, class A, class Fn>
+void dispatch_kind(FKind kind, Fn&& fn) {
+  T* t = nullptr;
+  A* acc = nullptr;
+  switch (kind) {
+    case FKind::KL: return fn(KindTag<FKind::KL>{}, t, acc);
+    case FKind::ReverseKL: return fn(KindTag<FKind::ReverseKL>{}, t, acc);
+    case FKind::Alpha: return fn(KindTag<FKind::Alpha>{}, t, acc);
+    case FKind::Alpha15: return fn(KindTag<FKind::Alpha15>{}, t, acc);
+    case FKind::Alpha2: return fn(KindTag<FKind::Alpha2>{}, t, acc);
+    case FKind::JS: return fn(KindTag<FKind::JS>{}, t, acc);
+  }
+  throw std::runtime_error("fdistill: unknown f-divergence kind");
+}
+
+template <class Fn>
+void dispatch(const FDivArgs& a, Fn&& fn) {
+  if (a.vocab > INT_MAX) throw std::runtime_error("fdistill: the CUDA kernels take a vocabulary below 2^31");
+  switch (a.dtype) {
+    case DType::Float32: return dispatch_kind<float, float>(a.kind, fn);
+    case DType::Float64: return dispatch_kind<double, double>(a.kind, fn);
+    case DType::BFloat16: return dispatch_kind<__nv_bfloat16, float>(a.kind, fn);
+    case DType::Float16: return dispatch_kind<__half, float>(a.kind, fn);
+  }
+  throw std::runtime_error("fdistill: unsupported logits dtype");
+}
+
+}  // namespace
+
+void fdiv_forward_cuda(const FDivArgs& a, void* stream) {
+  if (a.rows <= 0) return;
+  dispatch(a, [&](auto kind, auto* t, auto* acc) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    using A = std::remove_pointer_t<decltype(acc)>;
+    launch_forward<decltype(kind)::value, T, A>(a, static_cast<cudaStream_t>(stream));
+  });
+}
+
+void fdiv_backward_cuda(const FDivArgs& a, void* stream) {
+  if (a.rows <= 0 || a.vocab <= 0) return;
+  if (a.mode == FDivMode::SoftArgmax) throw std::runtime_error("fdistill: fdiv backward of modes 1, 2 only");
+  dispatch(a, [&](auto kind, auto* t, auto* acc) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    using A = std::remove_pointer_t<decltype(acc)>;
+    launch_backward<decltype(kind)::value, T, A>(a, static_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace fdistill::cuda

@@ -1,0 +1,104 @@
+"""Fake (meta) implementations and autograd for the f-divergence ops, written once for every backend.
+
+The op contract (C++ ``fdistill::fdiv_fwd`` / ``fdiv_bwd``, see csrc/include/fdistill/fdiv_args.h, and
+their Triton twins ``*_triton``): the forward solves for tau on each row of ``[rows, V]`` logits and,
+by ``mode``, returns p* ``[rows, V]`` (0), the Fenchel–Young loss per row (1) or the f-softmax value
+per row (2), plus ``[rows, 3]`` statistics ``[max theta, tau, S0]`` from which the backward of modes
+1 and 2 (``fdiv_bwd``: ``grad_rows / T (p* - y)``) recomputes p*. Mode 0's backward is the Jacobian
+product ``w (g - <w, g> / sum w)``, ``w = q (f*)''(theta - tau)``, formed here from the output p*.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._extension import _C
+from .fdiv_reference import jacobian_weights
+from .ops import accumulate_dtype
+
+NUM_FDIV_STATS = 3  # must match kFDivStats in csrc/include/fdistill/fdiv_math.h
+MODE_SOFTARGMAX, MODE_FY, MODE_SOFTMAX = 0, 1, 2
+
+FDIV_FWD_SCHEMA = (
+    "(Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, str f, float alpha,"
+    " float reference_value, float temperature, int ignore_index, int max_sweeps, float tol, int mode)"
+    " -> (Tensor, Tensor)"
+)
+FDIV_BWD_SCHEMA = (
+    "(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
+    " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor"
+)
+
+
+def _fwd_fake(logits, reference, target, labels, f, alpha, reference_value, temperature, ignore_index,
+              max_sweeps, tol, mode):  # fmt: skip
+    torch._check(logits.dim() == 2, lambda: "logits must be [rows, vocab]")
+    rows = logits.shape[0]
+    acc = accumulate_dtype(logits.dtype)
+    out = logits.new_empty(logits.shape) if mode == MODE_SOFTARGMAX else logits.new_empty(rows, dtype=acc)
+    return out, logits.new_empty((rows, NUM_FDIV_STATS), dtype=acc)
+
+
+def _bwd_fake(grad_rows, logits, *args):
+    torch._check(grad_rows.shape == (logits.shape[0],), lambda: "grad_rows must be [rows]")
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, reference, target, labels, f, alpha, reference_value, temperature, ignore_index, _, _, mode = (
+        inputs
+    )
+    out, stats = output
+    ctx.mode = mode
+    if mode == MODE_SOFTARGMAX:  # the Jacobian product needs p* (the output) and q
+        ctx.save_for_backward(out, reference)
+        ctx.options = (f, alpha, reference_value, temperature)
+    else:  # p* is recomputed from the logits and O(rows) statistics
+        ctx.save_for_backward(logits, reference, target, labels, stats)
+        ctx.options = (f, alpha, reference_value, temperature, ignore_index, mode)
+
+
+def softargmax_vjp(p, reference, f, alpha, reference_value, temperature, grad):
+    """w (g - <w, g> / sum w) / T with w = q (f*)''(theta - tau), in the accumulation dtype."""
+    acc = accumulate_dtype(p.dtype)
+    p = p.to(acc)
+    q = reference if reference is not None else torch.full((), reference_value, dtype=acc, device=p.device)
+    w = jacobian_weights(f, alpha, p, q.expand_as(p))
+    g = grad.to(acc)
+    total = w.sum(-1, keepdim=True)
+    mean = (w * g).sum(-1, keepdim=True) / torch.where(total > 0, total, torch.ones_like(total))
+    return (w * (g - mean) / temperature).to(grad.dtype)
+
+
+def _no_double_backward(ctx, grad):
+    raise NotImplementedError(
+        "fdistill's fused f-divergence kernels have no second derivative; use backend='reference'"
+    )
+
+
+def register_fdiv_ops(fwd: str, bwd: str) -> None:
+    """Fake kernels and autograd for one backend's (forward, backward) f-divergence ops."""
+    torch.library.register_fake(f"fdistill::{fwd}")(_fwd_fake)
+    torch.library.register_fake(f"fdistill::{bwd}")(_bwd_fake)
+    bwd_op = getattr(torch.ops.fdistill, bwd)
+
+    def backward(ctx, grad_out, _grad_stats):
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            if ctx.mode == MODE_SOFTARGMAX:
+                p, reference = ctx.saved_tensors
+                grad_logits = softargmax_vjp(p, reference, *ctx.options, grad_out)
+            else:
+                logits, reference, target, labels, stats = ctx.saved_tensors
+                grad_logits = bwd_op(grad_out, logits, reference, target, labels, stats, *ctx.options)
+        return (grad_logits,) + (None,) * 11
+
+    torch.library.register_autograd(f"fdistill::{fwd}", backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        f"fdistill::{bwd}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
+
+
+if _C is not None:
+    assert _C.num_fdiv_stats == NUM_FDIV_STATS, "fdistill._C is stale: rebuild the extension"
+    register_fdiv_ops("fdiv_fwd", "fdiv_bwd")

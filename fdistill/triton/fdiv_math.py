@@ -1,0 +1,227 @@
+"""The f-divergence math on the Triton side: the formulas of csrc/include/fdistill/fdiv_math.h.
+
+For a generator ``f`` and a positive reference measure ``q`` (``u = p / q``, ``v = theta - tau``):
+``p*_j = q_j (f*)'(theta_j - tau)`` with the scalar ``tau`` such that ``sum_j p*_j = 1``;
+``g(tau) = sum_j q_j (f*)'(theta_j - tau) - 1`` is decreasing, and convex in tau for every family
+below except alpha > 2, so Newton steps from the left bracket end approach the root from below; a
+bracket keeps the steps safe for alpha > 2.
+
+``F`` is a ``tl.constexpr`` code from :data:`F_CODES` (the C++ ``FKind``), so every family compiles
+to its own specialised kernel from one source. Tile functions work in the accumulation dtype
+(float32, float64 for float64 logits); the solver's row scalars (``tau``, the bracket, the sums
+``S0``, ``S1``) are float64, as in the C++ ``TauSearch``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+# The C++ FKind values: alpha = 1.5 and alpha = 2 have cheaper closed forms as kinds of their own.
+F_CODES = {"kl": 0, "reverse_kl": 1, "alpha": 2, "alpha15": 3, "alpha2": 4, "js": 5}
+
+
+def resolve_f(f: str, alpha: float) -> int:
+    """The F code of ``f`` (C++ ``resolve_f``): alpha = 1.5 and 2 get their own kinds."""
+    if f in ("kl", "reverse_kl", "js"):
+        return F_CODES[f]
+    if f != "alpha":
+        raise ValueError(f"fdistill: unknown f '{f}' (kl, reverse_kl, alpha, js)")
+    if not (math.isfinite(alpha) and alpha > 0 and alpha != 1):
+        raise ValueError(f"fdistill: alpha must be > 0 and != 1, got {alpha}")
+    if alpha == 1.5:
+        return F_CODES["alpha15"]
+    if alpha == 2:
+        return F_CODES["alpha2"]
+    return F_CODES["alpha"]
+
+
+def fcoef(f: str, alpha: float) -> tuple[float, float]:
+    """(alpha, 1 / (alpha - 1)) as the C++ ``make_fcoef(f == "alpha" ? alpha : 2)``."""
+    a = alpha if f == "alpha" else 2.0
+    return a, 1.0 / (a - 1.0)
+
+
+# ----------------------------------------------------------------------------- solving for tau
+
+
+@triton.jit
+def f_prime(u, alpha, inv_am1, F: tl.constexpr):
+    """f'(u) for u > 0, in float64: the ends of the bracket for tau. ``u^(alpha - 1)`` is
+    ``exp((alpha - 1) log u)``, exactly ``sqrt(u)`` for alpha = 1.5 and ``u`` for alpha = 2."""
+    if F == 0:  # kl: log u
+        r = tl.log(u)
+    elif F == 1:  # reverse_kl: 1 - 1/u
+        r = 1.0 - 1.0 / u
+    elif F == 5:  # js: log(2u / (u + 1))
+        r = tl.log(2.0 * u / (u + 1.0))
+    elif F == 3:
+        r = (tl.sqrt(u) - 1.0) * inv_am1
+    elif F == 4:
+        r = (u - 1.0) * inv_am1
+    else:  # (u^(alpha - 1) - 1) / (alpha - 1)
+        r = (tl.exp((alpha - 1.0) * tl.log(u)) - 1.0) * inv_am1
+    return r
+
+
+@triton.jit
+def newton_power(alpha, F: tl.constexpr):
+    """c of phi = S0^c - 1: -1 for reverse KL, 1 for JS, alpha - 1 otherwise (float64)."""
+    if F == 1:
+        c = tl.full([], -1.0, tl.float64)
+    elif F == 5:
+        c = tl.full([], 1.0, tl.float64)
+    else:
+        c = alpha - 1.0
+    return c
+
+
+@triton.jit
+def start_tau_search(q_max, q_total, alpha, inv_am1, F: tl.constexpr):
+    """(lo, hi) = (-f'(1 / q_max), -f'(1 / q_total)): the argmax entry alone gives S0 = 1 at lo,
+    every entry is at most 1 / q_total at hi; both keep (f*)' inside its domain. q_max is q at an
+    argmax of theta, q_total the sum of q over the entries that are not -inf (float64)."""
+    lo = -f_prime(1.0 / q_max, alpha, inv_am1, F)
+    hi = -f_prime(1.0 / q_total, alpha, inv_am1, F)
+    return lo, hi
+
+
+@triton.jit
+def _pow_one_minus_c(s0, c, F: tl.constexpr):
+    """S0^(1 - c) (std::pow on S0 >= 0): S0^2 for reverse KL, 1 for JS and alpha = 2."""
+    if F == 1:
+        r = s0 * s0
+    elif F == 5 or F == 4:
+        r = tl.full([], 1.0, tl.float64)
+    elif F == 3:
+        r = tl.sqrt(s0)
+    else:  # 1 - c = 2 - alpha != 0: exp(+-inf) gives pow's 0 and inf at S0 = 0 and S0 = inf
+        r = tl.exp((1.0 - c) * tl.log(s0))
+    return r
+
+
+@triton.jit
+def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
+    """One step of the safeguarded Newton search (C++ ``tau_step``), given S0 and
+    S1 = -dS0/dtau = sum q (f*)''(x - tau) at tau. Returns (stop, tau, lo, hi): stop is true when
+    |S0 - 1| <= tol, the Newton step is at most eps (1 + |tau|) (eps of the accumulation dtype:
+    the resolution of x - tau; near a pole S0 moves in steps of eps S1), or the bracket cannot shrink
+    further (then tau is unchanged and is the answer); otherwise tau is the next point to evaluate.
+    Newton on phi = S0^c - 1, phi / phi' = -(S0 - S0^(1-c)) / (c S1); a step outside (lo, hi)
+    (alpha > 2, rounding, NaN from S0 = 0 or S1 = 0) falls back to bisection."""
+    converged = tl.abs(s0 - 1.0) <= tol
+    above = s0 > 1.0
+    lo = tl.where(above, tau, lo)  # (updated also when converged: unused then)
+    hi = tl.where(above, hi, tau)
+    nxt = tau + (s0 - _pow_one_minus_c(s0, c, F)) / (c * s1)
+    newton = (nxt > lo) & (nxt < hi)
+    # a step below what x - tau can resolve: p would not change
+    small = newton & (tl.abs(nxt - tau) <= eps * (1.0 + tl.abs(tau)))
+    nxt = tl.where(newton, nxt, 0.5 * (lo + hi))  # bisection; also catches NaN (S0 = 0 or S1 = 0)
+    stop = converged | small | (nxt == lo) | (nxt == hi)  # or the bracket at rounding level
+    tau = tl.where(stop, tau, nxt)
+    return stop, tau, lo, hi
+
+
+# ----------------------------------------------------------------------------- tile math
+
+
+@triton.jit
+def conj_grad(v, alpha_m1, inv_am1, F: tl.constexpr):
+    """(f*)'(v) of a tile; the bracket keeps v inside the domain. Masked entries (v = -inf) give 0."""
+    if F == 0:  # kl: exp(v)
+        r = tl.exp(v)
+    elif F == 1:  # reverse_kl: 1 / (1 - v)
+        r = 1.0 / (1.0 - v)
+    elif F == 3:  # alpha = 3/2: [1 + v/2]_+^2
+        x = tl.maximum(1.0 + 0.5 * v, 0.0)
+        r = x * x
+    elif F == 4:  # alpha = 2: [1 + v]_+
+        r = tl.maximum(1.0 + v, 0.0)
+    elif F == 5:  # js: exp(v) / (2 - exp(v))
+        e = tl.exp(v)
+        r = e / (2.0 - e)
+    else:  # x^(1/(a-1)) = exp(log(x) / (a - 1)); x = 0 gives 0 for a > 1
+        x = tl.maximum(1.0 + alpha_m1 * v, 0.0)
+        r = tl.where(x > 0.0, tl.exp(tl.log(x) * inv_am1), 0.0)
+    return r
+
+
+@triton.jit
+def conj_grad2(v, alpha_m1, inv_am1, F: tl.constexpr):
+    """(f*)''(v) of a tile (the Newton slope S1 = sum q (f*)''(x - tau))."""
+    if F == 0:
+        r = tl.exp(v)
+    elif F == 1:
+        w = 1.0 / (1.0 - v)
+        r = w * w
+    elif F == 3:
+        r = tl.maximum(1.0 + 0.5 * v, 0.0)
+    elif F == 4:
+        r = tl.where(1.0 + v > 0.0, 1.0, 0.0)
+    elif F == 5:
+        e = tl.exp(v)
+        d = 2.0 - e
+        r = 2.0 * e / (d * d)
+    else:  # x^(1/(a-1) - 1) = x^((2 - a)/(a - 1))
+        x = tl.maximum(1.0 + alpha_m1 * v, 0.0)
+        r = tl.where(x > 0.0, tl.exp(tl.log(x) * (inv_am1 - 1.0)), 0.0)
+    return r
+
+
+@triton.jit
+def _log1p(z):
+    """log(1 + z) accurate for small z (Kahan: log(u) z / (u - 1), u = 1 + z rounded)."""
+    u = 1.0 + z
+    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+
+
+@triton.jit
+def f_at_zero(alpha, F: tl.constexpr):
+    """f(0) (C++ ``f_at_zero``): 1 for KL, 1/alpha, log 2 for JS; 0 for reverse KL (f(0) = inf: its
+    q_f is the whole q f(p/q), only evaluated where p > 0)."""
+    if F == 0:
+        r = tl.full([], 1.0, tl.float64)
+    elif F == 1:
+        r = tl.full([], 0.0, tl.float64)
+    elif F == 5:
+        r = tl.full([], 0.6931471805599453, tl.float64)
+    else:
+        r = 1.0 / alpha
+    return r
+
+
+@triton.jit
+def q_f(p, q, alpha, inv_am1, F: tl.constexpr):
+    """q f(p/q) - q f(0) (C++ ``q_f``): 0 at p = 0, so sums over a vocabulary where most entries have
+    p = 0 (or p ~ y) add no O(q) terms that would cancel. Reverse KL: q f(p/q) (p > 0)."""
+    p_log_ratio = tl.where(p > 0.0, p * (tl.log(p) - tl.log(q)), 0.0)
+    if F == 0:  # p log(p/q) - p
+        r = p_log_ratio - p
+    elif F == 1:  # p - q - q log(p/q)
+        r = p - q - q * (tl.log(p) - tl.log(q))
+    elif F == 5:  # p log(p/q) - (p + q) log1p(p/q) + p log 2
+        r = p_log_ratio - (p + q) * _log1p(p / q) + p * 0.6931471805599453
+    else:  # (q^(1-a) p^a - a p) / (a (a - 1))
+        pa = tl.where(p > 0.0, tl.exp(alpha * tl.log(p) + (1.0 - alpha) * tl.log(q)), 0.0)
+        r = (pa - alpha * p) * inv_am1 / alpha
+    return r
+
+
+@triton.jit
+def fy_entry(theta, p, y, q, alpha, inv_am1, F: tl.constexpr):
+    """The FY loss integrand (p - y) theta - [q f(p/q) - q f(y/q)] of one entry (theta may be the
+    max-shifted logits: the sum is shift-invariant as sum p = sum y = 1). Entries with p = y add
+    exactly 0. Masked entries (theta = -inf) are outside the simplex: 0, or +inf where y > 0 (the
+    target has mass the model cannot reach). Reverse KL: D_f(y, q) is dropped (a constant in theta,
+    infinite as soon as y has a zero, as one-hot labels do), so the term is (p - y) theta - q f(p/q)."""
+    masked = theta == float("-inf")
+    outside = tl.where(y > 0.0, float("inf"), 0.0)
+    if F == 1:
+        r = tl.where(masked, outside, (p - y) * theta - q_f(p, q, alpha, inv_am1, F))
+    else:
+        term = (p - y) * theta - (q_f(p, q, alpha, inv_am1, F) - q_f(y, q, alpha, inv_am1, F))
+        r = tl.where(masked, outside, tl.where(p == y, 0.0, term))
+    return r
