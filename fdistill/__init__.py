@@ -1,7 +1,7 @@
 """fdistill: fused divergence losses for LLM distillation and RLHF."""
 
-from ._extension import cpu_capability, has_cpu_kernels, has_cuda_kernels
 from . import fdiv_ops as _fdiv_ops  # noqa: F401  (registers the f-divergence ops' fakes and autograd)
+from ._extension import cpu_capability, has_cpu_kernels, has_cuda_kernels
 from .fdiv import F_NAMES, FDIV_BACKENDS, FYLoss, f_softargmax, f_softmax, fy_loss
 from .losses import BACKENDS, DIVERGENCES, REDUCTIONS, DivergenceLoss, divergence_loss
 from .reference import divergence_rows_reference

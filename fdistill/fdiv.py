@@ -318,11 +318,10 @@ def _pick_backend(backend, logits) -> str:
         if device != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got logits on {logits.device}")
         require_extension()
-    if backend == "cuda":
-        if device != "cuda" or not has_cuda_kernels():
-            raise ValueError(
-                f"backend='cuda' needs CUDA tensors and the CUDA build of fdistill (logits on {device})"
-            )
+    if backend == "cuda" and (device != "cuda" or not has_cuda_kernels()):
+        raise ValueError(
+            f"backend='cuda' needs CUDA tensors and the CUDA build of fdistill (logits on {device})"
+        )
     if backend == "triton":
         check_triton_device(logits.device)
     return backend

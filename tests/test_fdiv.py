@@ -74,7 +74,7 @@ def test_unit_reference_is_exact_entmax(alpha, dtype, seed):
 
 
 def test_uniform_reference_is_entmax_at_temperature(seed):
-    """alpha-softargmax with q = 1/V equals alpha-entmax of V^(1 - alpha) theta (the documented temperature)."""
+    """alpha-softargmax with q = 1/V is alpha-entmax of V^(1 - alpha) theta (the documented temperature)."""
     vocab, alpha = 211, 1.5
     x = randn((3, vocab), seed, torch.float64) * 30
     p = fdistill.f_softargmax(x, "alpha", alpha=alpha, reference="uniform", backend="cpu")
@@ -166,8 +166,17 @@ def test_fy_reductions_and_ignore_index(reduction, seed):
     assert loss.item() == 0 and torch.all(xg.grad == 0)
 
 
-@pytest.mark.parametrize("case", [("alpha", 1.5), ("alpha", 2.0), ("kl", 1.5), ("js", 1.5), ("reverse_kl", 1.5),
-                                  ("alpha", 0.7)], ids=str)  # fmt: skip
+GRADCHECK_CASES = [
+    ("alpha", 1.5),
+    ("alpha", 2.0),
+    ("kl", 1.5),
+    ("js", 1.5),
+    ("reverse_kl", 1.5),
+    ("alpha", 0.7),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
 def test_gradcheck_float64(case, seed):
     f, alpha = case
     x = randn((3, 23), seed, torch.float64).requires_grad_()

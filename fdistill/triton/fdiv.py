@@ -178,7 +178,7 @@ def _fdiv_fwd_kernel(
     empty = (m == NEG_INF) & ~ignored  # all -inf: p = 0, loss 0, value -inf, stats [-inf, 0, 1]
     active = (m > NEG_INF) & (m < float("inf"))  # False for NaN / +inf rows (NaN out) and ignored rows
     m_row = m  # for the statistics
-    if ACC == tl.float64:  # the resolution of x - tau (tau_step's smallest Newton step)
+    if ACC == tl.float64:  # noqa: SIM300  (the resolution of x - tau (tau_step's smallest Newton step))
         EPS = tl.full([], 2.220446049250313e-16, F64)
     else:
         EPS = tl.full([], 1.1920928955078125e-07, F64)
