@@ -58,6 +58,7 @@ struct VecOps {
   }
   static V log(const V& x) { return x.log(); }
   static V log1p(const V& x) { return x.log1p(); }
+  static V sqrt(const V& x) { return x.sqrt(); }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }  // propagates NaN
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }

@@ -204,8 +204,13 @@ def q_f(p, q, alpha, inv_am1, F: tl.constexpr):
         r = p - q - q * (tl.log(p) - tl.log(q))
     elif F == 5:  # p log(p/q) - (p + q) log1p(p/q) + p log 2
         r = p_log_ratio - (p + q) * _log1p(p / q) + p * 0.6931471805599453
-    else:  # (q^(1-a) p^a - a p) / (a (a - 1))
-        pa = tl.where(p > 0.0, tl.exp(alpha * tl.log(p) + (1.0 - alpha) * tl.log(q)), 0.0)
+    else:  # (q^(1-a) p^a - a p) / (a (a - 1)), q^(1-a) p^a = p (p/q)^(a-1)
+        if F == 3:
+            pa = p * tl.sqrt(p / q)
+        elif F == 4:
+            pa = p * (p / q)
+        else:
+            pa = tl.where(p > 0.0, tl.exp(alpha * tl.log(p) + (1.0 - alpha) * tl.log(q)), 0.0)
         r = (pa - alpha * p) * inv_am1 / alpha
     return r
 

@@ -93,6 +93,7 @@ struct ScalarOps {
   static FDISTILL_HD S exp(S x) { return std::exp(x); }
   static FDISTILL_HD S log(S x) { return std::log(x); }
   static FDISTILL_HD S log1p(S x) { return std::log1p(x); }
+  static FDISTILL_HD S sqrt(S x) { return std::sqrt(x); }
   static FDISTILL_HD S abs(S x) { return std::fabs(x); }
   static FDISTILL_HD S max(S a, S b) { return (a > b || a != a) ? a : b; }  // NaN wins
   static FDISTILL_HD S min(S a, S b) { return (a < b || a != a) ? a : b; }

@@ -177,8 +177,15 @@ FDISTILL_HD V q_f(V p, V q, V alpha, V inv_am1) {
     return p - q - q * (O::log(p) - O::log(q));
   } else if constexpr (K == FKind::JS) {
     return p_log_ratio - (p + q) * O::log1p(p / q) + p * O::splat(0.69314718055994530942);
-  } else {
-    const V pa = O::where(O::gt(p, zero), O::exp(alpha * O::log(p) + (one - alpha) * O::log(q)), zero);
+  } else {  // pa = q^(1-a) p^a = p (p/q)^(a-1): p sqrt(p/q) at a = 3/2, p^2/q at a = 2, else exp / log
+    V pa;
+    if constexpr (K == FKind::Alpha15) {
+      pa = p * O::sqrt(p / q);
+    } else if constexpr (K == FKind::Alpha2) {
+      pa = p * (p / q);
+    } else {
+      pa = O::where(O::gt(p, zero), O::exp(alpha * O::log(p) + (one - alpha) * O::log(q)), zero);
+    }
     return (pa - alpha * p) * inv_am1 / alpha;
   }
 }
