@@ -40,14 +40,18 @@ def main() -> None:
 
     for f, alpha in CASES:
         name = f if f != "alpha" else f"alpha={alpha}"
-        fwd = median_seconds(lambda: fdistill.f_softargmax(logits, f, alpha=alpha), args.repeats)
-        fy = median_seconds(lambda: fy_step(f, alpha), args.repeats)
+        fwd = median_seconds(lambda f=f, a=alpha: fdistill.f_softargmax(logits, f, alpha=a), args.repeats)
+        fy = median_seconds(lambda f=f, a=alpha: fy_step(f, a), args.repeats)
         rows.append([f"f_softargmax / fy_loss ({name})", "uniform", f"{fwd:.3f} s", f"{fwd / softmax:.1f}x",
                      f"{fy:.3f} s", f"{fy / softmax:.1f}x"])  # fmt: skip
     fwd = median_seconds(lambda: fdistill.f_softargmax(logits, alpha=1.5, reference="unit"), args.repeats)
     fy = median_seconds(lambda: fy_step("alpha", 1.5), args.repeats)
-    rows.append(["f_softargmax (alpha=1.5, entmax)", "unit", f"{fwd:.3f} s", f"{fwd / softmax:.1f}x", "-", "-"])
-    print(f"{args.tokens} x {args.vocab} fp32, {args.threads} threads, CPU kernels: {fdistill.cpu_capability()}")
+    rows.append(
+        ["f_softargmax (alpha=1.5, entmax)", "unit", f"{fwd:.3f} s", f"{fwd / softmax:.1f}x", "-", "-"]
+    )
+    print(
+        f"{args.tokens} x {args.vocab} fp32, {args.threads} threads, CPU kernels: {fdistill.cpu_capability()}"
+    )
     headers = ["operator", "reference", "forward", "/ softmax", "fy_loss fwd+bwd", "/ softmax"]
     print(format_table(headers, rows))
 

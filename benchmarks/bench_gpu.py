@@ -113,6 +113,7 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--divergences", default=",".join(fdistill.DIVERGENCES))
+    p.add_argument("--skip-fdiv", action="store_true", help="skip the f-softargmax / FY loss table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA GPU")
@@ -168,6 +169,38 @@ def main(argv=None):
         f"{floor_ms:.2f} ms at the measured copy bandwidth {bandwidth / 1e12:.2f} TB/s; do_bench medians"
     )
     print(format_table(headers, rows))
+    if not args.skip_fdiv:
+        print()
+        print(
+            f"f-divergence operators, BT={args.tokens}, V={args.vocab}, {args.dtype} (target: <= 3x softmax)"
+        )
+        print(fdiv_table(args.tokens, args.vocab, dtype))
+
+
+def fdiv_table(tokens: int, vocab: int, dtype: torch.dtype) -> str:
+    """f_softargmax (the bisection / Newton kernels) and fy_loss against torch.softmax on the GPU."""
+    from benchmarks.harness import format_table
+
+    logits = (torch.randn(tokens, vocab, device="cuda") * 4).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    softmax = do_bench(lambda: torch.softmax(logits, -1))
+    rows = [["softmax (torch)", "-", f"{softmax:.2f}", "1.0x"]]
+    backends = ["triton"] + (["cuda"] if fdistill.has_cuda_kernels() else [])
+    for backend in backends:
+        for f, alpha in (("alpha", 1.5), ("alpha", 2.0), ("js", 1.5)):
+            name = f"{f} {alpha}" if f == "alpha" else f
+            ms = do_bench(
+                lambda f=f, a=alpha, b=backend: fdistill.f_softargmax(logits, f, alpha=a, backend=b)
+            )
+            rows.append([f"f_softargmax ({name})", backend, f"{ms:.2f}", f"{ms / softmax:.1f}x"])
+
+        def fy_step(b=backend):
+            x = logits.detach().requires_grad_()
+            fdistill.fy_loss(x, labels, "alpha", alpha=1.5, backend=b).backward()
+
+        ms = do_bench(fy_step)
+        rows.append(["fy_loss fwd+bwd (alpha 1.5)", backend, f"{ms:.2f}", f"{ms / softmax:.1f}x"])
+    return format_table(["operator", "backend", "ms", "/ softmax"], rows)
 
 
 if __name__ == "__main__":

@@ -356,3 +356,23 @@ def test_bad_targets():
         fdistill.fy_loss(x, torch.zeros(3, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="requires grad"):
         fdistill.fy_loss(x, torch.softmax(torch.randn(3, 16), -1).requires_grad_())
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() or fdistill._triton_dispatch.interpreter_enabled()), reason="needs triton"
+)
+@pytest.mark.parametrize("case", [("alpha", 1.5), ("js", 1.5), ("kl", 1.5)], ids=str)
+def test_public_api_on_triton_backend_agrees_with_cpu(case, seed):
+    f, alpha = case
+    x = logits_with_mask((3, 211), seed)
+    labels = torch.randint(211 // 3, 211, (3,), generator=generator(seed))
+    results = {}
+    for backend in ("cpu", "triton"):
+        xg = x.clone().requires_grad_()
+        loss = fdistill.fy_loss(xg, labels, f, alpha=alpha, temperature=1.3, backend=backend)
+        loss.backward()
+        p = fdistill.f_softargmax(x, f, alpha=alpha, backend=backend)
+        value = fdistill.f_softmax(x, f, alpha=alpha, backend=backend)
+        results[backend] = (loss, xg.grad, p, value)
+    for a, b in zip(results["cpu"], results["triton"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

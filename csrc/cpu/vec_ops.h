@@ -12,17 +12,17 @@ namespace fdistill {
 // so no inline function here has one name and two bodies across files.
 namespace CPU_CAPABILITY {
 
-// exp of float lanes to about 1 ulp, as cheap as ATen's exp_u20 (whose error
-// reaches 4e-5 relative, i.e. hundreds of ulps, near x = -7: enough to move the
-// log-sum-exp and the KL statistics visibly at large logits).
+// exp of float lanes to about 1 ulp, about as cheap as ATen's exp_u20 (whose error reaches
+// 4e-5 relative, hundreds of ulps, near x = -7: enough to move the KL statistics at large logits).
 //   exp(x) = 2^n exp(r),  n = round(x / ln 2),  r = x - n ln 2 in two steps (Cody-Waite),
-//   |r| <= ln(2)/2, exp(r) by its degree-7 Taylor polynomial (truncation 5e-9).
-// 0 below log(FLT_MIN) (subnormal results flushed, and at -inf), +inf above
-// log(FLT_MAX), NaN kept; results below FLT_MIN may be subnormal.
+//   |r| <= ln(2)/2, exp(r) by its degree-7 Taylor polynomial (truncation 5e-9 relative).
+// 0 below log(FLT_MIN) (and at -inf; results there would be subnormal), +inf above
+// 127 ln 2 (where 2^n would overflow; exp is at most 2^127 * 1.41 there), NaN kept (it
+// propagates through the clamp and the polynomial).
 inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& x) {
   using Vf = at::vec::Vectorized<float>;
   using Vi = at::vec::Vectorized<int32_t>;
-  const Vf lo(-87.3365478515625f), hi(88.72283935546875f);  // log(FLT_MIN), log(FLT_MAX)
+  const Vf lo(-87.3365478515625f), hi(88.02969193111305f);  // log(FLT_MIN), 127 ln 2
   const Vf xc = at::vec::minimum(at::vec::maximum(x, lo), hi);
   const Vf n = (xc * Vf(1.44269504088896341f)).round();
   Vf r = at::vec::fmadd(n, Vf(-0.693145751953125f), xc);  // ln 2 = 0.693145751953125 + 1.42860682e-6
@@ -35,13 +35,10 @@ inline at::vec::Vectorized<float> exp_float(const at::vec::Vectorized<float>& x)
   p = at::vec::fmadd(p, r, Vf(0.5f));
   p = at::vec::fmadd(p, r, Vf(1.f));
   p = at::vec::fmadd(p, r, Vf(1.f));
-  // 2^n from the exponent bits; n in [-126, 128] and 2^128 overflows, so n = 128 takes 2^127 * 2
-  const Vf n1 = at::vec::minimum(n, Vf(127.f));
-  const Vf scale = at::vec::cast<float>((at::vec::convert_to_int_of_same_size(n1) + Vi(127)) << Vi(23));
-  Vf y = (p * scale) * (Vf(1.f) + (n - n1));
-  y = Vf::blendv(y, Vf(0.f), x < lo);
-  y = Vf::blendv(y, Vf(std::numeric_limits<float>::infinity()), x > hi);
-  return Vf::blendv(y, x, x != x);  // NaN in, NaN out
+  // 2^n from the exponent bits, n in [-126, 127]
+  const Vf scale = at::vec::cast<float>((at::vec::convert_to_int_of_same_size(n) + Vi(127)) << Vi(23));
+  const Vf y = Vf::blendv(p * scale, Vf(0.f), x < lo);
+  return Vf::blendv(y, Vf(std::numeric_limits<float>::infinity()), x > hi);
 }
 
 template <class S>
