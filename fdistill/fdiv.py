@@ -41,7 +41,7 @@ from . import fdiv_reference as ref
 from ._extension import has_cpu_kernels, has_cuda_kernels, require_extension
 from ._triton_dispatch import check_triton_device, triton_available
 from .fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX
-from .losses import REDUCTIONS, _check_choice, _check_real
+from .losses import REDUCTIONS, _check_choice, _check_real, reduce_rows
 from .ops import accumulate_dtype
 
 F_NAMES = ref.F_NAMES
@@ -126,14 +126,7 @@ def fy_loss(logits, target, f="alpha", *, alpha=1.5, reference="uniform", ignore
     else:
         rows, _ = call.op()(call.rows, call.ref_tensor, probs, labels,
                             *call.options(temperature, MODE_FY, ignore_index))  # fmt: skip
-    if reduction == "none":
-        return rows.reshape(call.lead_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if labels is None:
-        return total / max(rows.numel(), 1)
-    return total / (labels != ignore_index).sum().clamp_min(1)
+    return reduce_rows(rows, reduction, call.lead_shape, labels, ignore_index)
 
 
 class FYLoss(nn.Module):

@@ -124,14 +124,20 @@ def divergence_loss(
 
     if scale_by_temperature_squared:
         rows = rows * (temperature * temperature)
+    return reduce_rows(rows, reduction, lead_shape, flat_labels, ignore_index)
+
+
+def reduce_rows(rows, reduction, lead_shape, labels=None, ignore_index=-100):
+    """Per-token losses -> the loss: ``none`` (shape ``lead_shape``), ``sum``, or ``mean`` over the
+    tokens whose label is not ``ignore_index`` (all tokens without labels; 0 when all are ignored)."""
     if reduction == "none":
         return rows.reshape(lead_shape)
     total = rows.sum()
     if reduction == "sum":
         return total
-    if flat_labels is None:
+    if labels is None:
         return total / max(rows.numel(), 1)
-    return total / (flat_labels != ignore_index).sum().clamp_min(1)
+    return total / (labels != ignore_index).sum().clamp_min(1)
 
 
 class DivergenceLoss(nn.Module):

@@ -67,6 +67,20 @@ def _load_params(PARAMS, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_pointers(LOGITS, REF, TARGET, row, stride_l, stride_q, stride_y,
+                  HAS_REF: tl.constexpr, TARGET_KIND: tl.constexpr):  # fmt: skip
+    """The row's logits, reference and target pointers (the last two unread when absent)."""
+    l_row = LOGITS + row * stride_l
+    q_row = l_row
+    y_row = l_row
+    if HAS_REF:
+        q_row = REF + row * stride_q
+    if TARGET_KIND == 1:
+        y_row = TARGET + row * stride_y
+    return l_row, q_row, y_row
+
+
+@triton.jit
 def _load_theta(l_row, cols, mask, inv_t, ACC: tl.constexpr):
     """theta = logits / T: converted to the accumulation dtype first (fp16 / bf16), -inf off the row."""
     return tl.load(l_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
@@ -129,13 +143,8 @@ def _fdiv_fwd_kernel(
     alpha = alpha64.to(ACC)
     alpha_m1 = (alpha64 - 1.0).to(ACC)
     inv_am1 = inv_am1_64.to(ACC)
-    l_row = LOGITS + row * stride_l
-    q_row = l_row  # (unread without a reference tensor / probability target)
-    y_row = l_row
-    if HAS_REF:
-        q_row = REF + row * stride_q
-    if TARGET_KIND == 1:
-        y_row = TARGET + row * stride_y
+    l_row, q_row, y_row = _row_pointers(LOGITS, REF, TARGET, row, stride_l, stride_q, stride_y,
+                                        HAS_REF, TARGET_KIND)  # fmt: skip
     offs = tl.arange(0, BLOCK)
 
     label = tl.zeros([], tl.int64)
@@ -281,13 +290,8 @@ def _fdiv_bwd_kernel(
     fill = tl.where(zero, 0.0, float("nan"))
     compute = ~zero & ~bad
     m = tl.where(compute, m, 0.0)
-    l_row = LOGITS + row * stride_l
-    q_row = l_row  # (unread without a reference tensor / probability target)
-    y_row = l_row
-    if HAS_REF:
-        q_row = REF + row * stride_q
-    if TARGET_KIND == 1:
-        y_row = TARGET + row * stride_y
+    l_row, q_row, y_row = _row_pointers(LOGITS, REF, TARGET, row, stride_l, stride_q, stride_y,
+                                        HAS_REF, TARGET_KIND)  # fmt: skip
     g_row = GRAD + row * stride_g
     offs = tl.arange(0, BLOCK)
     n_load = tl.where(compute, V, 0)  # rows not computed read nothing
