@@ -112,10 +112,9 @@ struct MaxScratch {
   double q[kMaxWarps];
 };
 
-// Block-wide (max, first argmax, sum), valid in thread 0; caller syncs before the next use.
+// Warp-wide (max, first argmax, sum), in every lane.
 template <class A>
-__device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, MaxScratch<A>& sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ __forceinline__ void warp_argmax_sum(A& m, int& idx, double& qs) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const A m2 = __shfl_xor_sync(0xffffffffu, m, o);
@@ -123,6 +122,13 @@ __device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, Max
     arg_combine(m, idx, m2, i2);
     qs += __shfl_xor_sync(0xffffffffu, qs, o);
   }
+}
+
+// Block-wide (max, first argmax, sum), valid in thread 0; caller syncs before the next use.
+template <class A>
+__device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, MaxScratch<A>& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_argmax_sum(m, idx, qs);
   if (lane == 0) {
     sh.m[warp] = m;
     sh.i[warp] = idx;
@@ -134,13 +140,7 @@ __device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, Max
     m = lane < nw ? sh.m[lane] : static_cast<A>(-kInf);
     idx = lane < nw ? sh.i[lane] : INT_MAX;
     qs = lane < nw ? sh.q[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const A m2 = __shfl_xor_sync(0xffffffffu, m, o);
-      const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
-      arg_combine(m, idx, m2, i2);
-      qs += __shfl_xor_sync(0xffffffffu, qs, o);
-    }
+    warp_argmax_sum(m, idx, qs);
   }
 }
 

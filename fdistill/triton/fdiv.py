@@ -67,6 +67,15 @@ def _load_params(PARAMS, ACC: tl.constexpr):
 
 
 @triton.jit
+def _tile_probs(l_row, q_row, cols, mask, inv_t, m, tau, inv_s0, ref_value, alpha_m1, inv_am1,
+                F: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """(x, q, p) of a tile: x = theta - max, p = q (f*)'(x - tau) / S0 (forward output and backward alike)."""
+    x = _load_theta(l_row, cols, mask, inv_t, ACC) - m
+    q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
+    return x, q, q * conj_grad(x - tau, alpha_m1, inv_am1, F) * inv_s0
+
+
+@triton.jit
 def _row_pointers(LOGITS, REF, TARGET, row, stride_l, stride_q, stride_y,
                   HAS_REF: tl.constexpr, TARGET_KIND: tl.constexpr):  # fmt: skip
     """The row's logits, reference and target pointers (the last two unread when absent)."""
@@ -235,9 +244,8 @@ def _fdiv_fwd_kernel(
             cols = start + offs
             mask = cols < V
             load = cols < n_eval
-            x = _load_theta(l_row, cols, load, inv_t, ACC) - m
-            q = _load_q(q_row, cols, load, ref_value, HAS_REF, ACC, BLOCK)
-            p = q * conj_grad(x - tau_acc, alpha_m1, inv_am1, F) * inv_s0
+            x, q, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, tau_acc, inv_s0, ref_value, alpha_m1,
+                                  inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
             p = tl.where(active, p, fill)
             tl.store(o_row + cols, p.to(OUT.dtype.element_ty), mask=mask)
     else:
@@ -245,9 +253,8 @@ def _fdiv_fwd_kernel(
         for start in range(0, n_eval, BLOCK):
             cols = start + offs
             mask = cols < V
-            x = _load_theta(l_row, cols, mask, inv_t, ACC) - m
-            q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
-            p = q * conj_grad(x - tau_acc, alpha_m1, inv_am1, F) * inv_s0
+            x, q, p = _tile_probs(l_row, q_row, cols, mask, inv_t, m, tau_acc, inv_s0, ref_value, alpha_m1,
+                                  inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
             if MODE == 1:
                 y = _load_y(y_row, cols, mask, label, ACC, TARGET_KIND, BLOCK)
                 term = fy_entry(x, p, y, q, alpha, inv_am1, F)
@@ -299,9 +306,8 @@ def _fdiv_bwd_kernel(
         cols = start + offs
         mask = cols < V
         load = cols < n_load
-        x = _load_theta(l_row, cols, load, inv_t, ACC) - m
-        q = _load_q(q_row, cols, load, ref_value, HAS_REF, ACC, BLOCK)
-        p = q * conj_grad(x - tau, alpha_m1, inv_am1, F) * inv_s0
+        _, _, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, tau, inv_s0, ref_value, alpha_m1, inv_am1,
+                              F, HAS_REF, ACC, BLOCK)  # fmt: skip
         y = _load_y(y_row, cols, load, label, ACC, TARGET_KIND, BLOCK)
         grad = tl.where(compute, (p - y) * g, fill)
         tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
