@@ -19,13 +19,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_triton_device(device: torch.device) -> None:
+def check_triton_device(device: torch.device, name: str = "student_logits") -> None:
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
     if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
         return
     raise ValueError(
-        f"backend='triton' needs CUDA tensors (got student_logits on {device}); CPU tensors run only "
+        f"backend='triton' needs CUDA tensors (got {name} on {device}); CPU tensors run only "
         "under the Triton interpreter, with TRITON_INTERPRET=1 set before triton is imported"
     )
 

@@ -184,7 +184,9 @@ def _as_rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _pick_backend(backend: str | None, student: torch.Tensor, grad_teacher: bool) -> str:
+def _pick_backend(
+    backend: str | None, student: torch.Tensor, grad_teacher: bool, name="student_logits"
+) -> str:
     device = student.device.type
     if backend is None:
         if grad_teacher:
@@ -197,10 +199,10 @@ def _pick_backend(backend: str | None, student: torch.Tensor, grad_teacher: bool
         raise ValueError(f"grad_teacher=True needs backend='reference' ({backend!r} skips the teacher)")
     if backend == "cpu":
         if device != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got student_logits on {student.device}")
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {student.device}")
         require_extension()
     if backend == "triton":
-        check_triton_device(student.device)
+        check_triton_device(student.device, name)
     return backend
 
 

@@ -1,0 +1,223 @@
+"""Losses on an LM head's logits, computed chunk by chunk from the hidden states (never all at once).
+
+For each chunk of ``C`` tokens: ``z = softcap(h W^T + b)`` (``C x V``), the per-token loss and its
+gradient ``dz`` (by the fused row kernels of the loss), then ``dh = dz W``, ``dW += dz^T h``,
+``db += sum dz``; the chunk's logits are dropped before the next chunk. Peak memory beyond the inputs
+and the parameter gradients is a few ``C x V`` buffers, whatever the number of tokens.
+
+With ``reduction`` ``mean`` or ``sum`` the gradient is computed in the forward pass (the scale of each
+token's loss is known then) when any input requires grad, and the backward only multiplies it by the
+incoming scalar: one matmul pass, no recomputation. With ``reduction="none"`` the backward needs the
+per-token weights of the incoming gradient, so it recomputes the logits chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from .ops import accumulate_dtype
+
+
+class LMHead:
+    """``softcap(hidden @ weight.T + bias)`` for slices of rows, in ``dtype`` (the matmul dtype)."""
+
+    def __init__(self, hidden, weight, bias, softcap, dtype):
+        self.hidden = hidden  # [N, H], any float dtype (cast per chunk)
+        self.weight = weight.to(dtype)  # [V, H] (a no-op without autocast)
+        self.bias = None if bias is None else bias.to(dtype)
+        self.softcap = softcap
+        self.dtype = dtype
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def chunk_hidden(self, rows: slice) -> torch.Tensor:
+        return self.hidden[rows].to(self.dtype)
+
+    def logits(self, rows: slice, out: torch.Tensor | None = None):
+        """(z, pre) for the rows: z the (soft-capped) logits, pre the logits before the cap (None
+        without a cap; it is needed by the cap's derivative)."""
+        h = self.chunk_hidden(rows)
+        if out is not None:
+            out = out[: h.shape[0]]
+        if self.bias is None:
+            z = torch.mm(h, self.weight.T, out=out)
+        else:
+            z = torch.addmm(self.bias, h, self.weight.T, out=out)
+        if self.softcap is None:
+            return z, None
+        return torch.tanh(z / self.softcap).mul_(self.softcap), z
+
+    def softcap_backward(self, dz: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
+        """d/dpre of c tanh(pre / c) is 1 - tanh(pre / c)^2; ``pre`` is overwritten."""
+        if pre is None:
+            return dz
+        return dz.mul_(pre.div_(self.softcap).tanh_().square_().neg_().add_(1))
+
+
+@dataclass
+class ChunkedLoss:
+    """What to compute: ``rows_fn(z, rows)`` is the per-token loss of a chunk of logits ``z``
+    (differentiable in ``z``), plus ``hard_weight`` x cross-entropy of ``z`` on ``labels``."""
+
+    head: LMHead
+    rows_fn: Callable[[torch.Tensor, slice], torch.Tensor]
+    chunk_size: int
+    reduction: str
+    labels: torch.Tensor | None = None
+    ignore_index: int = -100
+    hard_weight: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.head.hidden.shape[0]
+
+    @property
+    def loss_dtype(self) -> torch.dtype:
+        return accumulate_dtype(self.head.dtype)
+
+    def chunks(self):
+        for start in range(0, self.tokens, self.chunk_size):
+            yield slice(start, min(start + self.chunk_size, self.tokens))
+
+    def token_count(self) -> int:
+        """The denominator of ``mean``: tokens whose label is not ``ignore_index`` (at least 1)."""
+        if self.labels is None:
+            return max(self.tokens, 1)
+        return max(int((self.labels != self.ignore_index).sum()), 1)
+
+    def token_losses(self, z: torch.Tensor, rows: slice) -> torch.Tensor:
+        loss = self.rows_fn(z, rows)
+        if self.hard_weight:
+            ce = F.cross_entropy(z.to(loss.dtype), self.labels[rows], ignore_index=self.ignore_index,
+                                 reduction="none")  # fmt: skip
+            loss = loss + self.hard_weight * ce
+        return loss
+
+    def chunk(self, rows: slice, grad_rows: torch.Tensor | None, buffer: torch.Tensor | None):
+        """(per-token losses, d(sum grad_rows * losses)/d(pre-cap logits) or None) for one chunk."""
+        z, pre = self.head.logits(rows, buffer)
+        if grad_rows is None:
+            return self.token_losses(z, rows), None
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            loss = self.token_losses(z, rows)
+            (dz,) = torch.autograd.grad(loss, z, grad_rows)  # the fused kernels may return z itself
+        return loss.detach(), self.head.softcap_backward(dz, pre)
+
+
+class _Gradients:
+    """Accumulates ``dh``, ``dW``, ``db`` chunk by chunk from the logits' gradient ``dz``.
+
+    ``dW`` is accumulated in the weight's dtype (under autocast, fp32 weights get fp32 products of the
+    upcast chunk), ``db`` in float32 or float64.
+    """
+
+    def __init__(self, head: LMHead, hidden, weight, bias, needs):
+        self.head = head
+        self.dh = torch.zeros_like(hidden) if needs[0] else None
+        self.dW = torch.zeros_like(weight) if needs[1] else None
+        self.db = torch.zeros(bias.shape, dtype=accumulate_dtype(bias.dtype), device=bias.device) if (
+            bias is not None and needs[2]) else None  # fmt: skip
+        self.bias_dtype = None if bias is None else bias.dtype
+
+    def add(self, rows: slice, dz: torch.Tensor) -> None:
+        if self.dh is not None:
+            self.dh[rows] = torch.mm(dz, self.head.weight)
+        if self.dW is not None:
+            h = self.head.chunk_hidden(rows)
+            self.dW.addmm_(dz.T.to(self.dW.dtype), h.to(self.dW.dtype))
+        if self.db is not None:
+            self.db += dz.sum(0, dtype=self.db.dtype)
+
+    def scaled(self, grad_out: torch.Tensor | None):
+        """(dh, dW, db) times the incoming scalar gradient (in place: the buffers are ours)."""
+        db = None if self.db is None else self.db.to(self.bias_dtype)
+        grads = (self.dh, self.dW, db)
+        if grad_out is not None:
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        return grads
+
+
+def _run(loss: ChunkedLoss, row_weight, grads: _Gradients | None) -> torch.Tensor:
+    """Per-token losses of every chunk; with ``grads``, accumulate the gradient of
+    ``sum_t row_weight(rows)_t loss_t``."""
+    out = torch.empty(loss.tokens, dtype=loss.loss_dtype, device=loss.head.hidden.device)
+    buffer = None
+    for rows in loss.chunks():
+        grad_rows = None if grads is None else row_weight(rows)
+        # The logits buffer is reused between chunks unless the kernels returned it as the gradient
+        # (the gradient is consumed before the next chunk, so reuse is safe either way).
+        token_losses, dz = loss.chunk(rows, grad_rows, buffer)
+        out[rows] = token_losses
+        if dz is not None:
+            grads.add(rows, dz)
+            if buffer is None and loss.head.softcap is None and dz.shape[0] == loss.chunk_size:
+                buffer = dz
+    return out
+
+
+def _reduce(token_losses: torch.Tensor, loss: ChunkedLoss) -> torch.Tensor:
+    if loss.reduction == "none":
+        return token_losses
+    total = token_losses.sum()
+    return total if loss.reduction == "sum" else total / loss.token_count()
+
+
+class _ChunkedHeadFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loss: ChunkedLoss, hidden, weight, bias):
+        needs = ctx.needs_input_grad[1:4]
+        ctx.loss, ctx.precomputed = loss, None
+        with _no_autocast(hidden):  # the head's dtype was chosen by the caller
+            if any(needs) and loss.reduction != "none":
+                scale = 1.0 if loss.reduction == "sum" else 1.0 / loss.token_count()
+                grads = _Gradients(loss.head, hidden, weight, bias, needs)
+                weights = torch.full((loss.chunk_size,), scale, dtype=loss.loss_dtype, device=hidden.device)
+                token_losses = _run(loss, lambda rows: weights[: rows.stop - rows.start], grads)
+                ctx.precomputed = grads
+            else:
+                token_losses = _run(loss, None, None)
+                ctx.save_for_backward(hidden, weight, bias)
+        return _reduce(token_losses, loss)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grads = ctx.precomputed
+        if grads is None:  # reduction="none": recompute with the per-token weights
+            hidden, weight, bias = ctx.saved_tensors
+            grads = _Gradients(ctx.loss.head, hidden, weight, bias, ctx.needs_input_grad[1:4])
+            g = grad_out.to(ctx.loss.loss_dtype)
+            with _no_autocast(hidden):
+                _run(ctx.loss, lambda rows: g[rows], grads)
+            grad_out = None
+        ctx.precomputed = ctx.loss = None  # free the gradients once handed over
+        return (None, *grads.scaled(grad_out))
+
+
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def chunked_head_loss(loss: ChunkedLoss, hidden, weight, bias) -> torch.Tensor:
+    """The loss (reduced as ``loss.reduction``), differentiable in ``hidden``, ``weight``, ``bias``
+    (the tensors ``loss.head`` was built from, before any autocast cast)."""
+    return _ChunkedHeadFunction.apply(loss, hidden, weight, bias)
+
+
+def default_chunk_size(vocab: int, hidden_size: int, device: torch.device) -> int:
+    """Tokens per chunk: a power of two with ``chunk x V`` about 2^24 logits (64 MiB in float32) on
+    the CPU and 2^26 on a GPU, at least 4 x H / 32 (a matmul of ``chunk x H`` by ``H x V`` keeps the
+    cores busy once ``chunk`` is past a few tiles) and within [16, 8192]."""
+    budget = 1 << (26 if device.type == "cuda" else 24)
+    chunk = max(budget // max(vocab, 1), hidden_size // 8, 16)
+    return int(min(1 << (chunk.bit_length() - 1), 8192))

@@ -1,0 +1,517 @@
+"""Fused-linear losses: from hidden states and LM heads to the loss without holding the logits.
+
+The logits of a chunk of tokens are formed, reduced to their loss and gradient by the fused row
+kernels of :func:`fdistill.divergence_loss` / :func:`fdistill.fy_loss`, and dropped (see
+``chunked_head.py``). The teacher is given as its own head (hidden states + weight), as logits, or as
+stored top-k log-probabilities.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size
+from .fdiv import _prepare, fy_loss
+from .losses import (
+    DIVERGENCES,
+    REDUCTIONS,
+    _check_choice,
+    _check_real,
+    _divergence_param,
+    _pick_backend,
+    divergence_loss,
+)
+from .ops import accumulate_dtype
+
+TOPK_TAILS = ("renormalize", "bucket")
+VOCAB_MISMATCH = ("error", "mask")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_NEG_INF = float("-inf")
+
+
+def fused_linear_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    topk_tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hard_loss_weight: float = 0.0,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    vocab_mismatch: str = "error",
+    scale_by_temperature_squared: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""``divergence_loss(softcap(student_hidden @ student_weight.T + student_bias), teacher, ...)``
+    ``+ hard_loss_weight * cross_entropy(student logits, labels)``, computed chunk by chunk.
+
+    Peak memory beyond the inputs and the parameter gradients is a few ``chunk_size x V`` buffers,
+    whatever the number of tokens. Gradients flow to ``student_hidden``, ``student_weight`` and
+    ``student_bias``; the teacher is a constant (its tensors are used detached, even if they require
+    grad). With ``reduction`` ``mean`` / ``sum`` the gradient is computed during the forward pass when
+    a student input requires grad (one pass over the vocabulary; the backward only scales it); with
+    ``none`` the backward recomputes the logits. Under ``torch.no_grad()`` no gradient work is done.
+
+    Args:
+        student_hidden: ``(..., H)`` hidden states (the input of the student's LM head).
+        student_weight: ``(V, H)`` LM-head weight; ``student_bias``: ``(V,)`` or None.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's head, ``(..., H_t)``,
+            ``(V_t, H_t)``, ``(V_t,)``. Exactly one teacher source is given: this head, ...
+        teacher_logits: ... ``(..., V_t)`` logits, ...
+        teacher_topk: ... or ``(indices, logprobs)``, both ``(..., k)``: the teacher's top-k token ids
+            (distinct within a token, in ``[0, V)``) and their log-probabilities (offline distillation
+            from stored top-k). ``topk_tail`` says what the remaining mass is:
+
+            * ``"renormalize"`` (default): the teacher is its top-k renormalised (every other token
+              has probability 0, as a ``-inf`` logit); the student keeps its full distribution. With
+              a temperature the teacher is ``p_i^(1/T)`` renormalised over the top-k.
+            * ``"bucket"``: the tail ``1 - sum(top-k p)`` is one outcome, matched by the student's
+              total probability outside the top-k: the divergence is taken between the two
+              ``(k + 1)``-outcome distributions. Needs ``temperature=1`` (the teacher's tempered
+              tail is unknown) and ``sum(top-k p) <= 1``.
+        divergence, beta, skew, alpha, temperature, scale_by_temperature_squared: as
+            :func:`fdistill.divergence_loss`, on the (soft-capped) logits.
+        labels: ``(...)`` token ids; tokens equal to ``ignore_index`` contribute 0 to both losses and
+            are not counted by ``mean``.
+        hard_loss_weight: weight >= 0 of the cross-entropy of the student's logits (temperature 1,
+            full student vocabulary) on ``labels``, added to the divergence (needs ``labels``).
+        softcap: ``c > 0`` caps the student's logits as ``c tanh(z / c)`` (Gemma 2) before the
+            temperature; ``teacher_softcap`` does the same for logits computed from the teacher's
+            head (logits given as ``teacher_logits`` are used as they are).
+        vocab_mismatch: ``"error"`` (default) rejects a teacher vocabulary ``V_t != V``; ``"mask"``
+            compares the distributions on the shared ids ``[0, min(V, V_t))``: the entries beyond it
+            are ``-inf`` on both sides (no probability mass, zero gradient), never zeros. Top-k ids
+            ``>= V`` are dropped under ``"mask"`` and rejected otherwise. The hard loss always uses
+            the student's full vocabulary.
+        reduction: ``mean`` (over tokens not ignored; 0 when all are), ``sum`` or ``none`` (``(...)``).
+        chunk_size: tokens per chunk; default :func:`fdistill.chunked_head.default_chunk_size` of
+            ``V`` and ``H`` (``chunk x V`` about 2^24 logits on the CPU, 2^26 on a GPU).
+        backend: the row kernels, as :func:`fdistill.divergence_loss`; the matmuls are PyTorch's
+            (oneDNN / cuBLAS).
+
+    Under ``torch.autocast`` the head matmuls run in the autocast dtype (the logits are in that
+    dtype, the loss accumulates in float32) and gradients come back in the inputs' dtypes.
+    """
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+    _check_temperature(temperature)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("topk_tail", topk_tail, TOPK_TAILS)
+    _check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+    _check_real("hard_loss_weight", hard_loss_weight)
+    if hard_loss_weight < 0:
+        raise ValueError(f"hard_loss_weight must be >= 0, got {hard_loss_weight}")
+    if hard_loss_weight > 0 and labels is None:
+        raise ValueError("hard_loss_weight > 0 needs labels (the cross-entropy targets)")
+    head_args = _check_head("student", student_hidden, student_weight, student_bias, softcap)
+    lead, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    flat_labels = _check_token_ids(labels, lead, vocab, ignore_index, student_hidden.device)
+    backend = _pick_backend(backend, student_hidden, False, name="student_hidden")
+    student = LMHead(*head_args, softcap, _compute_dtype(student_hidden, student_weight))
+
+    teacher = _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature,
+                       teacher_hidden, teacher_weight, teacher_bias, teacher_softcap,
+                       teacher_logits, teacher_topk)  # fmt: skip
+    options = dict(divergence=divergence, beta=beta, skew=skew, alpha=alpha, temperature=temperature,
+                   ignore_index=ignore_index, scale_by_temperature_squared=scale_by_temperature_squared,
+                   grad_in_place=backend != "reference", backend=backend, reduction="none")  # fmt: skip
+    rows_fn = (_bucket_rows if teacher.bucket else _dense_rows)(teacher, options, flat_labels)
+    loss = ChunkedLoss(student, rows_fn, _chunk_size(chunk_size, student), reduction, flat_labels,
+                       int(ignore_index), float(hard_loss_weight))  # fmt: skip
+    out = chunked_head_loss(loss, *head_args)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def fused_linear_fy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    f: str = "alpha",
+    *,
+    bias: torch.Tensor | None = None,
+    alpha: float = 1.5,
+    reference="uniform",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    n_iter: int | None = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``fy_loss(softcap(hidden @ weight.T + bias), target, f, ...)`` computed chunk by chunk.
+
+    ``target`` is ``(...)`` integer labels or ``(..., V)`` probabilities (a teacher's); ``reference``
+    is ``"uniform"``, ``"unit"``, a ``(V,)`` tensor or one of the logits' shape ``(..., V)``. The
+    other options are those of :func:`fdistill.fy_loss` and :func:`fused_linear_divergence_loss`
+    (memory, gradients, autocast); ``backend`` also accepts ``"cuda"``.
+    """
+    head_args = _check_head("", hidden, weight, bias, softcap)
+    lead, vocab = hidden.shape[:-1], weight.shape[0]
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"target must be a torch.Tensor (labels or probabilities), got {type(target).__name__}"
+        )
+    labels = probs = None
+    if target.dtype.is_floating_point:
+        if target.shape != (*lead, vocab):
+            raise ValueError(f"probability target {tuple(target.shape)} must be (..., V) = {(*lead, vocab)}")
+        probs = target.detach().reshape(-1, vocab)
+    else:
+        labels = _check_token_ids(target, lead, vocab, ignore_index, hidden.device, name="target")
+    per_token_reference = isinstance(reference, torch.Tensor) and reference.dim() > 1
+    if per_token_reference:
+        if reference.shape != (*lead, vocab):
+            raise ValueError(
+                f"reference {tuple(reference.shape)} must be (V,) or (..., V) = {(*lead, vocab)}"
+            )
+        reference = reference.reshape(-1, vocab)
+    _check_temperature(temperature)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    head = LMHead(*head_args, softcap, _compute_dtype(hidden, weight))
+    # f, alpha, reference, n_iter and backend are checked as fy_loss checks them, on zero tokens
+    empty = head_args[0].new_empty((0, vocab), dtype=head.dtype)
+    backend = _prepare(empty, f, alpha, reference[:0] if per_token_reference else reference, -1, n_iter,
+                       backend).backend  # fmt: skip
+
+    def rows_fn(z, rows):
+        y = labels[rows] if labels is not None else probs[rows].to(z.dtype)
+        q = reference[rows] if per_token_reference else reference
+        return fy_loss(z, y, f, alpha=alpha, reference=q, ignore_index=ignore_index, reduction="none",
+                       temperature=temperature, n_iter=n_iter, backend=backend)  # fmt: skip
+
+    loss = ChunkedLoss(head, rows_fn, _chunk_size(chunk_size, head), reduction, labels, int(ignore_index))
+    out = chunked_head_loss(loss, *head_args)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class FusedLinearDivergenceLoss(nn.Module):
+    """:func:`fused_linear_divergence_loss` as a module; keyword options are fixed at construction.
+
+    ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
+    **tensors)`` where ``tensors`` are ``student_bias``, ``teacher_bias``, ``teacher_logits`` or
+    ``teacher_topk``.
+    """
+
+    _TENSORS = ("student_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logits",
+                "teacher_topk", "labels")  # fmt: skip
+
+    def __init__(self, divergence: str = "forward_kl", **options):
+        super().__init__()
+        _check_choice("divergence", divergence, DIVERGENCES)
+        allowed = set(fused_linear_divergence_loss.__kwdefaults__) - set(self._TENSORS) - {"divergence"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise TypeError(f"unknown options {sorted(unknown)}; expected some of {sorted(allowed)}")
+        self.divergence, self.options = divergence, options
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
+                **tensors):  # fmt: skip
+        unknown = set(tensors) - set(self._TENSORS)
+        if unknown:
+            raise TypeError(f"unknown inputs {sorted(unknown)}; expected some of {list(self._TENSORS)}")
+        return fused_linear_divergence_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            labels=labels,
+            divergence=self.divergence,
+            **tensors,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.divergence)] + [f"{k}={v!r}" for k, v in self.options.items()])
+
+
+class FusedLinearFYLoss(nn.Module):
+    """:func:`fused_linear_fy_loss` as a module: ``forward(hidden, weight, target, bias=None)``."""
+
+    def __init__(self, f: str = "alpha", **options):
+        super().__init__()
+        allowed = set(fused_linear_fy_loss.__kwdefaults__) - {"bias"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise TypeError(f"unknown options {sorted(unknown)}; expected some of {sorted(allowed)}")
+        self.f, self.options = f, options
+
+    def forward(self, hidden, weight, target, bias=None):
+        return fused_linear_fy_loss(hidden, weight, target, self.f, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.f)] + [f"{k}={v!r}" for k, v in self.options.items()])
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+class _Teacher:
+    """The teacher's logits for a chunk of tokens on the shared vocabulary ``[0, vocab)``, or (for the
+    top-k bucket) its top-k ids and log-probabilities."""
+
+    def __init__(self, vocab, chunk_logits=None, topk=None, bucket=False):
+        self.vocab, self.chunk_logits, self.topk, self.bucket = vocab, chunk_logits, topk, bucket
+
+
+def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature,
+             hidden, weight, bias, softcap, logits, topk) -> _Teacher:  # fmt: skip
+    given = [name for name, x in (("teacher_hidden/teacher_weight", hidden if hidden is not None else weight),
+                                  ("teacher_logits", logits), ("teacher_topk", topk)) if x is not None]  # fmt: skip
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one teacher: teacher_hidden and teacher_weight (its LM head), teacher_logits, or "
+            f"teacher_topk; got {given or 'none'}"
+        )
+    if (bias is not None or softcap is not None) and given[0] != "teacher_hidden/teacher_weight":
+        raise ValueError("teacher_bias and teacher_softcap apply only to a teacher given by its head")
+
+    def shared_vocab(teacher_vocab: int, what: str) -> int:
+        if teacher_vocab != vocab and vocab_mismatch == "error":
+            raise ValueError(
+                f"the teacher's vocabulary ({what}: {teacher_vocab}) differs from the student's "
+                f"(student_weight: {vocab}); pass vocab_mismatch='mask' to compare on the shared ids "
+                f"[0, {min(vocab, teacher_vocab)})"
+            )
+        return min(vocab, teacher_vocab)
+
+    if logits is not None:
+        _check_float("teacher_logits", logits, student.hidden.device)
+        if logits.dim() < 1 or logits.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher_logits {tuple(logits.shape)} must be (..., V_t) with ... = {tuple(lead)}"
+            )
+        shared = shared_vocab(logits.shape[-1], "teacher_logits")
+        rows = logits.detach().reshape(-1, logits.shape[-1])[:, :shared]
+        return _Teacher(shared, chunk_logits=lambda r: rows[r])
+
+    if topk is not None:
+        indices, logprobs = _check_topk(topk, lead, student.hidden.device)
+        if topk_tail == "bucket" and temperature != 1:
+            raise ValueError(
+                f"topk_tail='bucket' needs temperature=1 (got {temperature}): the teacher's tempered "
+                "tail mass cannot be known from its top-k"
+            )
+        _check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail)
+        flat_idx = indices.reshape(-1, indices.shape[-1])
+        flat_lp = logprobs.detach().reshape(-1, logprobs.shape[-1])
+        # ids beyond the student's vocabulary (allowed by vocab_mismatch="mask") go to a dump column
+        flat_idx = torch.where(flat_idx < vocab, flat_idx, vocab).long()
+        if topk_tail == "bucket":
+            return _Teacher(vocab, topk=(flat_idx, flat_lp), bucket=True)
+
+        def scatter(r):
+            dense = torch.full((flat_idx[r].shape[0], vocab + 1), _NEG_INF, dtype=student.dtype,
+                               device=flat_idx.device)  # fmt: skip
+            return dense.scatter_(1, flat_idx[r], flat_lp[r].to(student.dtype))[:, :vocab]
+
+        return _Teacher(vocab, chunk_logits=scatter)
+
+    hidden_t, weight_t, bias_t = _check_head("teacher", hidden, weight, bias, softcap)
+    if hidden_t.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_hidden {tuple(hidden_t.shape)} must have the student's token dimensions {tuple(lead)}"
+        )
+    if hidden_t.device != student.hidden.device:
+        raise ValueError(f"teacher_hidden ({hidden_t.device}) and student_hidden ({student.hidden.device}) "
+                         "are on different devices")  # fmt: skip
+    shared = shared_vocab(weight_t.shape[0], "teacher_weight")
+    head = LMHead(hidden_t.detach(), weight_t.detach()[:shared],
+                  None if bias_t is None else bias_t.detach()[:shared], softcap,
+                  _compute_dtype(hidden_t, weight_t))  # fmt: skip
+    return _Teacher(shared, chunk_logits=lambda r: head.logits(r)[0])
+
+
+def _dense_rows(teacher: _Teacher, options: dict, labels):
+    """Per-token divergence of a chunk against the teacher's dense logits on the shared vocabulary."""
+
+    def rows_fn(z, rows):
+        t = teacher.chunk_logits(rows).to(z.dtype)
+        s = z if z.shape[1] == teacher.vocab else z[:, : teacher.vocab]
+        return divergence_loss(s, t, labels=None if labels is None else labels[rows], **options)
+
+    return rows_fn
+
+
+def _bucket_rows(teacher: _Teacher, options: dict, labels):
+    """Per-token divergence between the (k + 1)-outcome distributions (top-k ids, everything else):
+    the student's outcomes have logits ``z_i`` (top-k) and ``logsumexp(z_j, j not in top-k)``, the
+    teacher's log-probabilities ``logp_i`` and ``log(1 - sum exp(logp_i))``."""
+    indices, logprobs = teacher.topk
+
+    def rows_fn(z, rows):
+        acc = accumulate_dtype(z.dtype)
+        idx, lp = indices[rows], logprobs[rows].to(acc)
+        zf = F.pad(z.to(acc), (0, 1), value=_NEG_INF)  # the dump column for ids beyond V
+        top = zf.gather(1, idx)
+        tail = zf.scatter(1, idx, _NEG_INF).logsumexp(1, keepdim=True)
+        teacher_tail = torch.log1p(-lp.exp().sum(1, keepdim=True).clamp(max=1))
+        lp = lp.masked_fill(idx == zf.shape[1] - 1, _NEG_INF)  # dropped ids: no mass on either side
+        student, teacher = torch.cat([top, tail], 1), torch.cat([lp, teacher_tail], 1)
+        return divergence_loss(student, teacher, labels=None if labels is None else labels[rows], **options)
+
+    return rows_fn
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_temperature(temperature) -> None:
+    _check_real("temperature", temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for the device, else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _check_float(name, x, device=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the hidden states on {device}")
+
+
+def _check_head(who, hidden, weight, bias, softcap):
+    """(hidden as [N, H], weight, bias) of one LM head, validated."""
+    p = f"{who}_" if who else ""
+    if hidden is None or weight is None:
+        raise ValueError(f"{p}hidden and {p}weight go together (the {who or 'LM'} head)".replace("  ", " "))
+    _check_float(f"{p}hidden", hidden)
+    _check_float(f"{p}weight", weight, hidden.device)
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"{p}weight must be (V, H) with V >= 1 and H = {p}hidden.shape[-1]; got {p}hidden "
+            f"{tuple(hidden.shape)} and {p}weight {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise TypeError(
+            f"{p}hidden ({hidden.dtype}) and {p}weight ({weight.dtype}) must have the same dtype "
+            "(or run under torch.autocast)"
+        )
+    if bias is not None:
+        _check_float(f"{p}bias", bias, hidden.device)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{p}bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{p}bias ({bias.dtype}) and {p}weight ({weight.dtype}) must have the same dtype")
+    if softcap is not None:
+        name = "teacher_softcap" if who == "teacher" else "softcap"
+        _check_real(name, softcap)
+        if not softcap > 0:
+            raise ValueError(f"{name} must be None or > 0, got {softcap}")
+    return hidden.reshape(-1, hidden.shape[-1]), weight, bias
+
+
+def _check_token_ids(labels, lead, vocab, ignore_index, device, name="labels"):
+    """``labels`` flattened to int64 ``[N]`` (or None), each in [0, vocab) or ``ignore_index``."""
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(
+            f"{name} {tuple(labels.shape)} must have the hidden states' token shape {tuple(lead)}"
+        )
+    if labels.device != device:
+        raise ValueError(
+            f"{name} ({labels.device}) and the hidden states ({device}) are on different devices"
+        )
+    flat = labels.reshape(-1).long().contiguous()
+    if not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be in [0, {vocab}) or ignore_index ({ignore_index})")
+    return flat
+
+
+def _check_topk(topk, lead, device):
+    if not (isinstance(topk, (tuple, list)) and len(topk) == 2):
+        raise TypeError("teacher_topk must be a pair (indices, logprobs)")
+    indices, logprobs = topk
+    if (
+        not isinstance(indices, torch.Tensor)
+        or indices.dtype.is_floating_point
+        or indices.dtype == torch.bool
+    ):
+        raise TypeError("teacher_topk indices must be an integer tensor")
+    _check_float("teacher_topk logprobs", logprobs, device)
+    if indices.device != device:
+        raise ValueError(f"teacher_topk indices are on {indices.device}, the hidden states on {device}")
+    if (
+        indices.shape != logprobs.shape
+        or indices.dim() < 1
+        or indices.shape[:-1] != lead
+        or indices.shape[-1] < 1
+    ):
+        raise ValueError(
+            f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} must both be "
+            f"(..., k) with ... = {tuple(lead)} and k >= 1"
+        )
+    return indices, logprobs
+
+
+def _check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail) -> None:
+    if torch.compiler.is_compiling():
+        return
+    if bool((indices < 0).any()):
+        raise ValueError("teacher_topk indices must be >= 0")
+    if vocab_mismatch == "error" and bool((indices >= vocab).any()):
+        raise ValueError(
+            f"teacher_topk indices must be < V = {vocab} (or pass vocab_mismatch='mask' to drop larger ids)"
+        )
+    flat = indices.reshape(-1, indices.shape[-1])
+    if flat.shape[-1] > 1 and bool((flat.sort(-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("teacher_topk indices must be distinct within each token")
+    lp = logprobs.double()
+    if bool(torch.isnan(lp).any()) or bool((lp > 1e-4).any()):
+        raise ValueError("teacher_topk logprobs must be log-probabilities (<= 0, or -inf), without NaN")
+    if topk_tail == "bucket" and bool((lp.exp().sum(-1) > 1 + 1e-3).any()):
+        raise ValueError("teacher_topk probabilities must sum to at most 1 for topk_tail='bucket'")
+
+
+def _chunk_size(chunk_size, head: LMHead) -> int:
+    if chunk_size is None:
+        return default_chunk_size(head.vocab, head.hidden.shape[-1], head.hidden.device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+__all__ = [
+    "TOPK_TAILS",
+    "VOCAB_MISMATCH",
+    "FusedLinearDivergenceLoss",
+    "FusedLinearFYLoss",
+    "fused_linear_divergence_loss",
+    "fused_linear_fy_loss",
+]
