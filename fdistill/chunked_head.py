@@ -6,9 +6,10 @@ gradient ``dz`` (by the fused row kernels of the loss), then ``dh = dz W``, ``dW
 and the parameter gradients is a few ``C x V`` buffers, whatever the number of tokens.
 
 With ``reduction`` ``mean`` or ``sum`` the gradient is computed in the forward pass (the scale of each
-token's loss is known then) when any input requires grad, and the backward only multiplies it by the
-incoming scalar: one matmul pass, no recomputation. With ``reduction="none"`` the backward needs the
-per-token weights of the incoming gradient, so it recomputes the logits chunk by chunk.
+token's loss is known then) when any input requires grad, and the first backward hands it over,
+multiplied in place by the incoming scalar: one matmul pass, no recomputation. With
+``reduction="none"`` the backward needs the per-token weights of the incoming gradient, so it
+recomputes the logits chunk by chunk; so does a second backward through a retained graph.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class ChunkedLoss:
         with torch.enable_grad():
             z = z.detach().requires_grad_()
             loss = self.token_losses(z, rows)
+            if not loss.requires_grad:  # a loss constant in z (e.g. skew_kl with skew = 1)
+                return loss, z.detach().zero_()
             (dz,) = torch.autograd.grad(loss, z, grad_rows)  # the fused kernels may return z itself
         return loss.detach(), self.head.softcap_backward(dz, pre)
 
@@ -177,31 +180,40 @@ class _ChunkedHeadFunction(torch.autograd.Function):
     def forward(ctx, loss: ChunkedLoss, hidden, weight, bias):
         needs = ctx.needs_input_grad[1:4]
         ctx.loss, ctx.precomputed = loss, None
+        ctx.save_for_backward(hidden, weight, bias)  # inputs: no copy; for a recompute
         with _no_autocast(hidden):  # the head's dtype was chosen by the caller
             if any(needs) and loss.reduction != "none":
-                scale = 1.0 if loss.reduction == "sum" else 1.0 / loss.token_count()
                 grads = _Gradients(loss.head, hidden, weight, bias, needs)
-                weights = torch.full((loss.chunk_size,), scale, dtype=loss.loss_dtype, device=hidden.device)
-                token_losses = _run(loss, lambda rows: weights[: rows.stop - rows.start], grads)
+                token_losses = _run(loss, _constant_weights(loss, 1.0), grads)
                 ctx.precomputed = grads
             else:
                 token_losses = _run(loss, None, None)
-                ctx.save_for_backward(hidden, weight, bias)
         return _reduce(token_losses, loss)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        grads = ctx.precomputed
-        if grads is None:  # reduction="none": recompute with the per-token weights
-            hidden, weight, bias = ctx.saved_tensors
-            grads = _Gradients(ctx.loss.head, hidden, weight, bias, ctx.needs_input_grad[1:4])
-            g = grad_out.to(ctx.loss.loss_dtype)
-            with _no_autocast(hidden):
-                _run(ctx.loss, lambda rows: g[rows], grads)
-            grad_out = None
-        ctx.precomputed = ctx.loss = None  # free the gradients once handed over
-        return (None, *grads.scaled(grad_out))
+        grads, ctx.precomputed = ctx.precomputed, None  # handed over (and scaled in place) once
+        if grads is not None:
+            return (None, *grads.scaled(grad_out))
+        # reduction="none" (per-token weights), or a second backward through a retained graph
+        hidden, weight, bias = ctx.saved_tensors
+        grads = _Gradients(ctx.loss.head, hidden, weight, bias, ctx.needs_input_grad[1:4])
+        g = grad_out.to(ctx.loss.loss_dtype)
+        row_weight = (
+            (lambda rows: g[rows]) if ctx.loss.reduction == "none" else _constant_weights(ctx.loss, g)
+        )
+        with _no_autocast(hidden):
+            _run(ctx.loss, row_weight, grads)
+        return (None, *grads.scaled(None))
+
+
+def _constant_weights(loss: ChunkedLoss, grad_out):
+    """Every token's weight in the reduced loss (1/count for mean, 1 for sum) times ``grad_out``."""
+    scale = 1.0 if loss.reduction == "sum" else 1.0 / loss.token_count()
+    weights = torch.full((loss.chunk_size,), scale, dtype=loss.loss_dtype, device=loss.head.hidden.device)
+    weights = weights * grad_out
+    return lambda rows: weights[: rows.stop - rows.start]
 
 
 def _no_autocast(x: torch.Tensor):

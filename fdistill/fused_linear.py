@@ -274,8 +274,9 @@ class _Teacher:
 
 def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature,
              hidden, weight, bias, softcap, logits, topk) -> _Teacher:  # fmt: skip
-    given = [name for name, x in (("teacher_hidden/teacher_weight", hidden if hidden is not None else weight),
-                                  ("teacher_logits", logits), ("teacher_topk", topk)) if x is not None]  # fmt: skip
+    head = hidden if hidden is not None else weight
+    sources = (("teacher_hidden/teacher_weight", head), ("teacher_logits", logits), ("teacher_topk", topk))
+    given = [name for name, x in sources if x is not None]
     if len(given) != 1:
         raise ValueError(
             "give exactly one teacher: teacher_hidden and teacher_weight (its LM head), teacher_logits, or "
@@ -363,12 +364,21 @@ def _bucket_rows(teacher: _Teacher, options: dict, labels):
         zf = F.pad(z.to(acc), (0, 1), value=_NEG_INF)  # the dump column for ids beyond V
         top = zf.gather(1, idx)
         tail = zf.scatter(1, idx, _NEG_INF).logsumexp(1, keepdim=True)
-        teacher_tail = torch.log1p(-lp.exp().sum(1, keepdim=True).clamp(max=1))
+        teacher_tail = torch.log(_tail_mass(logprobs[rows])).to(acc)
         lp = lp.masked_fill(idx == zf.shape[1] - 1, _NEG_INF)  # dropped ids: no mass on either side
         student, teacher = torch.cat([top, tail], 1), torch.cat([lp, teacher_tail], 1)
         return divergence_loss(student, teacher, labels=None if labels is None else labels[rows], **options)
 
     return rows_fn
+
+
+def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """``1 - sum(exp(logprobs))`` per row (in float64), 0 when below the rounding of the stored
+    log-probabilities (4 eps of their dtype): such a tail is noise, and a student with no mass outside
+    the top-k (k = V) must not make forward KL infinite over it."""
+    tail = 1 - logprobs.double().exp().sum(1, keepdim=True)
+    noise = 4 * torch.finfo(logprobs.dtype).eps
+    return torch.where(tail > noise, tail, torch.zeros_like(tail)).to(logprobs.dtype)
 
 
 # ----------------------------------------------------------------------------- validation
