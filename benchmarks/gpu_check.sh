@@ -27,3 +27,7 @@ echo "== GPU tests"
 
 echo "== GPU benchmark"
 "$PY" -m benchmarks.bench_gpu "$@"
+
+echo "== fused-linear GPU benchmark (issue 5: 8192 and 1024 tokens, H 4096, V 128256 bf16)"
+"$PY" -m benchmarks.bench_fused_linear --device cuda --divergences jsd forward_kl
+"$PY" -m benchmarks.bench_fused_linear --device cuda --tokens 1024 --divergences jsd
