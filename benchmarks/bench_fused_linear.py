@@ -143,9 +143,8 @@ def main(argv=None) -> None:
         torch.cuda.get_device_name() if gpu else f"CPU, {args.threads} threads ({fdistill.cpu_capability()})"
     )
     dtype_name = str(dtype).removeprefix("torch.")
-    print(
-        f"{tokens} tokens, H {hidden}, V {vocab}, {dtype_name}, student + teacher heads; {where}; torch {torch.__version__}"
-    )
+    shape = f"{tokens} tokens, H {hidden}, V {vocab}, {dtype_name}"
+    print(f"{shape}, student + teacher heads; {where}; torch {torch.__version__}")
     rows = []
     for divergence in args.divergences:
         results = {name: measure(step, args.repeats) for name, step in steps(inputs, divergence).items()}
