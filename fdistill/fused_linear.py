@@ -8,6 +8,7 @@ stored top-k log-probabilities.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -78,7 +79,8 @@ def fused_linear_divergence_loss(
         teacher_logits: ... ``(..., V_t)`` logits, ...
         teacher_topk: ... or ``(indices, logprobs)``, both ``(..., k)``: the teacher's top-k token ids
             (distinct within a token, in ``[0, V)``) and their log-probabilities (offline distillation
-            from stored top-k). ``topk_tail`` says what the remaining mass is:
+            from stored top-k; tokens ignored through ``labels`` may hold anything there, e.g.
+            padding). ``topk_tail`` says what the remaining mass is:
 
             * ``"renormalize"`` (default): the teacher is its top-k renormalised (every other token
               has probability 0, as a ``-inf`` logit); the student keeps its full distribution. With
@@ -127,7 +129,8 @@ def fused_linear_divergence_loss(
     backend = _pick_backend(backend, student_hidden, False, name="student_hidden")
     student = LMHead(*head_args, softcap, _compute_dtype(student_hidden, student_weight))
 
-    teacher = _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature,
+    keep = None if flat_labels is None else flat_labels != ignore_index
+    teacher = _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
                        teacher_hidden, teacher_weight, teacher_bias, teacher_softcap,
                        teacher_logits, teacher_topk)  # fmt: skip
     options = dict(divergence=divergence, beta=beta, skew=skew, alpha=alpha, temperature=temperature,
@@ -272,7 +275,7 @@ class _Teacher:
         self.vocab, self.chunk_logits, self.topk, self.bucket = vocab, chunk_logits, topk, bucket
 
 
-def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature,
+def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
              hidden, weight, bias, softcap, logits, topk) -> _Teacher:  # fmt: skip
     head = hidden if hidden is not None else weight
     sources = (("teacher_hidden/teacher_weight", head), ("teacher_logits", logits), ("teacher_topk", topk))
@@ -311,9 +314,8 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature,
                 f"topk_tail='bucket' needs temperature=1 (got {temperature}): the teacher's tempered "
                 "tail mass cannot be known from its top-k"
             )
-        _check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail)
-        flat_idx = indices.reshape(-1, indices.shape[-1])
-        flat_lp = logprobs.detach().reshape(-1, logprobs.shape[-1])
+        flat_idx, flat_lp = _placeholder_for_ignored(indices, logprobs.detach(), keep)
+        _check_topk_values(flat_idx, flat_lp, vocab, vocab_mismatch, topk_tail)
         # ids beyond the student's vocabulary (allowed by vocab_mismatch="mask") go to a dump column
         flat_idx = torch.where(flat_idx < vocab, flat_idx, vocab).long()
         if topk_tail == "bucket":
@@ -370,6 +372,18 @@ def _bucket_rows(teacher: _Teacher, options: dict, labels):
         return divergence_loss(student, teacher, labels=None if labels is None else labels[rows], **options)
 
     return rows_fn
+
+
+def _placeholder_for_ignored(indices, logprobs, keep):
+    """[N, k] top-k ids and log-probabilities where ignored tokens (padding, whose stored top-k may be
+    anything) hold a valid placeholder: ids 0..k-1 with log-probability -log k."""
+    k = indices.shape[-1]
+    idx, lp = indices.reshape(-1, k).long(), logprobs.reshape(-1, k)
+    if keep is None:
+        return idx, lp
+    keep = keep.unsqueeze(1)
+    placeholder = torch.arange(k, device=idx.device).expand_as(idx)
+    return torch.where(keep, idx, placeholder), torch.where(keep, lp, torch.full_like(lp, -math.log(k)))
 
 
 def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:

@@ -322,6 +322,22 @@ def test_topk_renormalize_makes_reverse_kl_infinite(seed):
     assert renormalized.item() == math.inf and math.isfinite(bucket.item())
 
 
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_topk_garbage_on_ignored_tokens_is_ignored(tail, seed):
+    """Padding tokens' stored top-k may be anything (-1 ids, duplicates, NaN): ignored, not rejected."""
+    student = make_head(seed)
+    indices, logprobs = topk_of(randn((N, V), seed + 5, torch.float64) * 3, 20)
+    labels = make_labels(seed)
+    want = fused(student, teacher_topk=(indices, logprobs.float()), topk_tail=tail, labels=labels)
+    ignored = labels == IGNORE
+    indices[ignored] = -1
+    logprobs[ignored] = math.nan
+    got = fused(student, teacher_topk=(indices, logprobs.float()), topk_tail=tail, labels=labels)
+    assert_matches(got, [want[0].double(), [g.double() for g in want[1]]], 1e-6, 1e-7)
+    with pytest.raises(ValueError, match=">= 0"):
+        fused(student, teacher_topk=(indices, logprobs.float()), topk_tail=tail)
+
+
 def bucket_oracle(student, indices, logprobs, divergence, options, labels=None):
     """The (k + 1)-outcome divergence written directly: q_tail = 1 - sum q_topk in float64."""
     h, w, b = leaves(*(t.double() for t in student))
