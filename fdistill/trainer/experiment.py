@@ -1,0 +1,324 @@
+"""The teacher-hacking experiment: oracle -> teacher -> student, offline vs online distillation data.
+
+Setup (Tiapkin et al., 2025, at toy scale; see ../shared/reference/algorithms.md):
+
+- **oracle**: a randomly initialised transformer with a sharpened LM head (``head_scale``). Its
+  next-token distributions are the ground truth: peaked, context-dependent through attention over
+  the whole sequence, exactly computable, and free to sample — a synthetic language with known
+  probabilities, so golden metrics are exact expectations rather than estimates against a corpus.
+- **teacher**: distilled from the oracle (forward KL, fresh oracle samples) with an attention window
+  of ``attn_window`` tokens: it cannot see further back, so its errors are systematic, structured and
+  learnable — the imperfect teacher the student can hack.
+- **student**: starts from likelihood training (SFT) on plenty of fresh oracle samples (real oracle
+  knowledge), then is distilled from the teacher, once per data source, from the same start:
+  ``offline`` fixed datasets of ``prompts x generations`` teacher completions generated once (two
+  sizes / diversities), and ``online`` fresh completions every step, from the teacher or on-policy
+  from the student (GKD's lambda).
+- **metrics** on held-out prompts every ``eval_every`` steps: proxy = per-token KL(teacher || student)
+  on completions sampled from the teacher, golden = per-token KL(oracle || student) on completions
+  sampled from the oracle (each the sequence-level KL per token, by the chain rule). A
+  :class:`~fdistill.trainer.monitor.TeacherHackingMonitor` per run fits the early golden-vs-proxy
+  power law and flags departures and "golden up while proxy down".
+
+Every stage checkpoints (safetensors, atomic) and a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distill import LOSSES, OfflineData, OnlineData, Task, check_compatible, distillation_loss, sequence_kl, sft_loss
+from .model import LMConfig, TinyLM
+from .monitor import TeacherHackingMonitor
+
+
+@dataclass(frozen=True)
+class Source:
+    """One student data source: ``offline`` (``prompts`` x ``generations`` teacher completions, fixed)
+    or ``online`` (fresh each step; ``lmbda`` = probability of an on-policy, student-sampled batch)."""
+
+    name: str
+    kind: str
+    prompts: int = 0
+    generations: int = 1
+    lmbda: float = 0.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    vocab: int = 32
+    prompt_len: int = 8
+    length: int = 16
+    oracle: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, head_scale=8.0)
+    teacher: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, attn_window=3)
+    student: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24)
+    teacher_steps: int = 600
+    sft_steps: int = 600
+    distill_steps: int = 1500
+    batch: int = 32
+    lr: float = 1e-3
+    distill_lr: float = 1e-3
+    eval_every: int = 50
+    eval_prompts: int = 256
+    ckpt_every: int = 250
+    sources: tuple = (
+        Source("offline 32x1", "offline", prompts=32, generations=1),
+        Source("offline 512x1", "offline", prompts=512, generations=1),
+        Source("online teacher", "online", lmbda=0.0),
+        Source("online mixed (lambda 0.5)", "online", lmbda=0.5),
+    )
+    monitor: dict = field(default_factory=lambda: {"fit_points": 5, "tolerance": 0.1, "patience": 2})
+
+
+PRESETS = {
+    "tiny": Preset(),
+    "small": Preset(
+        vocab=64, length=24,
+        oracle=LMConfig(vocab=64, width=128, depth=3, heads=4, context=32, head_scale=8.0),
+        teacher=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32, attn_window=3),
+        student=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32),
+        teacher_steps=1500, sft_steps=1500, distill_steps=4000, eval_every=100,
+        sources=(Source("offline 64x1", "offline", prompts=64), Source("offline 1024x1", "offline", prompts=1024),
+                 Source("offline 16x4", "offline", prompts=16, generations=4), Source("online teacher", "online"),
+                 Source("online mixed (lambda 0.5)", "online", lmbda=0.5)),
+    ),  # fmt: skip
+    "smoke": Preset(
+        teacher_steps=20, sft_steps=20, distill_steps=40, eval_every=10, eval_prompts=32, ckpt_every=20,
+        sources=(Source("offline 8x1", "offline", prompts=8), Source("online teacher", "online")),
+        monitor={"fit_points": 2, "tolerance": 0.1, "patience": 1},
+    ),
+}
+
+
+def preset_config(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    return replace(preset, oracle=replace(preset.oracle, vocab=preset.vocab),
+                   teacher=replace(preset.teacher, vocab=preset.vocab),
+                   student=replace(preset.student, vocab=preset.vocab))  # fmt: skip
+
+
+class _Progress:
+    """tqdm progress bar when available, else a silent stand-in."""
+
+    def __init__(self, total, desc, enabled=True):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+        except ImportError:
+            self.bar = None
+
+    def update(self, n=1, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train(model, name, ckpt, steps, batch_fn, loss_fn, lr, generator, *, evaluate=None, eval_every=0,
+           ckpt_every=0, data=None, progress=True, log=None):  # fmt: skip
+    """Adam on ``loss_fn(batch_fn())`` for ``steps`` steps, resuming from ``ckpt`` if it exists.
+
+    Returns the run's record: ``{"loss": [...], "eval": [{"step", ...metrics}], "done": bool}``."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    record = {"loss": [], "eval": [], "done": False}
+    if ckpt.exists():
+        record = load_checkpoint(ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator})
+        if data is not None:
+            data.load_state(record.pop("data_state"))
+        if record["done"]:
+            return record
+        if log:
+            log(f"  resuming {name} at step {len(record['loss'])}")
+    start = len(record["loss"])
+    if evaluate is not None and start == 0:
+        record["eval"].append({"step": 0, **evaluate()})
+
+    def save(done=False):
+        meta = dict(record, done=done)
+        if data is not None:
+            meta["data_state"] = data.state()
+        save_checkpoint(ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator}, meta=meta)
+
+    bar = _Progress(steps, name, progress)
+    bar.update(start)
+    for step in range(start + 1, steps + 1):
+        loss = loss_fn(batch_fn())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        record["loss"].append(loss.item())
+        if evaluate is not None and step % eval_every == 0:
+            record["eval"].append({"step": step, **evaluate()})
+            bar.update(1, **{k: v for k, v in record["eval"][-1].items() if k != "step"})
+        else:
+            bar.update(1)
+        if ckpt_every and step % ckpt_every == 0 and step < steps:
+            save()
+    bar.close()
+    record["done"] = True
+    save(done=True)
+    return record
+
+
+def run_teacher_hacking(preset: str = "tiny", out: str | Path = "runs/teacher-hacking", *, seed: int = 0,
+                        divergence: str = "forward_kl", fused: bool = False, progress: bool = True,
+                        plots: bool = True, log=print) -> dict:  # fmt: skip
+    """Run (or resume) the experiment; writes ``out/curves.json``, ``out/summary.md`` and PNG plots;
+    returns the curves dict."""
+    cfg = preset_config(preset)
+    if divergence not in LOSSES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
+    out = Path(out)
+    run_config = {"preset": preset, "seed": seed, "divergence": divergence, "fused": fused, "config": _jsonable(cfg)}
+    _claim_out_dir(out, run_config)
+    ckpts = out / "checkpoints"
+    task = Task(cfg.vocab, cfg.prompt_len, cfg.length)
+    torch.manual_seed(seed)
+
+    oracle = TinyLM(cfg.oracle).eval()
+    if (ckpts / "oracle.safetensors").exists():
+        load_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle})
+    else:
+        save_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle}, meta={"stage": "oracle"})
+    for p in oracle.parameters():
+        p.requires_grad_(False)
+
+    gen_eval = torch.Generator().manual_seed(seed + 10_000)  # held-out prompts: their own stream
+    eval_prompts = task.prompts(cfg.eval_prompts, gen_eval)
+    golden_seqs = oracle.sample(eval_prompts, task.length, generator=gen_eval)
+
+    # stage 1: the teacher, distilled from the oracle on fresh oracle samples (cached)
+    torch.manual_seed(seed + 1)
+    teacher = TinyLM(cfg.teacher)
+    check_compatible(oracle, teacher, task)
+    gen = torch.Generator().manual_seed(seed + 1)
+    log("stage 1: teacher <- oracle")
+    _train(teacher, "teacher", ckpts / "teacher.safetensors", cfg.teacher_steps,
+           lambda: oracle.sample(task.prompts(cfg.batch, gen), task.length, generator=gen),
+           lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len, "forward_kl"),
+           cfg.lr, gen, progress=progress, log=log)  # fmt: skip
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    proxy_seqs = teacher.sample(eval_prompts, task.length, generator=gen_eval)
+
+    # stage 2: the student's start, likelihood training on fresh oracle samples (cached)
+    torch.manual_seed(seed + 2)
+    student0 = TinyLM(cfg.student)
+    check_compatible(teacher, student0, task)
+    gen = torch.Generator().manual_seed(seed + 2)
+    log("stage 2: student SFT on oracle samples")
+    _train(student0, "student", ckpts / "student_sft.safetensors", cfg.sft_steps,
+           lambda: oracle.sample(task.prompts(cfg.batch, gen), task.length, generator=gen),
+           lambda seqs: sft_loss(student0, seqs, task.prompt_len), cfg.lr, gen, progress=progress, log=log)  # fmt: skip
+
+    def metrics(model):
+        return {"proxy": sequence_kl(teacher, model, proxy_seqs, task.prompt_len),
+                "golden": sequence_kl(oracle, model, golden_seqs, task.prompt_len)}  # fmt: skip
+
+    curves = {"run": run_config, "teacher_golden": sequence_kl(oracle, teacher, golden_seqs, task.prompt_len),
+              "student_start": metrics(student0), "sources": {}}  # fmt: skip
+    log(f"teacher golden KL(oracle || teacher) = {curves['teacher_golden']:.4f}; "
+        f"student start: proxy {curves['student_start']['proxy']:.4f}, golden {curves['student_start']['golden']:.4f}")  # fmt: skip
+
+    # stage 3: the student distilled from the teacher, once per data source
+    for i, source in enumerate(cfg.sources):
+        student = copy.deepcopy(student0).train()
+        gen = torch.Generator().manual_seed(seed + 100 + i)
+        if source.kind == "offline":
+            data = OfflineData(teacher, task, source.prompts, source.generations, gen)
+        else:
+            data = OnlineData(task, teacher, student, source.lmbda)
+        log(f"stage 3: student <- teacher, {source.name}")
+        record = _train(student, "student", ckpts / f"distill_{_slug(source.name)}.safetensors", cfg.distill_steps,
+                        lambda d=data, g=gen: d.batch(cfg.batch, g),
+                        lambda seqs, s=student: distillation_loss(s, teacher, seqs, task.prompt_len, divergence, fused),
+                        cfg.distill_lr, gen, evaluate=lambda s=student: metrics(s), eval_every=cfg.eval_every,
+                        ckpt_every=cfg.ckpt_every, data=data if source.kind == "offline" else None,
+                        progress=progress, log=log)  # fmt: skip
+        monitor = TeacherHackingMonitor(**cfg.monitor)
+        events = []
+        for point in record["eval"]:
+            events += monitor.update(point["step"], proxy=point["proxy"], golden=point["golden"])
+        curves["sources"][source.name] = {
+            "source": asdict(source),
+            "steps": [p["step"] for p in record["eval"]],
+            "proxy": [p["proxy"] for p in record["eval"]],
+            "golden": [p["golden"] for p in record["eval"]],
+            "train_loss": record["loss"],
+            "monitor": monitor.summary(),
+            "events": events,
+        }
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    table = summary_table(curves)
+    (out / "summary.md").write_text(table + "\n")
+    log(table)
+    if plots:
+        from .plots import plot_curves
+
+        for path in plot_curves(curves, out):
+            log(f"wrote {path}")
+    return curves
+
+
+def summary_table(curves: dict) -> str:
+    head = ["data source", "proxy start → end", "golden start → min (step) → end", "departure step",
+            "hacking step"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, c in curves["sources"].items():
+        best = min(range(len(c["golden"])), key=lambda i: c["golden"][i])
+        m = c["monitor"]
+        lines.append(
+            f"| {name} | {c['proxy'][0]:.4f} → {c['proxy'][-1]:.4f} | {c['golden'][0]:.4f} → "
+            f"{c['golden'][best]:.4f} ({c['steps'][best]}) → {c['golden'][-1]:.4f} | "
+            f"{m['departure_step'] if m['departure_step'] is not None else '-'} | "
+            f"{m['hacking_step'] if m['hacking_step'] is not None else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def _claim_out_dir(out: Path, run_config: dict) -> None:
+    """Refuse to resume into a directory that holds another configuration's run."""
+    marker = out / "run.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        if previous != json.loads(json.dumps(run_config)):
+            raise ValueError(
+                f"{out} holds a run with another configuration (preset/seed/divergence/sizes); "
+                "pass another --out, or --fresh to delete it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(run_config, indent=1))
+
+
+def _jsonable(x):
+    if hasattr(x, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in asdict(x).items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+__all__ = ["PRESETS", "Preset", "Source", "CheckpointError", "preset_config", "run_teacher_hacking", "summary_table"]
