@@ -1,7 +1,7 @@
 """``python -m fdistill <experiment> ...``: the trainer's experiments.
 
-    python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seed 0]
-        [--divergence forward_kl] [--fused] [--fresh] [--no-progress]
+python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seed 0]
+    [--divergence forward_kl] [--fused] [--fresh] [--no-progress]
 """
 
 from __future__ import annotations

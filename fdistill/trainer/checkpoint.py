@@ -53,9 +53,11 @@ def load_checkpoint(path, *, models=None, optimizers=None, generators=None) -> d
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads(f.metadata()["fdistill"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); delete it to redo that stage") from exc
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({exc}); delete it to redo that stage"
+        ) from exc
     try:
         for name, model in (models or {}).items():
             prefix = f"model/{name}/"

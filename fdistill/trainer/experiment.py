@@ -35,7 +35,17 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distill import LOSSES, OfflineData, OnlineData, Task, check_compatible, distillation_loss, sequence_kl, sft_loss
+from .distill import (
+    LOSSES,
+    OfflineData,
+    OnlineData,
+    SamplePool,
+    Task,
+    check_compatible,
+    distillation_loss,
+    sequence_kl,
+    sft_loss,
+)
 from .model import LMConfig, TinyLM
 from .monitor import TeacherHackingMonitor
 
@@ -81,17 +91,30 @@ class Preset:
 PRESETS = {
     "tiny": Preset(),
     "small": Preset(
-        vocab=64, length=24,
+        vocab=64,
+        length=24,
         oracle=LMConfig(vocab=64, width=128, depth=3, heads=4, context=32, head_scale=8.0),
         teacher=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32, attn_window=3),
         student=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32),
-        teacher_steps=1500, sft_steps=1500, distill_steps=4000, eval_every=100,
-        sources=(Source("offline 64x1", "offline", prompts=64), Source("offline 1024x1", "offline", prompts=1024),
-                 Source("offline 16x4", "offline", prompts=16, generations=4), Source("online teacher", "online"),
-                 Source("online mixed (lambda 0.5)", "online", lmbda=0.5)),
-    ),  # fmt: skip
+        teacher_steps=1500,
+        sft_steps=1500,
+        distill_steps=4000,
+        eval_every=100,
+        sources=(
+            Source("offline 64x1", "offline", prompts=64),
+            Source("offline 1024x1", "offline", prompts=1024),
+            Source("offline 16x4", "offline", prompts=16, generations=4),
+            Source("online teacher", "online"),
+            Source("online mixed (lambda 0.5)", "online", lmbda=0.5),
+        ),
+    ),
     "smoke": Preset(
-        teacher_steps=20, sft_steps=20, distill_steps=40, eval_every=10, eval_prompts=32, ckpt_every=20,
+        teacher_steps=20,
+        sft_steps=20,
+        distill_steps=40,
+        eval_every=10,
+        eval_prompts=32,
+        ckpt_every=20,
         sources=(Source("offline 8x1", "offline", prompts=8), Source("online teacher", "online")),
         monitor={"fit_points": 2, "tolerance": 0.1, "patience": 1},
     ),
@@ -102,9 +125,12 @@ def preset_config(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
-    return replace(preset, oracle=replace(preset.oracle, vocab=preset.vocab),
-                   teacher=replace(preset.teacher, vocab=preset.vocab),
-                   student=replace(preset.student, vocab=preset.vocab))  # fmt: skip
+    return replace(
+        preset,
+        oracle=replace(preset.oracle, vocab=preset.vocab),
+        teacher=replace(preset.teacher, vocab=preset.vocab),
+        student=replace(preset.student, vocab=preset.vocab),
+    )
 
 
 class _Progress:
@@ -129,18 +155,35 @@ class _Progress:
             self.bar.close()
 
 
-def _train(model, name, ckpt, steps, batch_fn, loss_fn, lr, generator, *, evaluate=None, eval_every=0,
-           ckpt_every=0, data=None, progress=True, log=None):  # fmt: skip
+def _train(
+    model,
+    name,
+    ckpt,
+    steps,
+    batch_fn,
+    loss_fn,
+    lr,
+    generator,
+    *,
+    evaluate=None,
+    eval_every=0,
+    ckpt_every=0,
+    data=None,
+    progress=True,
+    log=None,
+):
     """Adam on ``loss_fn(batch_fn())`` for ``steps`` steps, resuming from ``ckpt`` if it exists.
 
     Returns the run's record: ``{"loss": [...], "eval": [{"step", ...metrics}], "done": bool}``."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     record = {"loss": [], "eval": [], "done": False}
     if ckpt.exists():
-        record = load_checkpoint(ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator})
+        record = load_checkpoint(
+            ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator}
+        )
         if data is not None:
             data.load_state(record.pop("data_state"))
-        if record["done"]:
+        if len(record["loss"]) >= steps:
             return record
         if log:
             log(f"  resuming {name} at step {len(record['loss'])}")
@@ -152,7 +195,9 @@ def _train(model, name, ckpt, steps, batch_fn, loss_fn, lr, generator, *, evalua
         meta = dict(record, done=done)
         if data is not None:
             meta["data_state"] = data.state()
-        save_checkpoint(ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator}, meta=meta)
+        save_checkpoint(
+            ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator}, meta=meta
+        )
 
     bar = _Progress(steps, name, progress)
     bar.update(start)
@@ -175,16 +220,31 @@ def _train(model, name, ckpt, steps, batch_fn, loss_fn, lr, generator, *, evalua
     return record
 
 
-def run_teacher_hacking(preset: str = "tiny", out: str | Path = "runs/teacher-hacking", *, seed: int = 0,
-                        divergence: str = "forward_kl", fused: bool = False, progress: bool = True,
-                        plots: bool = True, log=print) -> dict:  # fmt: skip
+def run_teacher_hacking(
+    preset: str = "tiny",
+    out: str | Path = "runs/teacher-hacking",
+    *,
+    seed: int = 0,
+    divergence: str = "forward_kl",
+    fused: bool = False,
+    progress: bool = True,
+    plots: bool = True,
+    log=print,
+) -> dict:
     """Run (or resume) the experiment; writes ``out/curves.json``, ``out/summary.md`` and PNG plots;
     returns the curves dict."""
-    cfg = preset_config(preset)
+    cfg = preset if isinstance(preset, Preset) else preset_config(preset)
+    preset = "custom" if isinstance(preset, Preset) else preset
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
     out = Path(out)
-    run_config = {"preset": preset, "seed": seed, "divergence": divergence, "fused": fused, "config": _jsonable(cfg)}
+    run_config = {
+        "preset": preset,
+        "seed": seed,
+        "divergence": divergence,
+        "fused": fused,
+        "config": _jsonable(cfg),
+    }
     _claim_out_dir(out, run_config)
     ckpts = out / "checkpoints"
     task = Task(cfg.vocab, cfg.prompt_len, cfg.length)
@@ -208,10 +268,20 @@ def run_teacher_hacking(preset: str = "tiny", out: str | Path = "runs/teacher-ha
     check_compatible(oracle, teacher, task)
     gen = torch.Generator().manual_seed(seed + 1)
     log("stage 1: teacher <- oracle")
-    _train(teacher, "teacher", ckpts / "teacher.safetensors", cfg.teacher_steps,
-           lambda: oracle.sample(task.prompts(cfg.batch, gen), task.length, generator=gen),
-           lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len, "forward_kl"),
-           cfg.lr, gen, progress=progress, log=log)  # fmt: skip
+    pool = SamplePool(oracle, task, 512)
+    _train(
+        teacher,
+        "teacher",
+        ckpts / "teacher.safetensors",
+        cfg.teacher_steps,
+        lambda: pool.take(cfg.batch, gen),
+        lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len, "forward_kl"),
+        cfg.lr,
+        gen,
+        data=pool,
+        progress=progress,
+        log=log,
+    )
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -223,18 +293,38 @@ def run_teacher_hacking(preset: str = "tiny", out: str | Path = "runs/teacher-ha
     check_compatible(teacher, student0, task)
     gen = torch.Generator().manual_seed(seed + 2)
     log("stage 2: student SFT on oracle samples")
-    _train(student0, "student", ckpts / "student_sft.safetensors", cfg.sft_steps,
-           lambda: oracle.sample(task.prompts(cfg.batch, gen), task.length, generator=gen),
-           lambda seqs: sft_loss(student0, seqs, task.prompt_len), cfg.lr, gen, progress=progress, log=log)  # fmt: skip
+    pool = SamplePool(oracle, task, 512)
+    _train(
+        student0,
+        "student",
+        ckpts / "student_sft.safetensors",
+        cfg.sft_steps,
+        lambda: pool.take(cfg.batch, gen),
+        lambda seqs: sft_loss(student0, seqs, task.prompt_len),
+        cfg.lr,
+        gen,
+        data=pool,
+        progress=progress,
+        log=log,
+    )
 
     def metrics(model):
-        return {"proxy": sequence_kl(teacher, model, proxy_seqs, task.prompt_len),
-                "golden": sequence_kl(oracle, model, golden_seqs, task.prompt_len)}  # fmt: skip
+        return {
+            "proxy": sequence_kl(teacher, model, proxy_seqs, task.prompt_len),
+            "golden": sequence_kl(oracle, model, golden_seqs, task.prompt_len),
+        }
 
-    curves = {"run": run_config, "teacher_golden": sequence_kl(oracle, teacher, golden_seqs, task.prompt_len),
-              "student_start": metrics(student0), "sources": {}}  # fmt: skip
-    log(f"teacher golden KL(oracle || teacher) = {curves['teacher_golden']:.4f}; "
-        f"student start: proxy {curves['student_start']['proxy']:.4f}, golden {curves['student_start']['golden']:.4f}")  # fmt: skip
+    curves = {
+        "run": run_config,
+        "teacher_golden": sequence_kl(oracle, teacher, golden_seqs, task.prompt_len),
+        "student_start": metrics(student0),
+        "sources": {},
+    }
+    start = curves["student_start"]
+    log(
+        f"teacher golden KL(oracle || teacher) = {curves['teacher_golden']:.4f}; "
+        f"student start: proxy {start['proxy']:.4f}, golden {start['golden']:.4f}"
+    )
 
     # stage 3: the student distilled from the teacher, once per data source
     for i, source in enumerate(cfg.sources):
@@ -243,14 +333,24 @@ def run_teacher_hacking(preset: str = "tiny", out: str | Path = "runs/teacher-ha
         if source.kind == "offline":
             data = OfflineData(teacher, task, source.prompts, source.generations, gen)
         else:
-            data = OnlineData(task, teacher, student, source.lmbda)
+            data = OnlineData(task, teacher, student, source.lmbda, cfg.batch)
         log(f"stage 3: student <- teacher, {source.name}")
-        record = _train(student, "student", ckpts / f"distill_{_slug(source.name)}.safetensors", cfg.distill_steps,
-                        lambda d=data, g=gen: d.batch(cfg.batch, g),
-                        lambda seqs, s=student: distillation_loss(s, teacher, seqs, task.prompt_len, divergence, fused),
-                        cfg.distill_lr, gen, evaluate=lambda s=student: metrics(s), eval_every=cfg.eval_every,
-                        ckpt_every=cfg.ckpt_every, data=data if source.kind == "offline" else None,
-                        progress=progress, log=log)  # fmt: skip
+        record = _train(
+            student,
+            "student",
+            ckpts / f"distill_{_slug(source.name)}.safetensors",
+            cfg.distill_steps,
+            lambda d=data, g=gen: d.batch(cfg.batch, g),
+            lambda seqs, s=student: distillation_loss(s, teacher, seqs, task.prompt_len, divergence, fused),
+            cfg.distill_lr,
+            gen,
+            evaluate=lambda s=student: metrics(s),
+            eval_every=cfg.eval_every,
+            ckpt_every=cfg.ckpt_every,
+            data=data,
+            progress=progress,
+            log=log,
+        )
         monitor = TeacherHackingMonitor(**cfg.monitor)
         events = []
         for point in record["eval"]:
@@ -277,8 +377,13 @@ def run_teacher_hacking(preset: str = "tiny", out: str | Path = "runs/teacher-ha
 
 
 def summary_table(curves: dict) -> str:
-    head = ["data source", "proxy start → end", "golden start → min (step) → end", "departure step",
-            "hacking step"]  # fmt: skip
+    head = [
+        "data source",
+        "proxy start → end",
+        "golden start → min (step) → end",
+        "departure step",
+        "hacking step",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name, c in curves["sources"].items():
         best = min(range(len(c["golden"])), key=lambda i: c["golden"][i])
@@ -321,4 +426,12 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-__all__ = ["PRESETS", "Preset", "Source", "CheckpointError", "preset_config", "run_teacher_hacking", "summary_table"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "Source",
+    "CheckpointError",
+    "preset_config",
+    "run_teacher_hacking",
+    "summary_table",
+]

@@ -16,7 +16,8 @@ class LMConfig:
     ``heads``-head causal attention + MLP, positions up to ``context``. ``attn_window`` restricts each
     position to the last ``attn_window`` positions (itself included): a model that cannot see far back
     (a structured, learnable limitation). ``head_scale`` multiplies the initial LM-head weight (a
-    sharper random model)."""
+    sharper random model) and ``attn_gain`` the initial attention output projections (a random model
+    whose predictions depend more on the context than on the current token)."""
 
     vocab: int = 32
     width: int = 64
@@ -25,6 +26,7 @@ class LMConfig:
     context: int = 24
     attn_window: int | None = None
     head_scale: float = 1.0
+    attn_gain: float = 1.0
 
     def __post_init__(self):
         for name in ("vocab", "width", "depth", "heads", "context"):
@@ -47,7 +49,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
-        self.mlp = nn.Sequential(nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(), nn.Linear(4 * cfg.width, cfg.width))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(), nn.Linear(4 * cfg.width, cfg.width)
+        )
 
     def forward(self, x, mask):
         b, t, d = x.shape
@@ -71,6 +75,8 @@ class TinyLM(nn.Module):
         self.lm_head = nn.Linear(cfg.width, cfg.vocab, bias=False)
         with torch.no_grad():
             self.lm_head.weight.mul_(cfg.head_scale)
+            for block in self.blocks:
+                block.proj.weight.mul_(cfg.attn_gain)
 
     def _mask(self, t: int, device) -> torch.Tensor:
         i = torch.arange(t, device=device)
@@ -82,7 +88,9 @@ class TinyLM(nn.Module):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` token ids -> ``(B, T, width)`` final hidden states."""
         if tokens.dim() != 2 or tokens.shape[1] > self.cfg.context:
-            raise ValueError(f"tokens must be (batch, T) with T <= context = {self.cfg.context}, got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be (batch, T) with T <= context = {self.cfg.context}, got {tuple(tokens.shape)}"
+            )
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         mask = self._mask(tokens.shape[1], tokens.device)
         for block in self.blocks:
@@ -94,8 +102,15 @@ class TinyLM(nn.Module):
         return self.lm_head(self.hidden(tokens))
 
     @torch.no_grad()
-    def sample(self, prompts: torch.Tensor, length: int, *, temperature: float = 1.0, top_k: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    def sample(
+        self,
+        prompts: torch.Tensor,
+        length: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``(B, P)`` prompts -> ``(B, P + length)`` sequences, sampling from softmax(logits / T)
         restricted to the ``top_k`` most likely tokens (all when None)."""
         if not temperature > 0:
@@ -103,10 +118,12 @@ class TinyLM(nn.Module):
         if top_k is not None and not 1 <= top_k <= self.cfg.vocab:
             raise ValueError(f"top_k must be None or in [1, {self.cfg.vocab}], got {top_k}")
         if prompts.shape[1] + length > self.cfg.context:
-            raise ValueError(f"prompt ({prompts.shape[1]}) + length ({length}) exceeds context {self.cfg.context}")
+            raise ValueError(
+                f"prompt ({prompts.shape[1]}) + length ({length}) exceeds context {self.cfg.context}"
+            )
         seq = prompts
         for _ in range(length):
-            logits = self(seq)[:, -1].float() / temperature
+            logits = self(seq)[:, -1].double() / temperature
             if top_k is not None and top_k < self.cfg.vocab:
                 kth = logits.topk(top_k, -1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, -math.inf)
@@ -124,5 +141,6 @@ class TinyLM(nn.Module):
 
     def sequence_logprobs(self, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """``(B, L)`` log p(y_n | x, y_<n) of each completion token."""
-        logp = self.completion_logits(seq, prompt_len).float().log_softmax(-1)
+        logits = self.completion_logits(seq, prompt_len)
+        logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
         return logp.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)

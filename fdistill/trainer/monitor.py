@@ -61,10 +61,10 @@ class TeacherHackingMonitor:
             if min(recent) >= self.fit_points and all(self.residual(i) > self.tolerance for i in recent):
                 self.departure_step = self.steps[n - self.patience]
                 events.append(f"step {self.departure_step}: golden departs from the early power law")
-        if self.hacking_step is None and n > self.patience:
-            if all(self._hacking_at(i) for i in range(n - self.patience, n)):
-                self.hacking_step = self.steps[n - self.patience]
-                events.append(f"step {self.hacking_step}: golden rises while proxy still falls (teacher hacking)")
+        recent = range(n - self.patience, n)
+        if self.hacking_step is None and n > self.patience and all(self._hacking_at(i) for i in recent):
+            self.hacking_step = self.steps[n - self.patience]
+            events.append(f"step {self.hacking_step}: golden rises while proxy still falls (teacher hacking)")
         return events
 
     def residual(self, i: int) -> float:

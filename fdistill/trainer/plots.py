@@ -21,7 +21,9 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
         axes[0].plot(steps, c["proxy"], label=name)
         axes[1].plot(steps, c["golden"], label=name)
     axes[1].axhline(curves["teacher_golden"], color="k", ls=":", lw=1, label="teacher's golden")
-    for ax, title in zip(axes, ("proxy: KL(teacher || student)", "golden: KL(oracle || student)"), strict=True):
+    for ax, title in zip(
+        axes, ("proxy: KL(teacher || student)", "golden: KL(oracle || student)"), strict=True
+    ):
         ax.set(xscale="log", yscale="log", xlabel="step", title=title)
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7)
@@ -37,15 +39,27 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
         if fit is not None:
             lo, hi = min(c["proxy"]), max(c["proxy"])
             xs = [lo * (hi / lo) ** (i / 20) for i in range(21)] if lo > 0 else []
-            ax.plot(xs, [math.exp(fit["log_a"]) * x ** fit["exponent"] for x in xs], ls="--", lw=1,
-                    color=line.get_color())  # fmt: skip
+            ax.plot(
+                xs,
+                [math.exp(fit["log_a"]) * x ** fit["exponent"] for x in xs],
+                ls="--",
+                lw=1,
+                color=line.get_color(),
+            )
         for key, marker in (("departure_step", "o"), ("hacking_step", "x")):
             step = c["monitor"][key]
             if step is not None:
                 i = c["steps"].index(step)
-                ax.plot(c["proxy"][i], c["golden"][i], marker=marker, ms=10, mfc="none", color=line.get_color())
-    ax.set(xscale="log", yscale="log", xlabel="proxy", ylabel="golden",
-           title="golden vs proxy (dashed: early power-law fit; o departure, x hacking)")  # fmt: skip
+                ax.plot(
+                    c["proxy"][i], c["golden"][i], marker=marker, ms=10, mfc="none", color=line.get_color()
+                )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="proxy",
+        ylabel="golden",
+        title="golden vs proxy (dashed: early power-law fit; o departure, x hacking)",
+    )
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
