@@ -67,23 +67,22 @@ class Preset:
     vocab: int = 32
     prompt_len: int = 8
     length: int = 16
-    oracle: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, head_scale=8.0)
-    teacher: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, attn_window=3)
+    oracle: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, head_scale=8.0, attn_gain=6.0)
+    teacher: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, attn_window=2)
     student: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24)
-    teacher_steps: int = 600
-    sft_steps: int = 600
-    distill_steps: int = 1500
+    teacher_steps: int = 300
+    sft_steps: int = 20
+    distill_steps: int = 600
     batch: int = 32
     lr: float = 1e-3
-    distill_lr: float = 1e-3
-    eval_every: int = 50
+    distill_lr: float = 3e-3
+    eval_every: int = 30
     eval_prompts: int = 256
-    ckpt_every: int = 250
+    ckpt_every: int = 150
     sources: tuple = (
-        Source("offline 32x1", "offline", prompts=32, generations=1),
-        Source("offline 512x1", "offline", prompts=512, generations=1),
+        Source("offline 16x1", "offline", prompts=16, generations=1),
+        Source("offline 128x1", "offline", prompts=128, generations=1),
         Source("online teacher", "online", lmbda=0.0),
-        Source("online mixed (lambda 0.5)", "online", lmbda=0.5),
     )
     monitor: dict = field(default_factory=lambda: {"fit_points": 5, "tolerance": 0.1, "patience": 2})
 
@@ -93,7 +92,7 @@ PRESETS = {
     "small": Preset(
         vocab=64,
         length=24,
-        oracle=LMConfig(vocab=64, width=128, depth=3, heads=4, context=32, head_scale=8.0),
+        oracle=LMConfig(vocab=64, width=128, depth=3, heads=4, context=32, head_scale=8.0, attn_gain=6.0),
         teacher=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32, attn_window=3),
         student=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32),
         teacher_steps=1500,
