@@ -219,6 +219,16 @@ def _train(
     return record
 
 
+def _train_on_oracle(oracle, model, name, ckpts, steps, loss_fn, task, cfg, seed, progress, log):
+    """A cached stage: ``loss_fn`` on fresh oracle samples (``teacher.safetensors`` /
+    ``student_sft.safetensors``)."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = SamplePool(oracle, task, 512)
+    ckpt = ckpts / ("teacher.safetensors" if name == "teacher" else "student_sft.safetensors")
+    _train(model, name, ckpt, steps, lambda: pool.take(cfg.batch, gen), loss_fn, cfg.lr, gen, data=pool,
+           progress=progress, log=log)  # fmt: skip
+
+
 def run_teacher_hacking(
     preset: str = "tiny",
     out: str | Path = "runs/teacher-hacking",
@@ -265,22 +275,10 @@ def run_teacher_hacking(
     torch.manual_seed(seed + 1)
     teacher = TinyLM(cfg.teacher)
     check_compatible(oracle, teacher, task)
-    gen = torch.Generator().manual_seed(seed + 1)
     log("stage 1: teacher <- oracle")
-    pool = SamplePool(oracle, task, 512)
-    _train(
-        teacher,
-        "teacher",
-        ckpts / "teacher.safetensors",
-        cfg.teacher_steps,
-        lambda: pool.take(cfg.batch, gen),
-        lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len, "forward_kl"),
-        cfg.lr,
-        gen,
-        data=pool,
-        progress=progress,
-        log=log,
-    )
+    distill_from_oracle = lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len)  # noqa: E731
+    _train_on_oracle(oracle, teacher, "teacher", ckpts, cfg.teacher_steps, distill_from_oracle, task, cfg,
+                     seed + 1, progress, log)  # fmt: skip
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -290,22 +288,9 @@ def run_teacher_hacking(
     torch.manual_seed(seed + 2)
     student0 = TinyLM(cfg.student)
     check_compatible(teacher, student0, task)
-    gen = torch.Generator().manual_seed(seed + 2)
     log("stage 2: student SFT on oracle samples")
-    pool = SamplePool(oracle, task, 512)
-    _train(
-        student0,
-        "student",
-        ckpts / "student_sft.safetensors",
-        cfg.sft_steps,
-        lambda: pool.take(cfg.batch, gen),
-        lambda seqs: sft_loss(student0, seqs, task.prompt_len),
-        cfg.lr,
-        gen,
-        data=pool,
-        progress=progress,
-        log=log,
-    )
+    _train_on_oracle(oracle, student0, "student", ckpts, cfg.sft_steps, lambda seqs: sft_loss(student0, seqs,
+                     task.prompt_len), task, cfg, seed + 2, progress, log)  # fmt: skip
 
     def metrics(model):
         return {
