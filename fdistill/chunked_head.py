@@ -228,8 +228,8 @@ def chunked_head_loss(loss: ChunkedLoss, hidden, weight, bias) -> torch.Tensor:
 
 def default_chunk_size(vocab: int, hidden_size: int, device: torch.device) -> int:
     """Tokens per chunk: a power of two with ``chunk x V`` about 2^24 logits (64 MiB in float32) on
-    the CPU and 2^26 on a GPU, at least 4 x H / 32 (a matmul of ``chunk x H`` by ``H x V`` keeps the
-    cores busy once ``chunk`` is past a few tiles) and within [16, 8192]."""
+    the CPU and 2^26 on a GPU, at least H / 8 (the ``chunk x H`` by ``H x V`` matmul needs enough rows
+    to keep the cores busy) and within [16, 8192]."""
     budget = 1 << (26 if device.type == "cuda" else 24)
     chunk = max(budget // max(vocab, 1), hidden_size // 8, 16)
     return int(min(1 << (chunk.bit_length() - 1), 8192))
