@@ -139,7 +139,9 @@ class _Progress:
         try:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+            self.bar = tqdm(
+                total=total, desc=desc, file=sys.stderr, disable=None if enabled else True, leave=False
+            )  # None: off when not a TTY
         except ImportError:
             self.bar = None
 
