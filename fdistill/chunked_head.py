@@ -14,6 +14,7 @@ recomputes the logits chunk by chunk; so does a second backward through a retain
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ class LMHead:
             z = torch.addmm(self.bias, h, self.weight.T, out=out)
         if self.softcap is None:
             return z, None
-        return torch.tanh(z / self.softcap).mul_(self.softcap), z
+        return (z / self.softcap).tanh_().mul_(self.softcap), z  # one (chunk x V) temporary, not two
 
     def softcap_backward(self, dz: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
         """d/dpre of c tanh(pre / c) is 1 - tanh(pre / c)^2; ``pre`` is overwritten."""
@@ -87,8 +88,10 @@ class ChunkedLoss:
         for start in range(0, self.tokens, self.chunk_size):
             yield slice(start, min(start + self.chunk_size, self.tokens))
 
+    @functools.cached_property
     def token_count(self) -> int:
-        """The denominator of ``mean``: tokens whose label is not ``ignore_index`` (at least 1)."""
+        """The denominator of ``mean``: tokens whose label is not ``ignore_index`` (at least 1); read
+        once (a device sync) however many passes use it."""
         if self.labels is None:
             return max(self.tokens, 1)
         return max(int((self.labels != self.ignore_index).sum()), 1)
@@ -172,7 +175,7 @@ def _reduce(token_losses: torch.Tensor, loss: ChunkedLoss) -> torch.Tensor:
     if loss.reduction == "none":
         return token_losses
     total = token_losses.sum()
-    return total if loss.reduction == "sum" else total / loss.token_count()
+    return total if loss.reduction == "sum" else total / loss.token_count
 
 
 class _ChunkedHeadFunction(torch.autograd.Function):
@@ -210,7 +213,7 @@ class _ChunkedHeadFunction(torch.autograd.Function):
 
 def _constant_weights(loss: ChunkedLoss, grad_out):
     """Every token's weight in the reduced loss (1/count for mean, 1 for sum) times ``grad_out``."""
-    scale = 1.0 if loss.reduction == "sum" else 1.0 / loss.token_count()
+    scale = 1.0 if loss.reduction == "sum" else 1.0 / loss.token_count
     weights = torch.full((loss.chunk_size,), scale, dtype=loss.loss_dtype, device=loss.head.hidden.device)
     weights = weights * grad_out
     return lambda rows: weights[: rows.stop - rows.start]

@@ -75,7 +75,7 @@ class SamplePool:
 
     def __init__(self, model: TinyLM, task: Task, pool: int, temperature: float = 1.0):
         self.model, self.task, self.pool, self.temperature = model, task, pool, temperature
-        self.left = task.prompts(0, torch.Generator()).new_empty((0, task.prompt_len + task.length))
+        self.left = torch.empty((0, task.prompt_len + task.length), dtype=torch.long)
 
     def take(self, size: int, generator: torch.Generator) -> torch.Tensor:
         while self.left.shape[0] < size:

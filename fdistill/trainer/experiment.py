@@ -221,12 +221,10 @@ def _train(
     return record
 
 
-def _train_on_oracle(oracle, model, name, ckpts, steps, loss_fn, task, cfg, seed, progress, log):
-    """A cached stage: ``loss_fn`` on fresh oracle samples (``teacher.safetensors`` /
-    ``student_sft.safetensors``)."""
+def _train_on_oracle(oracle, model, name, ckpt, steps, loss_fn, task, cfg, seed, progress, log):
+    """A cached stage: ``loss_fn`` on fresh oracle samples, checkpointed at ``ckpt``."""
     gen = torch.Generator().manual_seed(seed)
     pool = SamplePool(oracle, task, 512)
-    ckpt = ckpts / ("teacher.safetensors" if name == "teacher" else "student_sft.safetensors")
     _train(model, name, ckpt, steps, lambda: pool.take(cfg.batch, gen), loss_fn, cfg.lr, gen, data=pool,
            progress=progress, log=log)  # fmt: skip
 
@@ -279,8 +277,8 @@ def run_teacher_hacking(
     check_compatible(oracle, teacher, task)
     log("stage 1: teacher <- oracle")
     distill_from_oracle = lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len)  # noqa: E731
-    _train_on_oracle(oracle, teacher, "teacher", ckpts, cfg.teacher_steps, distill_from_oracle, task, cfg,
-                     seed + 1, progress, log)  # fmt: skip
+    _train_on_oracle(oracle, teacher, "teacher", ckpts / "teacher.safetensors", cfg.teacher_steps,
+                     distill_from_oracle, task, cfg, seed + 1, progress, log)  # fmt: skip
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -291,8 +289,9 @@ def run_teacher_hacking(
     student0 = TinyLM(cfg.student)
     check_compatible(teacher, student0, task)
     log("stage 2: student SFT on oracle samples")
-    _train_on_oracle(oracle, student0, "student", ckpts, cfg.sft_steps, lambda seqs: sft_loss(student0, seqs,
-                     task.prompt_len), task, cfg, seed + 2, progress, log)  # fmt: skip
+    sft_on_oracle = lambda seqs: sft_loss(student0, seqs, task.prompt_len)  # noqa: E731
+    _train_on_oracle(oracle, student0, "student", ckpts / "student_sft.safetensors", cfg.sft_steps,
+                     sft_on_oracle, task, cfg, seed + 2, progress, log)  # fmt: skip
 
     def metrics(model):
         return {
