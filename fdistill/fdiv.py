@@ -41,7 +41,7 @@ from . import fdiv_reference as ref
 from ._extension import has_cpu_kernels, has_cuda_kernels, require_extension
 from ._triton_dispatch import check_triton_device, triton_available
 from .fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX
-from .losses import REDUCTIONS, _check_choice, _check_real, reduce_rows
+from .losses import REDUCTIONS, _check_choice, _check_real, _check_temperature, reduce_rows
 from .ops import accumulate_dtype
 
 F_NAMES = ref.F_NAMES
@@ -114,9 +114,7 @@ def fy_loss(logits, target, f="alpha", *, alpha=1.5, reference="uniform", ignore
     """
     call = _prepare(logits, f, alpha, reference, -1, n_iter, backend)
     _check_choice("reduction", reduction, REDUCTIONS)
-    _check_real("temperature", temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     if not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     labels, probs = _check_target(target, logits, ignore_index)

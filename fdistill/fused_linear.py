@@ -22,6 +22,7 @@ from .losses import (
     REDUCTIONS,
     _check_choice,
     _check_real,
+    _check_temperature,
     _divergence_param,
     _pick_backend,
     divergence_loss,
@@ -396,12 +397,6 @@ def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _check_temperature(temperature) -> None:
-    _check_real("temperature", temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

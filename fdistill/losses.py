@@ -91,9 +91,7 @@ def divergence_loss(
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("reduction", reduction, REDUCTIONS)
     param = _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
-    _check_real("temperature", temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     if not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if teacher_logits.requires_grad and not grad_teacher:
@@ -255,6 +253,12 @@ def _check_real(name: str, value) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _check_temperature(temperature) -> None:
+    _check_real("temperature", temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def _divergence_param(divergence: str, *, beta, skew, alpha) -> float:
