@@ -1,12 +1,15 @@
 """``python -m fdistill <experiment> ...``: the trainer's experiments.
 
 python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seed 0]
-    [--divergence forward_kl] [--fused] [--fresh] [--no-progress]
+    [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1]
+python -m fdistill rlhf --method {rl,warp,bond,warm,irl} --preset tiny [--out runs/rlhf-<method>-<preset>]
+    [--seed 0] [--fresh] [--no-progress] [--no-plots] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 
@@ -24,21 +27,75 @@ def main(argv=None) -> int:
     th.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
     th.add_argument("--no-progress", action="store_true")
     th.add_argument("--no-plots", action="store_true")
+    th.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
+    rl = sub.add_parser("rlhf", help="RL / WARP / BOND / WARM / IRL on a task with a known true reward")
+    rl.add_argument("--method", required=True, help="rl, warp, bond, warm or irl")
+    rl.add_argument("--preset", default="tiny", help="tiny (< 10 min on 2 cores) or smoke (CI)")
+    rl.add_argument("--out", default=None, help="output directory (default runs/rlhf-<method>-<preset>)")
+    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
+    rl.add_argument("--no-progress", action="store_true")
+    rl.add_argument("--no-plots", action="store_true")
+    rl.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
     args = p.parse_args(argv)
 
     from .trainer.checkpoint import CheckpointError
-    from .trainer.experiment import run_teacher_hacking
 
-    out = args.out or f"runs/teacher-hacking-{args.preset}"
-    if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
     try:
-        run_teacher_hacking(args.preset, out, seed=args.seed, divergence=args.divergence, fused=args.fused,
-                            progress=not args.no_progress, plots=not args.no_plots)  # fmt: skip
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        plan = _teacher_hacking if args.experiment == "teacher-hacking" else _rlhf
+        out, run = plan(args)  # validated before --fresh deletes anything
+        if args.fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        with _threads(args.threads):
+            run()
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _teacher_hacking(args):
+    from .trainer.distill import LOSSES
+    from .trainer.experiment import preset_config, run_teacher_hacking
+
+    preset_config(args.preset)
+    if args.divergence not in LOSSES:
+        raise ValueError(f"unknown divergence {args.divergence!r}; choose one of {list(LOSSES)}")
+    out = args.out or f"runs/teacher-hacking-{args.preset}"
+    return out, lambda: run_teacher_hacking(
+        args.preset, out, seed=args.seed, divergence=args.divergence, fused=args.fused,
+        progress=not args.no_progress, plots=not args.no_plots,
+    )  # fmt: skip
+
+
+def _rlhf(args):
+    from .trainer.rlhf.experiment import METHODS, preset_config, run_rlhf
+
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
+    preset_config(args.preset)
+    out = args.out or f"runs/rlhf-{args.method}-{args.preset}"
+    return out, lambda: run_rlhf(
+        args.method, args.preset, out, seed=args.seed, progress=not args.no_progress, plots=not args.no_plots
+    )
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's CPU thread count set to ``n`` for the block (results are bitwise reproducible for a fixed
+    ``n``; the tiny models run fastest on one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":

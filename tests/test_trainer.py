@@ -17,6 +17,7 @@ from fdistill.trainer import (
     OfflineData,
     Task,
     TeacherHackingMonitor,
+    TiltedLM,
     TinyLM,
     distillation_loss,
     fit_power_law,
@@ -58,6 +59,22 @@ def test_attention_window_hides_older_tokens(seed):
     # depth 2 x window 3: position t sees tokens t-4 .. t; positions >= 14 never see tokens < 10
     torch.testing.assert_close(m(seqs)[:, 14:], m(changed)[:, 14:])
     assert not torch.allclose(m(seqs)[:, 11], m(changed)[:, 11])
+
+
+def test_tilted_lm_adds_the_bigram_tilt_of_the_current_token(seed):
+    base, seqs = model(seed), sequences(seed)
+    tilted = TiltedLM(base, 0.5, torch.Generator().manual_seed(seed)).double()
+    table = tilted.table
+    assert table.shape == (17, 17) and 0.3 < float(table.std()) < 0.7
+    torch.testing.assert_close(tilted(seqs), base(seqs) + table[seqs])
+    # completion log-probs are the tilted distribution's (the teacher's training target)
+    want = (base(seqs[:, :-1]) + table[seqs[:, :-1]]).log_softmax(-1)[:, 4:]
+    want = want.gather(-1, seqs[:, 5:, None]).squeeze(-1)
+    torch.testing.assert_close(tilted.sequence_logprobs(seqs, 5), want)
+    assert tilted.sample(seqs[:, :5], 3, generator=torch.Generator().manual_seed(0)).shape == (6, 8)
+    torch.testing.assert_close(TiltedLM(base, 0.0, torch.Generator()).double()(seqs), base(seqs))
+    with pytest.raises(ValueError, match="scale"):
+        TiltedLM(base, -1.0, torch.Generator())
 
 
 def test_sampling_top_k_and_temperature(seed):

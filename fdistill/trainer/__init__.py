@@ -3,7 +3,7 @@ fdistill's losses, checkpoints, and the teacher-hacking experiment and monitor."
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distill import LOSSES, OfflineData, OnlineData, Task, distillation_loss, sequence_kl, sft_loss
-from .model import LMConfig, TinyLM
+from .model import LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor, fit_power_law
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "OnlineData",
     "Task",
     "TeacherHackingMonitor",
+    "TiltedLM",
     "TinyLM",
     "distillation_loss",
     "fit_power_law",

@@ -6,11 +6,15 @@ Setup (Tiapkin et al., 2025, at toy scale; see ../shared/reference/algorithms.md
   next-token distributions are the ground truth: peaked, context-dependent through attention over
   the whole sequence, exactly computable, and free to sample — a synthetic language with known
   probabilities, so golden metrics are exact expectations rather than estimates against a corpus.
-- **teacher**: distilled from the oracle (forward KL, fresh oracle samples) with an attention window
-  of ``attn_window`` tokens: it cannot see further back, so its errors are systematic, structured and
-  learnable — the imperfect teacher the student can hack.
-- **student**: starts from likelihood training (SFT) on plenty of fresh oracle samples (real oracle
-  knowledge), then is distilled from the teacher, once per data source, from the same start:
+- **teacher**: a larger model than the student, distilled (forward KL, fresh oracle samples) from the
+  oracle **tilted** by a fixed random bigram bias of scale ``teacher_tilt``
+  (:class:`~fdistill.trainer.model.TiltedLM`): good on the oracle's contextual structure, with a
+  systematic error that is simple to learn — the imperfect teacher a student can hack. (An attention
+  window, ``LMConfig.attn_window``, is the other structured error on offer; at this scale it did not make
+  the student hack: see the README.)
+- **student**: smaller; starts from likelihood training (SFT) on plenty of fresh oracle samples (real
+  oracle knowledge, worse than the teacher's), then is distilled from the teacher, once per data source,
+  from the same start:
   ``offline`` fixed datasets of ``prompts x generations`` teacher completions generated once (two
   sizes / diversities), and ``online`` fresh completions every step, from the teacher or on-policy
   from the student (GKD's lambda).
@@ -46,7 +50,7 @@ from .distill import (
     sequence_kl,
     sft_loss,
 )
-from .model import LMConfig, TinyLM
+from .model import LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
 
 
@@ -68,19 +72,20 @@ class Preset:
     prompt_len: int = 8
     length: int = 16
     oracle: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, head_scale=8.0, attn_gain=6.0)
-    teacher: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, attn_window=2)
-    student: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24)
+    teacher: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24)
+    student: LMConfig = LMConfig(width=32, depth=1, heads=2, context=24)
+    teacher_tilt: float = 0.7  # scale of the bigram tilt of the teacher's target (0: the oracle itself)
     teacher_steps: int = 300
-    sft_steps: int = 20
+    sft_steps: int = 300
     distill_steps: int = 600
     batch: int = 32
     lr: float = 1e-3
-    distill_lr: float = 3e-3
+    distill_lr: float = 1e-3
     eval_every: int = 30
     eval_prompts: int = 256
     ckpt_every: int = 150
     sources: tuple = (
-        Source("offline 16x1", "offline", prompts=16, generations=1),
+        Source("offline 32x1", "offline", prompts=32, generations=1),
         Source("offline 128x1", "offline", prompts=128, generations=1),
         Source("online teacher", "online", lmbda=0.0),
     )
@@ -93,16 +98,16 @@ PRESETS = {
         vocab=64,
         length=24,
         oracle=LMConfig(vocab=64, width=128, depth=3, heads=4, context=32, head_scale=8.0, attn_gain=6.0),
-        teacher=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32, attn_window=3),
-        student=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32),
+        teacher=LMConfig(vocab=64, width=96, depth=2, heads=4, context=32),
+        student=LMConfig(vocab=64, width=48, depth=1, heads=2, context=32),
         teacher_steps=1500,
         sft_steps=1500,
         distill_steps=4000,
         eval_every=100,
         sources=(
             Source("offline 64x1", "offline", prompts=64),
-            Source("offline 1024x1", "offline", prompts=1024),
             Source("offline 16x4", "offline", prompts=16, generations=4),
+            Source("offline 1024x1", "offline", prompts=1024),
             Source("online teacher", "online"),
             Source("online mixed (lambda 0.5)", "online", lmbda=0.5),
         ),
@@ -271,12 +276,13 @@ def run_teacher_hacking(
     eval_prompts = task.prompts(cfg.eval_prompts, gen_eval)
     golden_seqs = oracle.sample(eval_prompts, task.length, generator=gen_eval)
 
-    # stage 1: the teacher, distilled from the oracle on fresh oracle samples (cached)
+    # stage 1: the teacher, distilled from the (tilted) oracle on fresh oracle samples (cached)
     torch.manual_seed(seed + 1)
     teacher = TinyLM(cfg.teacher)
     check_compatible(oracle, teacher, task)
-    log("stage 1: teacher <- oracle")
-    distill_from_oracle = lambda seqs: distillation_loss(teacher, oracle, seqs, task.prompt_len)  # noqa: E731
+    target = TiltedLM(oracle, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7))
+    log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g})")
+    distill_from_oracle = lambda seqs: distillation_loss(teacher, target, seqs, task.prompt_len)  # noqa: E731
     _train_on_oracle(oracle, teacher, "teacher", ckpts / "teacher.safetensors", cfg.teacher_steps,
                      distill_from_oracle, task, cfg, seed + 1, progress, log)  # fmt: skip
     teacher.eval()

@@ -144,3 +144,28 @@ class TinyLM(nn.Module):
         logits = self.completion_logits(seq, prompt_len)
         logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
         return logp.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
+
+
+class TiltedLM(nn.Module):
+    """``base``'s next-token logits plus a fixed random **bigram tilt**: ``logits[n] += table[token n]``
+    with ``table ~ scale * N(0, 1)`` of shape ``(vocab, vocab)``.
+
+    A model with a systematic, context-dependent error that is simple to learn (a preference for some
+    next tokens after each token, like a stylistic bias in a teacher's training data): trained to imitate
+    it, a model inherits the error, and a student can in turn pick it up from few examples. Sampling,
+    completion logits and log-probs are :class:`TinyLM`'s (they only use ``forward`` and ``cfg``)."""
+
+    def __init__(self, base: TinyLM, scale: float, generator: torch.Generator):
+        super().__init__()
+        if not scale >= 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        self.base, self.cfg = base, base.cfg
+        v = base.cfg.vocab
+        self.register_buffer("table", scale * torch.randn(v, v, generator=generator))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.base(tokens) + self.table[tokens]
+
+    sample = TinyLM.sample
+    completion_logits = TinyLM.completion_logits
+    sequence_logprobs = TinyLM.sequence_logprobs
