@@ -41,7 +41,14 @@ from . import fdiv_reference as ref
 from ._extension import has_cpu_kernels, has_cuda_kernels, require_extension
 from ._triton_dispatch import check_triton_device, triton_available
 from .fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX
-from .losses import REDUCTIONS, _check_choice, _check_real, _check_temperature, reduce_rows
+from .losses import (
+    REDUCTIONS,
+    _check_choice,
+    _check_no_vocab_size,
+    _check_real,
+    _check_temperature,
+    reduce_rows,
+)
 from .ops import accumulate_dtype
 
 F_NAMES = ref.F_NAMES
@@ -51,7 +58,8 @@ DEFAULT_MAX_SWEEPS = 100
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def f_softargmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_iter=None, backend=None):
+def f_softargmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_iter=None, backend=None,
+                 vocab_parallel_group=None, vocab_size=None):  # fmt: skip
     """The f-softargmax p* of ``logits`` along ``dim`` (differentiable; same shape and dtype).
 
     Args:
@@ -65,7 +73,22 @@ def f_softargmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n
 
     The backward is the Jacobian-vector product ``w (g - <w, g>/sum w)``, ``w = q (f*)''(theta - tau)``
     (``w`` proportional to ``p^(2 - alpha)`` for the alpha family, as entmax's).
+
+    ``vocab_parallel_group``: ``logits`` is this rank's contiguous shard of the vocabulary dimension
+    (see :mod:`fdistill.vocab_parallel`; ``reference`` is then ``"uniform"`` = 1/V of the whole
+    vocabulary, ``"unit"`` or this rank's shard of a tensor), the output is this rank's shard of p*.
+    tau is found by safeguarded Newton on all-reduced partial sums (one all-reduce per sweep, at most
+    ``n_iter`` sweeps); the backward all-reduces two numbers per row. ``backend`` must be None or
+    ``"reference"``. ``vocab_size``: the full V, checked against the sum of the shards.
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.f_softargmax(
+            logits, f, alpha=alpha, reference=reference, dim=dim, n_iter=n_iter, backend=backend,
+            group=vocab_parallel_group, vocab_size=vocab_size,
+        )  # fmt: skip
+    _check_no_vocab_size(vocab_size)
     call = _prepare(logits, f, alpha, reference, dim, n_iter, backend)
     if call.backend == "reference":
         p = ref.f_softargmax_reference(call.rows.to(call.acc), call.family, alpha=call.alpha,
@@ -76,13 +99,23 @@ def f_softargmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n
     return call.restore(p)
 
 
-def f_softmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_iter=None, backend=None):
+def f_softmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_iter=None, backend=None,
+              vocab_parallel_group=None, vocab_size=None):  # fmt: skip
     """``softmax_f(theta) = <p*, theta> - D_f(p*, q)`` along ``dim`` (that dimension removed).
 
     The log-sum-exp analogue: with ``f="kl"`` and ``reference="uniform"`` it is
     ``logsumexp(theta) - log V``. Gradient ``p*``. Returned in float32 (float64 for float64 logits).
-    Arguments as :func:`f_softargmax`.
+    Arguments as :func:`f_softargmax` (with ``vocab_parallel_group`` the value is the same on every
+    rank, one more all-reduce than :func:`f_softargmax`'s forward; its gradient p* is local).
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.f_softmax(
+            logits, f, alpha=alpha, reference=reference, dim=dim, n_iter=n_iter, backend=backend,
+            group=vocab_parallel_group, vocab_size=vocab_size,
+        )  # fmt: skip
+    _check_no_vocab_size(vocab_size)
     call = _prepare(logits, f, alpha, reference, dim, n_iter, backend)
     if call.backend == "reference":
         theta = call.rows.to(call.acc)
@@ -95,7 +128,8 @@ def f_softmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_it
 
 
 def fy_loss(logits, target, f="alpha", *, alpha=1.5, reference="uniform", ignore_index=-100,
-            reduction="mean", temperature=1.0, n_iter=None, backend=None):  # fmt: skip
+            reduction="mean", temperature=1.0, n_iter=None, backend=None, vocab_parallel_group=None,
+            vocab_size=None):  # fmt: skip
     """Fenchel–Young loss ``<p* - y, theta> - D_f(p*, q) + D_f(y, q)`` with ``theta = logits / T``.
 
     Args:
@@ -106,12 +140,31 @@ def fy_loss(logits, target, f="alpha", *, alpha=1.5, reference="uniform", ignore
         f, alpha, reference, n_iter, backend: as :func:`f_softargmax`.
         reduction: ``mean`` (over tokens not ignored; 0 when all are), ``sum`` or ``none`` (``(...)``).
         temperature: T > 0 divides the logits; the gradient ``(p* - y) / T`` includes it.
+        vocab_parallel_group: a ``torch.distributed`` process group over which the vocabulary is
+            sharded (see :mod:`fdistill.vocab_parallel`): ``logits`` is this rank's contiguous shard
+            ``(..., V_local)``, a probability target the matching shard of the teacher's p (its rows
+            sum to 1 over the whole vocabulary), labels are ids in the whole vocabulary (the same on
+            every rank: the rank holding the id contributes it), ``reference`` is ``"uniform"``
+            (1/V of the whole vocabulary), ``"unit"`` or this rank's shard. Every f, ``alpha``,
+            temperature, ``ignore_index`` and reduction is supported; ``backend`` must be None or
+            ``"reference"`` (pure PyTorch). tau is found by safeguarded Newton on all-reduced partial
+            sums (one all-reduce per sweep, at most ``n_iter``; none for ``kl``); the gradient
+            ``(p* - y) / T`` of each shard is local. Bad layouts raise the same error on every rank.
+        vocab_size: with ``vocab_parallel_group``, the full V, checked against the sum of the shards.
 
     The value is accumulated entry by entry as ``(p - y) theta - [q f(p/q) - q f(y/q)]`` (exactly 0
     where p = y), so there is no cancellation of large sums at V = 256k. Target mass on a masked
     (``-inf``) logit makes the loss ``+inf``. ``reverse_kl``: ``D_f(y, q)`` is dropped (constant in
     theta, and infinite whenever y has a zero, e.g. one-hot labels), so the loss is not 0 at p* = y.
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.fy_loss(logits, target, f, alpha=alpha, reference=reference,
+                                      ignore_index=ignore_index, reduction=reduction, temperature=temperature,
+                                      n_iter=n_iter, backend=backend, group=vocab_parallel_group,
+                                      vocab_size=vocab_size)  # fmt: skip
+    _check_no_vocab_size(vocab_size)
     call = _prepare(logits, f, alpha, reference, -1, n_iter, backend)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_temperature(temperature)
@@ -131,13 +184,16 @@ class FYLoss(nn.Module):
     """:func:`fy_loss` as a module: ``FYLoss(f="alpha", alpha=1.5)(logits, target)``."""
 
     def __init__(self, f="alpha", *, alpha=1.5, reference="uniform", ignore_index=-100, reduction="mean",
-                 temperature=1.0, n_iter=None, backend=None):  # fmt: skip
+                 temperature=1.0, n_iter=None, backend=None, vocab_parallel_group=None,
+                 vocab_size=None):  # fmt: skip
         super().__init__()
         _check_choice("f", f, F_NAMES)
         _check_choice("reduction", reduction, REDUCTIONS)
         self.f = f
         self.options = dict(alpha=alpha, reference=reference, ignore_index=ignore_index, reduction=reduction,
                             temperature=temperature, n_iter=n_iter, backend=backend)  # fmt: skip
+        if vocab_parallel_group is not None or vocab_size is not None:
+            self.options.update(vocab_parallel_group=vocab_parallel_group, vocab_size=vocab_size)
 
     def forward(self, logits, target):
         return fy_loss(logits, target, self.f, **self.options)

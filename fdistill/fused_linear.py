@@ -21,6 +21,7 @@ from .losses import (
     DIVERGENCES,
     REDUCTIONS,
     _check_choice,
+    _check_no_vocab_size,
     _check_real,
     _check_temperature,
     _divergence_param,
@@ -61,6 +62,8 @@ def fused_linear_divergence_loss(
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str | None = None,
+    vocab_parallel_group=None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     r"""``divergence_loss(softcap(student_hidden @ student_weight.T + student_bias), teacher, ...)``
     ``+ hard_loss_weight * cross_entropy(student logits, labels)``, computed chunk by chunk.
@@ -109,10 +112,37 @@ def fused_linear_divergence_loss(
             ``V`` and ``H`` (``chunk x V`` about 2^24 logits on the CPU, 2^26 on a GPU).
         backend: the row kernels, as :func:`fdistill.divergence_loss`; the matmuls are PyTorch's
             (oneDNN / cuBLAS).
+        vocab_parallel_group: a ``torch.distributed`` process group over which the LM heads are
+            sharded by vocabulary rows (see :mod:`fdistill.vocab_parallel`): ``student_weight`` /
+            ``student_bias`` are this rank's contiguous rows ``(V_local, H)`` / ``(V_local,)``, the
+            teacher is its head sharded the same way (``teacher_weight`` ``(V_local, H_t)``) or its
+            logit shards ``(..., V_local)``; the hidden states, labels and options are the same on
+            every rank. Each chunk's shard logits go through the vocabulary-parallel row losses; the
+            gradient of ``student_hidden`` is a partial sum over the shard that is all-reduced (SUM)
+            over the group in the backward, the weight and bias gradients stay on their rank.
+            Supported: every divergence and parameter, temperature, labels, ``hard_loss_weight`` (the
+            cross-entropy over the whole vocabulary), softcaps, reductions, ``chunk_size`` (by
+            default from the largest shard). Not supported: ``teacher_topk``,
+            ``vocab_mismatch="mask"``, and ``backend`` other than None / ``"reference"``.
+        vocab_size: with ``vocab_parallel_group``, the full V, checked against the sum of the shards.
 
     Under ``torch.autocast`` the head matmuls run in the autocast dtype (the logits are in that
     dtype, the loss accumulates in float32) and gradients come back in the inputs' dtypes.
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.fused_linear_divergence_loss(
+            student_hidden, student_weight, student_bias=student_bias, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+            teacher_topk=teacher_topk, topk_tail=topk_tail, divergence=divergence, beta=beta, skew=skew,
+            alpha=alpha, temperature=temperature, labels=labels, ignore_index=ignore_index,
+            hard_loss_weight=hard_loss_weight, softcap=softcap, teacher_softcap=teacher_softcap,
+            vocab_mismatch=vocab_mismatch, scale_by_temperature_squared=scale_by_temperature_squared,
+            reduction=reduction, chunk_size=chunk_size, backend=backend, group=vocab_parallel_group,
+            vocab_size=vocab_size,
+        )  # fmt: skip
+    _check_no_vocab_size(vocab_size)
     _check_choice("divergence", divergence, DIVERGENCES)
     _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
     _check_temperature(temperature)
@@ -160,6 +190,8 @@ def fused_linear_fy_loss(
     n_iter: int | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
+    vocab_parallel_group=None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """``fy_loss(softcap(hidden @ weight.T + bias), target, f, ...)`` computed chunk by chunk.
 
@@ -167,7 +199,23 @@ def fused_linear_fy_loss(
     is ``"uniform"``, ``"unit"``, a ``(V,)`` tensor or one of the logits' shape ``(..., V)``. The
     other options are those of :func:`fdistill.fy_loss` and :func:`fused_linear_divergence_loss`
     (memory, gradients, autocast); ``backend`` also accepts ``"cuda"``.
+
+    ``vocab_parallel_group``: ``weight`` / ``bias`` are this rank's contiguous vocabulary rows
+    ``(V_local, H)`` / ``(V_local,)`` (see :mod:`fdistill.vocab_parallel`); labels are ids in the
+    whole vocabulary, a probability target and a tensor ``reference`` are this rank's shards
+    (``(..., V_local)``, ``(V_local,)``); ``"uniform"`` is 1/V of the whole vocabulary. Every option
+    is supported except ``backend`` other than None / ``"reference"``; the gradient of ``hidden`` is
+    all-reduced (SUM) over the group in the backward. ``vocab_size``: the full V, checked.
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.fused_linear_fy_loss(
+            hidden, weight, target, f, bias=bias, alpha=alpha, reference=reference, temperature=temperature,
+            ignore_index=ignore_index, softcap=softcap, reduction=reduction, n_iter=n_iter,
+            chunk_size=chunk_size, backend=backend, group=vocab_parallel_group, vocab_size=vocab_size,
+        )  # fmt: skip
+    _check_no_vocab_size(vocab_size)
     head_args = _check_head("", hidden, weight, bias, softcap)
     lead, vocab = hidden.shape[:-1], weight.shape[0]
     if not isinstance(target, torch.Tensor):
@@ -330,7 +378,7 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
         return _Teacher(vocab, chunk_logits=scatter)
 
     hidden_t, weight_t, bias_t = _check_head("teacher", hidden, weight, bias, softcap)
-    if hidden_t.shape[:-1] != lead:
+    if hidden.shape[:-1] != lead:
         raise ValueError(
             f"teacher_hidden {tuple(hidden_t.shape)} must have the student's token dimensions {tuple(lead)}"
         )

@@ -34,6 +34,8 @@ def divergence_loss(
     grad_teacher: bool = False,
     grad_in_place: bool = False,
     backend: str | None = None,
+    vocab_parallel_group=None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     r"""Token-level divergence between the teacher's and the student's next-token distributions.
 
@@ -77,6 +79,17 @@ def divergence_loss(
             tensors), ``"cpu"`` (the fused C++ kernel), ``"triton"`` (CUDA tensors; CPU tensors too
             when ``TRITON_INTERPRET=1`` was set before triton was imported) or ``"reference"``
             (pure PyTorch).
+        vocab_parallel_group: a ``torch.distributed`` process group over which the vocabulary is
+            sharded (see :mod:`fdistill.vocab_parallel`): both logits are then this rank's contiguous
+            shard ``(..., V_local)`` (rank order; shards may be uneven, the student's and the teacher's
+            must be the same), every rank holds every token and passes the same labels and options.
+            The loss (the same on every rank) is computed from all-reduced row statistics, and each
+            rank gets the gradient of its own shard; ``(tokens x V)`` is never gathered. Everything
+            above is supported (every divergence and parameter, temperature, labels, reductions,
+            ``grad_teacher``), except ``grad_in_place`` and the fused backends (``backend`` must be
+            None or ``"reference"``: the computation is pure PyTorch). Bad layouts raise the same
+            error on every rank.
+        vocab_size: with ``vocab_parallel_group``, the full V, checked against the sum of the shards.
 
     Returns:
         The loss in float32 (float64 for float64 logits): a scalar, or ``(...)`` for ``reduction="none"``.
@@ -87,6 +100,16 @@ def divergence_loss(
     anomaly checks see it). A divergence that is infinite (teacher mass where the student has none,
     for forward KL) is ``+inf``.
     """
+    if vocab_parallel_group is not None:
+        from . import vocab_parallel
+
+        return vocab_parallel.divergence_loss(
+            student_logits, teacher_logits, divergence, beta=beta, skew=skew, alpha=alpha,
+            temperature=temperature, labels=labels, ignore_index=ignore_index, reduction=reduction,
+            scale_by_temperature_squared=scale_by_temperature_squared, grad_teacher=grad_teacher,
+            grad_in_place=grad_in_place, backend=backend, group=vocab_parallel_group, vocab_size=vocab_size,
+        )  # fmt: skip
+    _check_no_vocab_size(vocab_size)
     _check_logits(student_logits, teacher_logits)
     _check_choice("divergence", divergence, DIVERGENCES)
     _check_choice("reduction", reduction, REDUCTIONS)
@@ -241,6 +264,13 @@ def _check_labels(labels, student) -> torch.Tensor:
     if labels.device != student.device:
         raise ValueError(f"labels ({labels.device}) and logits ({student.device}) are on different devices")
     return labels
+
+
+def _check_no_vocab_size(vocab_size) -> None:
+    if vocab_size is not None:
+        raise ValueError(
+            "vocab_size is only used with vocab_parallel_group (the sum of the vocabulary shards)"
+        )
 
 
 def _check_choice(name: str, value, choices) -> None:

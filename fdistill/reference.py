@@ -64,6 +64,44 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, x, torch.log_softmax(safe, dim=-1))
 
 
+TERM_DIVERGENCES = ("forward_kl", "reverse_kl", "jeffreys", "jsd", "skew_kl", "skew_reverse_kl", "tv")
+
+
+def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float) -> torch.Tensor:
+    """Per-entry terms of a divergence whose value is their sum over the vocabulary.
+
+    ``ls`` and ``lt`` are the student's and the teacher's log-probabilities (normalised over the
+    whole vocabulary: the terms of a vocabulary shard are the shard's partial sum); ``kind`` is one
+    of :data:`TERM_DIVERGENCES` after :func:`resolve_divergence` (``alpha`` is not a sum of entries:
+    it is ``1 - sum exp(alpha lt + (1 - alpha) ls)``, formed from log-sum-exps). Differentiable in
+    both, with finite gradients where a probability is 0.
+    """
+    if kind in ("forward_kl", "reverse_kl", "jeffreys"):
+        fwd = _weighted(lt.exp(), lt, ls) if kind != "reverse_kl" else None
+        rev = _weighted(ls.exp(), ls, lt) if kind != "forward_kl" else None
+        if kind == "jeffreys":
+            return (1 - param) * fwd + param * rev
+        return fwd if rev is None else rev
+    if kind == "jsd":
+        lm = _log_mixture(lt, ls, param, 1 - param)
+        return param * _weighted(lt.exp(), lt, lm) + (1 - param) * _weighted(ls.exp(), ls, lm)
+    if kind == "skew_kl":
+        return _weighted(lt.exp(), lt, _log_mixture(lt, ls, param, 1 - param))
+    if kind == "skew_reverse_kl":
+        return _weighted(ls.exp(), ls, _log_mixture(lt, ls, 1 - param, param))
+    if kind == "tv":
+        return 0.5 * (lt.exp() - ls.exp()).abs()
+    raise ValueError(f"no per-entry terms for divergence {kind!r}; expected one of {TERM_DIVERGENCES}")
+
+
+def alpha_mixture_logits(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha t + (1 - alpha) s``, ``-inf`` where both are ``-inf`` (a masked entry). The alpha
+    divergence's ``log sum p^alpha q^(1 - alpha)`` is its log-sum-exp minus ``alpha LSE(t)`` and
+    ``(1 - alpha) LSE(s)``."""
+    both_masked = torch.isneginf(s) & torch.isneginf(t)
+    return torch.where(both_masked, torch.full_like(s, -math.inf), alpha * t + (1 - alpha) * s)
+
+
 def divergence_rows_reference(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -81,36 +119,11 @@ def divergence_rows_reference(
     t = teacher.to(compute) / temperature
     kind = resolve_divergence(divergence, param)
     ls, lt = _log_softmax(s), _log_softmax(t)
-    q, p = ls.exp(), lt.exp()
-
-    def forward_kl():
-        return _weighted(p, lt, ls).sum(-1)
-
-    def reverse_kl():
-        return _weighted(q, ls, lt).sum(-1)
-
-    if kind == "forward_kl":
-        loss = forward_kl()
-    elif kind == "reverse_kl":
-        loss = reverse_kl()
-    elif kind == "jeffreys":
-        loss = (1 - param) * forward_kl() + param * reverse_kl()
-    elif kind == "jsd":
-        lm = _log_mixture(lt, ls, param, 1 - param)
-        loss = param * _weighted(p, lt, lm).sum(-1) + (1 - param) * _weighted(q, ls, lm).sum(-1)
-    elif kind == "skew_kl":
-        lm = _log_mixture(lt, ls, param, 1 - param)
-        loss = _weighted(p, lt, lm).sum(-1)
-    elif kind == "skew_reverse_kl":
-        lm = _log_mixture(lt, ls, 1 - param, param)
-        loss = _weighted(q, ls, lm).sum(-1)
-    elif kind == "tv":
-        loss = 0.5 * (p - q).abs().sum(-1)
+    if kind in TERM_DIVERGENCES:
+        loss = divergence_terms(ls, lt, kind, param).sum(-1)
     elif kind == "alpha":
         # log A = LSE(alpha t + (1-alpha) s) - alpha LSE(t) - (1-alpha) LSE(s); loss = (1 - A)/(a(1-a))
-        both_masked = torch.isneginf(s) & torch.isneginf(t)
-        z = torch.where(both_masked, torch.full_like(s, -math.inf), param * t + (1 - param) * s)
-        log_a = _lse(z) - param * _lse(t) - (1 - param) * _lse(s)
+        log_a = _lse(alpha_mixture_logits(s, t, param)) - param * _lse(t) - (1 - param) * _lse(s)
         loss = -torch.expm1(log_a) / (param * (1 - param))
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
