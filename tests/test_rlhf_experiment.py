@@ -127,7 +127,7 @@ def test_resume_after_an_interruption_gives_identical_outputs(tmp_path, monkeypa
     full = run_rlhf(method, "smoke", tmp_path / "full", plots=False, **QUIET)
     # stop at the k-th training step overall: mid-way through a stage after a periodic checkpoint
     stop_at = {"rl": 22, "warp": 38, "bond": 22, "warm": 30, "irl": 7}[method]
-    real_loop, calls = experiment._loop, [0]
+    real_loop, calls = experiment.run_loop, [0]
 
     def interrupted_loop(name, ckpt, steps, step_fn, **kwargs):
         def step():
@@ -138,18 +138,18 @@ def test_resume_after_an_interruption_gives_identical_outputs(tmp_path, monkeypa
 
         return real_loop(name, ckpt, steps, step, **kwargs)
 
-    monkeypatch.setattr(experiment, "_loop", interrupted_loop)
+    monkeypatch.setattr(experiment, "run_loop", interrupted_loop)
     with pytest.raises(_Interrupt):
         run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, **QUIET)
     assert not (tmp_path / "resumed" / "curves.json").exists()
-    monkeypatch.setattr(experiment, "_loop", real_loop)
+    monkeypatch.setattr(experiment, "run_loop", real_loop)
     logged = []
     resumed = run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, progress=False, log=logged.append)
     assert any("resuming" in line for line in logged)
     assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(full))
     # and a finished run reruns from its checkpoints to the same curves without training
     calls[0] = 0
-    monkeypatch.setattr(experiment, "_loop", interrupted_loop)
+    monkeypatch.setattr(experiment, "run_loop", interrupted_loop)
     stop_at = 1
     assert run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, **QUIET) == resumed
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from .distill import (
     sequence_kl,
     sft_loss,
 )
+from .loop import claim_out_dir, jsonable, run_loop, slug
 from .model import LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
 
@@ -137,30 +136,6 @@ def preset_config(name: str) -> Preset:
     )
 
 
-class _Progress:
-    """tqdm progress bar when available, else a silent stand-in."""
-
-    def __init__(self, total, desc, enabled=True):
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, desc=desc, file=sys.stderr, disable=None if enabled else True, leave=False
-            )  # None: off when not a TTY
-        except ImportError:
-            self.bar = None
-
-    def update(self, n=1, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _train(
     model,
     name,
@@ -178,52 +153,21 @@ def _train(
     progress=True,
     log=None,
 ):
-    """Adam on ``loss_fn(batch_fn())`` for ``steps`` steps, resuming from ``ckpt`` if it exists.
+    """Adam on ``loss_fn(batch_fn())`` for ``steps`` steps, resumable (:func:`~.loop.run_loop`).
 
-    Returns the run's record: ``{"loss": [...], "eval": [{"step", ...metrics}], "done": bool}``."""
+    Returns the run's record: ``{"train": [{"loss"}, ...], "eval": [{"step", ...metrics}], "done"}``."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    record = {"loss": [], "eval": [], "done": False}
-    if ckpt.exists():
-        record = load_checkpoint(
-            ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator}
-        )
-        if data is not None:
-            data.load_state(record.pop("data_state"))
-        if len(record["loss"]) >= steps:
-            return record
-        if log:
-            log(f"  resuming {name} at step {len(record['loss'])}")
-    start = len(record["loss"])
-    if evaluate is not None and start == 0:
-        record["eval"].append({"step": 0, **evaluate()})
 
-    def save(done=False):
-        meta = dict(record, done=done)
-        if data is not None:
-            meta["data_state"] = data.state()
-        save_checkpoint(
-            ckpt, models={name: model}, optimizers={name: opt}, generators={"data": generator}, meta=meta
-        )
-
-    bar = _Progress(steps, name, progress)
-    bar.update(start)
-    for step in range(start + 1, steps + 1):
+    def step():
         loss = loss_fn(batch_fn())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        record["loss"].append(loss.item())
-        if evaluate is not None and step % eval_every == 0:
-            record["eval"].append({"step": step, **evaluate()})
-            bar.update(1, **{k: v for k, v in record["eval"][-1].items() if k != "step"})
-        else:
-            bar.update(1)
-        if ckpt_every and step % ckpt_every == 0 and step < steps:
-            save()
-    bar.close()
-    record["done"] = True
-    save(done=True)
-    return record
+        return {"loss": loss.item()}
+
+    return run_loop(name, ckpt, steps, step, models={name: model}, optimizers={name: opt},
+                    generators={"data": generator}, data=data, evaluate=evaluate, eval_every=eval_every,
+                    ckpt_every=ckpt_every, progress=progress, log=log)  # fmt: skip
 
 
 def _train_on_oracle(oracle, model, name, ckpt, steps, loss_fn, task, cfg, seed, progress, log):
@@ -257,9 +201,9 @@ def run_teacher_hacking(
         "seed": seed,
         "divergence": divergence,
         "fused": fused,
-        "config": _jsonable(cfg),
+        "config": jsonable(cfg),
     }
-    _claim_out_dir(out, run_config)
+    claim_out_dir(out, run_config, "preset/seed/divergence/sizes")
     ckpts = out / "checkpoints"
     task = Task(cfg.vocab, cfg.prompt_len, cfg.length)
     torch.manual_seed(seed)
@@ -329,7 +273,7 @@ def run_teacher_hacking(
         record = _train(
             student,
             "student",
-            ckpts / f"distill_{_slug(source.name)}.safetensors",
+            ckpts / f"distill_{slug(source.name)}.safetensors",
             cfg.distill_steps,
             lambda d=data, g=gen: d.batch(cfg.batch, g),
             lambda seqs, s=student: distillation_loss(s, teacher, seqs, task.prompt_len, divergence, fused),
@@ -351,7 +295,7 @@ def run_teacher_hacking(
             "steps": [p["step"] for p in record["eval"]],
             "proxy": [p["proxy"] for p in record["eval"]],
             "golden": [p["golden"] for p in record["eval"]],
-            "train_loss": record["loss"],
+            "train_loss": [t["loss"] for t in record["train"]],
             "monitor": monitor.summary(),
             "events": events,
         }
@@ -386,35 +330,6 @@ def summary_table(curves: dict) -> str:
             f"{m['hacking_step'] if m['hacking_step'] is not None else '-'} |"
         )
     return "\n".join(lines)
-
-
-def _claim_out_dir(out: Path, run_config: dict) -> None:
-    """Refuse to resume into a directory that holds another configuration's run."""
-    marker = out / "run.json"
-    if marker.exists():
-        previous = json.loads(marker.read_text())
-        if previous != json.loads(json.dumps(run_config)):
-            raise ValueError(
-                f"{out} holds a run with another configuration (preset/seed/divergence/sizes); "
-                "pass another --out, or --fresh to delete it"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(run_config, indent=1))
-
-
-def _jsonable(x):
-    if hasattr(x, "__dataclass_fields__"):
-        return {k: _jsonable(v) for k, v in asdict(x).items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 __all__ = [

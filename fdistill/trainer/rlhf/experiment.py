@@ -51,7 +51,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distill import SamplePool, sequence_kl, sft_loss
-from ..experiment import _jsonable, _Progress
+from ..loop import claim_out_dir, jsonable, run_loop, slug
 from ..model import LMConfig, TinyLM
 from . import merge
 from .bond import best_of_n, jbond_reward, jeffreys_loss
@@ -268,62 +268,6 @@ class _Order:
         self.order = None if state["order"] is None else torch.tensor(state["order"])
 
 
-def _loop(
-    name: str,
-    ckpt: Path,
-    steps: int,
-    step_fn: Callable[[], dict],
-    *,
-    models: dict,
-    optimizers: dict,
-    generators: dict,
-    data=None,
-    evaluate: Callable[[], dict] | None = None,
-    eval_every: int = 0,
-    ckpt_every: int = 0,
-    progress: bool = True,
-    log=None,
-) -> dict:
-    """Run ``step_fn`` (one update; returns its metrics) ``steps`` times, resuming from ``ckpt``.
-
-    ``evaluate()`` runs at step 0, every ``eval_every`` steps and at the end. Returns the record
-    ``{"train": [metrics per step], "eval": [{"step", ...}], "done": bool}``."""
-    record = {"train": [], "eval": [], "done": False}
-    if ckpt.exists():
-        record = load_checkpoint(ckpt, models=models, optimizers=optimizers, generators=generators)
-        if data is not None:
-            data.load_state(record.pop("data_state"))
-        if len(record["train"]) >= steps:
-            return record
-        if log:
-            log(f"  resuming {name} at step {len(record['train'])}")
-    start = len(record["train"])
-    if evaluate is not None and start == 0:
-        record["eval"].append({"step": 0, **evaluate()})
-
-    def save(done: bool) -> None:
-        meta = dict(record, done=done)
-        if data is not None:
-            meta["data_state"] = data.state()
-        save_checkpoint(ckpt, models=models, optimizers=optimizers, generators=generators, meta=meta)
-
-    bar = _Progress(steps, name, progress)
-    bar.update(start)
-    for step in range(start + 1, steps + 1):
-        record["train"].append(step_fn())
-        if evaluate is not None and (step % eval_every == 0 or step == steps):
-            record["eval"].append({"step": step, **evaluate()})
-            bar.update(1, **{k: v for k, v in record["eval"][-1].items() if k != "step"})
-        else:
-            bar.update(1)
-        if ckpt_every and step % ckpt_every == 0 and step < steps:
-            save(False)
-    bar.close()
-    record["done"] = True
-    save(True)
-    return record
-
-
 def _frozen(model: TinyLM | RewardModel):
     model.eval()
     for p in model.parameters():
@@ -404,7 +348,7 @@ class _Context:
                 return {"loss": loss.item()}
 
             self.log("stage: base policy (SFT on oracle samples)")
-            _loop(
+            run_loop(
                 "sft",
                 self.ckpts / "sft.safetensors",
                 cfg.sft_steps,
@@ -461,7 +405,7 @@ class _Context:
             return {"loss": loss.item()}
 
         steps = cfg.rm_epochs * math.ceil(prefs["chosen"].shape[0] / cfg.rm_batch)
-        _loop(
+        run_loop(
             f"rm{index}",
             self.ckpts / f"rm{index}.safetensors",
             steps,
@@ -529,9 +473,9 @@ class _Context:
             return {k: metrics[k] for k in ("reward", "kl")}
 
         models = {"policy": policy} if ema is None else {"policy": policy, "anchor": anchor}
-        record = _loop(
+        record = run_loop(
             name,
-            self.ckpts / f"{_slug(name)}.safetensors",
+            self.ckpts / f"{slug(name)}.safetensors",
             steps,
             step,
             models=models,
@@ -672,7 +616,7 @@ def _method_bond(ctx: _Context) -> dict:
         return {"reward": float(r_pol.mean()), "loses_to_both": float((r_j < 0).float().mean())}
 
     ctx.log(f"stage: J-BOND ({cfg.steps} steps)")
-    record = _loop(
+    record = run_loop(
         "J-BOND",
         ctx.ckpts / "jbond.safetensors",
         cfg.steps,
@@ -782,7 +726,7 @@ def _method_irl(ctx: _Context) -> dict:
 
         name = "MLE (lambda=0)" if lam == 0 else f"TD-regularised lambda={lam:g}"
         ctx.log(f"stage: {name} ({cfg.steps} steps)")
-        record = _loop(
+        record = run_loop(
             name,
             ctx.ckpts / f"irl_{i}.safetensors",
             cfg.steps,
@@ -1187,24 +1131,6 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _claim_out_dir(out: Path, run_config: dict) -> None:
-    """Refuse to resume into a directory that holds another configuration's run."""
-    marker = out / "run.json"
-    if marker.exists():
-        if json.loads(marker.read_text()) != json.loads(json.dumps(run_config)):
-            raise ValueError(
-                f"{out} holds a run with another configuration (method/preset/seed/reward/sizes); pass "
-                "another --out, or --fresh to delete it"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(run_config, indent=1))
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
-
-
 _RUNNERS = {
     "rl": _method_rl,
     "warp": _method_warp,
@@ -1249,9 +1175,9 @@ def run_rlhf(
         "reward": "task.true_reward"
         if reward_fn is None
         else getattr(reward_fn, "__qualname__", repr(reward_fn)),
-        "config": _jsonable(cfg),
+        "config": jsonable(cfg),
     }
-    _claim_out_dir(out, run_config)
+    claim_out_dir(out, run_config, "method/preset/seed/reward/sizes")
     ctx = _Context(cfg, out, seed, reward_fn, progress, log)
     curves = {"run": run_config, **_RUNNERS[method](ctx)}
     if method == "warp":
@@ -1264,7 +1190,7 @@ def run_rlhf(
         curves["versus_baseline"] = _versus_baseline(
             list(zip(c["kl"], c["true"], strict=True)), curves["baseline"]
         )
-    (out / "curves.json").write_text(json.dumps(_jsonable(curves), indent=1))
+    (out / "curves.json").write_text(json.dumps(jsonable(curves), indent=1))
     table = summary_table(curves)
     (out / "summary.md").write_text(table + "\n")
     log(table)
