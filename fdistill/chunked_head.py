@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .ops import accumulate_dtype
 
@@ -95,6 +96,12 @@ class ChunkedLoss:
         if self.labels is None:
             return max(self.tokens, 1)
         return max(int((self.labels != self.ignore_index).sum()), 1)
+
+    def token_count_tensor(self) -> torch.Tensor | int:
+        """:attr:`token_count` without reading tensor values (no sync, traceable by torch.compile)."""
+        if self.labels is None:
+            return max(self.tokens, 1)
+        return (self.labels != self.ignore_index).sum().clamp_min(1)
 
     def token_losses(self, z: torch.Tensor, rows: slice) -> torch.Tensor:
         loss = self.rows_fn(z, rows)
@@ -226,7 +233,50 @@ def _no_autocast(x: torch.Tensor):
 def chunked_head_loss(loss: ChunkedLoss, hidden, weight, bias) -> torch.Tensor:
     """The loss (reduced as ``loss.reduction``), differentiable in ``hidden``, ``weight``, ``bias``
     (the tensors ``loss.head`` was built from, before any autocast cast)."""
+    if torch.compiler.is_compiling():
+        return _traced_chunked_head_loss(loss, hidden, weight, bias)
     return _ChunkedHeadFunction.apply(loss, hidden, weight, bias)
+
+
+def _traced_chunked_head_loss(loss: ChunkedLoss, hidden, weight, bias) -> torch.Tensor:
+    """The loss as plain differentiable ops, one activation-checkpointed region per chunk: the form
+    torch.compile traces into one graph.
+
+    :class:`_ChunkedHeadFunction` cannot be traced: its forward differentiates each chunk with
+    ``torch.autograd.grad`` (which dynamo does not trace), hands Python objects (the precomputed
+    gradients) from forward to backward, reads the ``mean`` denominator with a device sync, and
+    reuses buffers in place. Here autograd (AOTAutograd under compile) differentiates the chunks and
+    the checkpoint makes the backward recompute each chunk's logits rather than keep them, so the
+    saved activations stay the chunks' inputs (``chunk x H``), not ``tokens x V`` logits.
+
+    The gradients flow to the tensors passed here (as the autograd function's), which may differ
+    from ``loss.head``'s as autograd nodes (e.g. behind an identity whose backward all-reduces).
+    """
+    dtype = loss.head.dtype
+    with _no_autocast(hidden):  # the head's dtype was chosen by the caller
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        parts = []
+        for rows in loss.chunks():
+            region = functools.partial(_traced_chunk, loss, rows)
+            parts.append(checkpoint(region, hidden[rows], weight, bias, use_reentrant=False))
+    if not parts:  # no tokens
+        token_losses = hidden.new_zeros(0, dtype=loss.loss_dtype)
+    else:
+        token_losses = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if loss.reduction == "none":
+        return token_losses
+    total = token_losses.sum()
+    return total if loss.reduction == "sum" else total / loss.token_count_tensor()
+
+
+def _traced_chunk(loss: ChunkedLoss, rows: slice, hidden, weight, bias) -> torch.Tensor:
+    """Per-token losses of one chunk, differentiable in the chunk's hidden states and the head."""
+    head = loss.head
+    z = F.linear(hidden.to(head.dtype), weight, bias)
+    if head.softcap is not None:
+        z = torch.tanh(z / head.softcap) * head.softcap  # out of place: autograd needs the tanh
+    return loss.token_losses(z, rows)
 
 
 def default_chunk_size(vocab: int, hidden_size: int, device: torch.device) -> int:
