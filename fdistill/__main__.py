@@ -4,6 +4,9 @@ python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tin
     [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1]
 python -m fdistill rlhf --method {rl,warp,bond,warm,irl} --preset tiny [--out runs/rlhf-<method>-<preset>]
     [--seed 0] [--fresh] [--no-progress] [--no-plots] [--threads 1]
+
+teacher-hacking also runs data parallel on the CPU: ``torchrun --nproc_per_node N -m fdistill
+teacher-hacking ...`` (gloo; the preset's batch must divide by N; rank 0 writes and logs).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
     args = p.parse_args(argv)
 
+    from .trainer import distributed
     from .trainer.checkpoint import CheckpointError
 
     try:
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         plan = _teacher_hacking if args.experiment == "teacher-hacking" else _rlhf
         out, run = plan(args)  # validated before --fresh deletes anything
-        if args.fresh:
+        distributed.init_from_env()
+        if args.fresh and distributed.is_main():
             shutil.rmtree(out, ignore_errors=True)
         with _threads(args.threads):
             run()

@@ -25,6 +25,11 @@ Setup (Tiapkin et al., 2025, at toy scale; see ../shared/reference/algorithms.md
   power law and flags departures and "golden up while proxy down".
 
 Every stage checkpoints (safetensors, atomic) and a rerun resumes where it stopped.
+
+Under ``torchrun --nproc_per_node N`` (gloo, CPU) the stages are data parallel
+(:mod:`~fdistill.trainer.distributed`): every rank draws the same global batches and trains on its
+slice, gradients and metrics are averaged over ranks, rank 0 writes; the run matches the 1-process run
+up to floating-point summation order and resumes on any world size.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distill import (
     LOSSES,
@@ -155,15 +161,19 @@ def _train(
 ):
     """Adam on ``loss_fn(batch_fn())`` for ``steps`` steps, resumable (:func:`~.loop.run_loop`).
 
-    Returns the run's record: ``{"train": [{"loss"}, ...], "eval": [{"step", ...metrics}], "done"}``."""
+    Returns the run's record: ``{"train": [{"loss"}, ...], "eval": [{"step", ...metrics}], "done"}``.
+
+    ``batch_fn`` gives the global batch; under ``torchrun`` each rank takes its slice, and the gradients
+    and the loss are averaged over ranks before Adam's step (the same step on every rank)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def step():
-        loss = loss_fn(batch_fn())
+        loss = loss_fn(distributed.shard(batch_fn()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        (mean_loss,) = distributed.average_gradients(model.parameters(), loss.item())
         opt.step()
-        return {"loss": loss.item()}
+        return {"loss": mean_loss}
 
     return run_loop(name, ckpt, steps, step, models={name: model}, optimizers={name: opt},
                     generators={"data": generator}, data=data, evaluate=evaluate, eval_every=eval_every,
@@ -190,11 +200,19 @@ def run_teacher_hacking(
     log=print,
 ) -> dict:
     """Run (or resume) the experiment; writes ``out/curves.json``, ``out/summary.md`` and PNG plots;
-    returns the curves dict."""
+    returns the curves dict.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and trains data parallel;
+    ``batch`` must divide by the world size. Rank 0 writes the files and logs."""
     cfg = preset if isinstance(preset, Preset) else preset_config(preset)
     preset = "custom" if isinstance(preset, Preset) else preset
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
+    distributed.init_from_env()
+    distributed.check_divisible(cfg.batch, "the preset's batch")
+    main = distributed.is_main()
+    if not main:
+        log, progress, plots = (lambda *_: None), False, False
     out = Path(out)
     run_config = {
         "preset": preset,
@@ -212,7 +230,10 @@ def run_teacher_hacking(
     if (ckpts / "oracle.safetensors").exists():
         load_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle})
     else:
-        save_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle}, meta={"stage": "oracle"})
+        distributed.barrier()  # every rank has looked for the file before rank 0 writes it
+        if main:
+            save_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle}, meta={"stage": "oracle"})
+        distributed.barrier()
     for p in oracle.parameters():
         p.requires_grad_(False)
 
@@ -243,15 +264,17 @@ def run_teacher_hacking(
     _train_on_oracle(oracle, student0, "student", ckpts / "student_sft.safetensors", cfg.sft_steps,
                      sft_on_oracle, task, cfg, seed + 2, progress, log)  # fmt: skip
 
-    def metrics(model):
-        return {
-            "proxy": sequence_kl(teacher, model, proxy_seqs, task.prompt_len),
-            "golden": sequence_kl(oracle, model, golden_seqs, task.prompt_len),
+    def metrics(model):  # each rank scores its part of the held-out set; count-weighted mean over ranks
+        proxy_part, golden_part = distributed.split(proxy_seqs), distributed.split(golden_seqs)
+        local = {
+            "proxy": sequence_kl(teacher, model, proxy_part, task.prompt_len),
+            "golden": sequence_kl(oracle, model, golden_part, task.prompt_len),
         }
+        return distributed.weighted_mean(local, proxy_part.shape[0])
 
     curves = {
         "run": run_config,
-        "teacher_golden": sequence_kl(oracle, teacher, golden_seqs, task.prompt_len),
+        "teacher_golden": metrics(teacher)["golden"],
         "student_start": metrics(student0),
         "sources": {},
     }
@@ -299,9 +322,10 @@ def run_teacher_hacking(
             "monitor": monitor.summary(),
             "events": events,
         }
-    (out / "curves.json").write_text(json.dumps(curves, indent=1))
     table = summary_table(curves)
-    (out / "summary.md").write_text(table + "\n")
+    if main:
+        (out / "curves.json").write_text(json.dumps(curves, indent=1))
+        (out / "summary.md").write_text(table + "\n")
     log(table)
     if plots:
         from .plots import plot_curves

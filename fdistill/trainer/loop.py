@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -58,7 +59,10 @@ def run_loop(
     The checkpoint holds ``models``, ``optimizers``, ``generators``, ``data.state()`` (when ``data`` is
     given) and the record, so a resumed run continues bit for bit. ``evaluate()`` runs at step 0, every
     ``eval_every`` steps and at the end. Returns the record
-    ``{"train": [metrics per step], "eval": [{"step", ...}], "done": bool}``."""
+    ``{"train": [metrics per step], "eval": [{"step", ...}], "done": bool}``.
+
+    Under ``torchrun`` every rank runs the loop in lockstep (``step_fn`` and ``evaluate`` do the
+    collectives) and reads the checkpoint; rank 0 alone writes it and shows the progress bar."""
     record = {"train": [], "eval": [], "done": False}
     if ckpt.exists():
         record = load_checkpoint(ckpt, models=models, optimizers=optimizers, generators=generators)
@@ -76,9 +80,11 @@ def run_loop(
         meta = dict(record, done=done)
         if data is not None:
             meta["data_state"] = data.state()
-        save_checkpoint(ckpt, models=models, optimizers=optimizers, generators=generators, meta=meta)
+        if distributed.is_main():
+            save_checkpoint(ckpt, models=models, optimizers=optimizers, generators=generators, meta=meta)
+        distributed.barrier()  # nobody reads the file before it is complete
 
-    bar = Progress(steps, name, progress)
+    bar = Progress(steps, name, progress and distributed.is_main())
     bar.update(start)
     for step in range(start + 1, steps + 1):
         record["train"].append(step_fn())
@@ -97,17 +103,21 @@ def run_loop(
 
 def claim_out_dir(out: Path, run_config: dict, what: str) -> None:
     """Refuse to resume into a directory that holds another configuration's run (``what`` names the
-    configuration's parts in the message)."""
+    configuration's parts in the message). Under ``torchrun`` every rank checks (the same error on all of
+    them) and rank 0 writes the marker."""
     marker = out / "run.json"
-    if marker.exists():
-        if json.loads(marker.read_text()) != json.loads(json.dumps(run_config)):
-            raise ValueError(
-                f"{out} holds a run with another configuration ({what}); pass another --out, or --fresh "
-                "to delete it"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(run_config, indent=1))
+    distributed.barrier()  # e.g. after rank 0's --fresh deletion
+    found = marker.exists()
+    if found and json.loads(marker.read_text()) != json.loads(json.dumps(run_config)):
+        raise ValueError(
+            f"{out} holds a run with another configuration ({what}); pass another --out, or --fresh "
+            "to delete it"
+        )
+    distributed.barrier()  # every rank has read the marker before rank 0 writes it
+    if not found and distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(run_config, indent=1))
+    distributed.barrier()
 
 
 def jsonable(x):

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distill import SamplePool, sequence_kl, sft_loss
 from ..loop import claim_out_dir, jsonable, run_loop, slug
@@ -1177,6 +1178,11 @@ def run_rlhf(
         else getattr(reward_fn, "__qualname__", repr(reward_fn)),
         "config": jsonable(cfg),
     }
+    distributed.init_from_env()
+    if distributed.world() > 1:  # the same error on every rank, before any collective
+        raise ValueError(
+            "the RLHF experiments run on one process only (not yet data parallel); run them without torchrun"
+        )
     claim_out_dir(out, run_config, "method/preset/seed/reward/sizes")
     ctx = _Context(cfg, out, seed, reward_fn, progress, log)
     curves = {"run": run_config, **_RUNNERS[method](ctx)}
