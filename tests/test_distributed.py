@@ -1,6 +1,6 @@
-"""The trainer under ``torchrun`` (2 processes, gloo, CPU): the smoke teacher-hacking run matches the
-1-process run with the same global batch, rank 0 alone writes, a run interrupted on 2 processes
-finishes on 1, and bad world sizes fail cleanly on every rank.
+"""The trainer under ``torchrun`` (2 processes, gloo, CPU): the smoke teacher-hacking run and the smoke
+RLHF ``rl`` and ``warp`` runs match the 1-process runs with the same global batch, rank 0 alone
+writes, a run interrupted on 2 processes finishes on 1, and bad world sizes fail cleanly on every rank.
 
 Tolerance: ``rtol=1e-5`` on float32 values. The 2-process run is not bitwise the 1-process run: each
 rank's forward runs on half the batch (other matmul blockings) and gradients and metrics are summed
@@ -142,11 +142,70 @@ def test_batch_not_divisible_by_world_size_fails_on_every_rank(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
-def test_rlhf_refuses_torchrun_on_every_rank(tmp_path):
-    args = ["-m", "fdistill", "rlhf", "--method", "rl", "--preset", "smoke", "--out", str(tmp_path / "r")]
-    done = _run(args, tmp_path, nproc=2, timeout=120)
+def _assert_close_tree(got, want, path="") -> None:
+    """Same structure, the same non-floats, floats allclose (``atol`` for values that are 0 up to
+    rounding, e.g. the SFT policy's KL to itself)."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), path
+        for key in want:
+            _assert_close_tree(got[key], want[key], f"{path}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close_tree(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=path)
+    else:
+        assert got == want, path
+
+
+RLHF_LOG_LINES = {  # a stage's log line and the summary table's head
+    "rl": ("stage: reward model", "| RL run (optimised reward"),
+    "warp": ("stage: WARP it1 policy1", "| run | true final"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RLHF_LOG_LINES))
+def test_rlhf_two_processes_match_one_and_rank0_writes(tmp_path, method):
+    args = ["-m", "fdistill", "rlhf", "--method", method, "--preset", "smoke", "--no-progress", "--no-plots"]
+    one = _run([*args, "--out", str(tmp_path / "one")], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _run([*args, "--out", str(tmp_path / "two")], tmp_path, nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    got, want = _curves(tmp_path / "two"), _curves(tmp_path / "one")
+    _assert_close_tree(got, want)  # the steps (and every other non-float) are identical
+    # rank 0 alone logs and writes: one copy of each log line, the same files, no temporary ones
+    assert all(two.stdout.count(line) == 1 for line in RLHF_LOG_LINES[method])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "checkpoints").iterdir()
+    )
+    assert not list((tmp_path / "two").rglob("*.tmp"))
+
+
+RLHF_BAD_BATCH_SCRIPT = """
+import dataclasses, sys
+from fdistill.trainer import distributed
+from fdistill.trainer.rlhf.experiment import PRESETS, run_rlhf
+
+try:
+    run_rlhf("rl", dataclasses.replace(PRESETS["smoke"], rl_prompts=3), sys.argv[1], progress=False)
+except ValueError as exc:
+    print(f"rank {distributed.rank()}: {exc}", flush=True)
+    sys.exit(2)
+"""
+
+
+def test_rlhf_batch_not_divisible_by_world_size_fails_on_every_rank(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text(RLHF_BAD_BATCH_SCRIPT)
+    done = _run([str(script), str(tmp_path / "run")], tmp_path, nproc=2, timeout=120)
     assert done.returncode != 0
-    assert done.stderr.count("error: the RLHF experiments run on one process only") == 2
+    for r in (0, 1):
+        assert f"rank {r}: rl_prompts (3) must be divisible by the world size (2)" in done.stdout
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_helpers_on_one_process():

@@ -36,6 +36,23 @@ Methods (``run_rlhf(method, ...)``):
 Every stage checkpoints (atomic safetensors; long loops every ``ckpt_every`` steps) and a rerun resumes
 where it stopped; an output directory that holds another configuration is refused. Outputs:
 ``curves.json``, ``summary.md`` (the table printed at the end) and PNG plots.
+
+Under ``torchrun`` every method is data parallel as teacher-hacking is
+(:mod:`~fdistill.trainer.distributed`), and a run matches the 1-process run up to floating-point
+summation order (~1e-7 relative):
+
+- every rank draws the same global batches (same seeds, same generators) and trains on its contiguous
+  slice, with the gradients and the reported training metrics averaged over ranks before each
+  optimizer step, so every rank takes the same step. The slices: SFT sequences, Bradley–Terry pairs,
+  IRL expert sequences, and for RL (:func:`.rl.rl_step`) and J-BOND the prompts with all their samples
+  (whole RLOO groups). Every loss is a mean over rows of equal token counts on equal slices, so the
+  mean of the slice losses is the global-batch loss; the batch sizes must divide by the world size;
+- the sampling itself (RL, J-BOND, evaluation) runs on the whole global batch on every rank (it draws
+  from the shared generator); the evaluations then score their part of the held-out samples and
+  all-reduce row-count-weighted means;
+- the cheap one-off stages run redundantly on every rank with identical results and no collective:
+  preference pairs, RM calibration, preference accuracies, best-of-N and IRL's reward correlations;
+- rank 0 alone writes checkpoints and outputs and logs.
 """
 
 from __future__ import annotations
@@ -241,6 +258,17 @@ def _check_config(method: str, cfg: RLHFPreset) -> None:
         raise ValueError(f"irl.lambdas must be >= 0, got {cfg.irl.lambdas}")
 
 
+def _check_divisible(method: str, cfg: RLHFPreset) -> None:
+    """Under ``torchrun`` each training batch splits into equal slices, one per rank."""
+    if method == "irl":
+        distributed.check_divisible(cfg.irl.batch, "irl.batch")
+        return
+    distributed.check_divisible(cfg.sft_batch, "sft_batch")
+    distributed.check_divisible(cfg.rl_prompts, "rl_prompts")
+    if method in ("rl", "warm"):
+        distributed.check_divisible(cfg.rm_batch, "rm_batch")
+
+
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -283,6 +311,21 @@ def _trainable(model):
     return model
 
 
+def _row_mean(values: dict, rows: int) -> dict:
+    """Per-row means of this rank's part of an evaluation set, averaged over ranks weighted by the
+    row counts (every row holds the same number of tokens): the whole set's means, in ``values``' order."""
+    mean = distributed.weighted_mean(values, rows)
+    return {k: mean[k] for k in values}
+
+
+def _save_on_main(path: Path, **kwargs) -> None:
+    """Rank 0 writes the checkpoint, after every rank has looked for it and before any reads it."""
+    distributed.barrier()
+    if distributed.is_main():
+        save_checkpoint(path, **kwargs)
+    distributed.barrier()
+
+
 def _series(record: dict, *keys: str) -> dict:
     """``{"steps": [...], key: [...]}`` from a record's evaluations."""
     out = {"steps": [e["step"] for e in record["eval"]]}
@@ -320,7 +363,7 @@ class _Context:
         if path.exists():
             load_checkpoint(path, models={"oracle": self.oracle})
         else:
-            save_checkpoint(path, models={"oracle": self.oracle}, meta={"stage": "oracle"})
+            _save_on_main(path, models={"oracle": self.oracle}, meta={"stage": "oracle"})
         _frozen(self.oracle)
         gen = torch.Generator().manual_seed(seed + 10_000)  # held-out prompts: their own stream
         self.eval_prompts = self.task.prompts(cfg.eval_prompts, gen)
@@ -342,11 +385,12 @@ class _Context:
             pool = SamplePool(self.oracle, self.task, 512)
 
             def step():
-                loss = sft_loss(model, pool.take(cfg.sft_batch, gen), self.P)
+                loss = sft_loss(model, distributed.shard(pool.take(cfg.sft_batch, gen)), self.P)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                (mean_loss,) = distributed.average_gradients(model.parameters(), loss.item())
                 opt.step()
-                return {"loss": loss.item()}
+                return {"loss": mean_loss}
 
             self.log("stage: base policy (SFT on oracle samples)")
             run_loop(
@@ -370,7 +414,7 @@ class _Context:
         true reward, per-sequence KL(π ‖ π_sft) (exact per position, summed), repeat rate, and the
         mean of each proxy."""
         gen = torch.Generator().manual_seed(self.eval_seed)
-        seqs = policy.sample(self.eval_prompts, self.L, generator=gen)
+        seqs = distributed.split(policy.sample(self.eval_prompts, self.L, generator=gen))
         x, y = seqs[:, : self.P], seqs[:, self.P :]
         out = {
             "true": float(self.true(x, y).mean()),
@@ -379,7 +423,7 @@ class _Context:
         }
         for name, fn in (proxies or {}).items():
             out[name] = float(fn(x, y).mean())
-        return out
+        return _row_mean(out, seqs.shape[0])
 
     # --- preferences and reward models
 
@@ -398,12 +442,13 @@ class _Context:
         order = _Order(prefs["chosen"].shape[0])
 
         def step():
-            idx = order.batch(cfg.rm_batch, gen)
+            idx = distributed.shard(order.batch(cfg.rm_batch, gen))  # this rank's pairs of the batch
             loss = bradley_terry_loss(rm(prefs["chosen"][idx]), rm(prefs["rejected"][idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            (mean_loss,) = distributed.average_gradients(rm.parameters(), loss.item())
             opt.step()
-            return {"loss": loss.item()}
+            return {"loss": mean_loss}
 
         steps = cfg.rm_epochs * math.ceil(prefs["chosen"].shape[0] / cfg.rm_batch)
         run_loop(
@@ -564,7 +609,7 @@ def _method_warp(ctx: _Context) -> dict:
         probe.load_state_dict(init)
         meta = {"runs": runs, "task_vector_cosine": cosine, "front": front,
                 "liti": {"eta": cfg.eta, **ctx.evaluate(probe)}}  # fmt: skip
-        save_checkpoint(path, models={"next_init": probe}, meta=meta)
+        _save_on_main(path, models={"next_init": probe}, meta=meta)
         curves["iterations"].append(meta)
         point = meta["liti"]
         ctx.log(f"  iteration {it}: task vectors' cosine {cosine:.3f}; LITI(η={cfg.eta}) true "
@@ -602,16 +647,21 @@ def _method_bond(ctx: _Context) -> dict:
             r_anc = ctx.true(ya[:, :P], ya[:, P:])
             better = ya[best_of_n(r_anc, 2)]  # (B, P+L): the better anchor sample of each prompt
             r_j = jbond_reward(r_pol, r_anc.view(-1, 2).repeat_interleave(k, 0), cfg.penalty)
-            anchor_logp = anchor.sequence_logprobs(ys, P).sum(-1)
-        logp = policy.sequence_logprobs(ys, P)
-        backward = r_j - (logp.detach().sum(-1) - anchor_logp)  # J-BOND reward − log(π/π_anchor)
+            # this rank's prompts, each with its k policy samples (whole RLOO groups) and best anchor one
+            mine = distributed.shard(ys.view(x.shape[0], k, -1)).flatten(0, 1)
+            r_mine = distributed.shard(r_j.view(x.shape[0], k)).flatten()
+            anchor_logp = anchor.sequence_logprobs(mine, P).sum(-1)
+        logp = policy.sequence_logprobs(mine, P)
+        backward = r_mine - (logp.detach().sum(-1) - anchor_logp)  # J-BOND reward − log(π/π_anchor)
         loss = jeffreys_loss(
-            policy.sequence_logprobs(better, P), logp, backward, cfg.jeffreys_beta, baseline="rloo", group=k
-        )
+            policy.sequence_logprobs(distributed.shard(better), P), logp, backward, cfg.jeffreys_beta,
+            baseline="rloo", group=k,
+        )  # fmt: skip
         if cfg.ref_kl > 0:
-            loss = loss + cfg.ref_kl * kl_to_anchor(policy, ctx.sft, ys, P).mean()
+            loss = loss + cfg.ref_kl * kl_to_anchor(policy, ctx.sft, mine, P).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(policy.parameters())
         opt.step()
         merge.ema_update(anchor, policy, cfg.gamma)
         return {"reward": float(r_pol.mean()), "loses_to_both": float((r_j < 0).float().mean())}
@@ -702,8 +752,9 @@ def _method_irl(ctx: _Context) -> dict:
     def evaluate(model):
         with torch.no_grad():
             rewards = extracted_rewards(model.completion_logits(golden, P), golden[:, P:], cfg.gamma)
+        part = distributed.split(golden)
         return {
-            "kl": sequence_kl(ctx.oracle, model, golden, P),
+            "kl": _row_mean({"kl": sequence_kl(ctx.oracle, model, part, P)}, part.shape[0])["kl"],
             **_sample_stats(ctx, model),
             "reward_corr_token": _pearson(rewards.flatten(), oracle_logp.flatten()),
             "reward_corr_seq": _pearson(rewards.sum(-1), oracle_logp.sum(-1)),
@@ -718,12 +769,13 @@ def _method_irl(ctx: _Context) -> dict:
         order = _Order(cfg.dataset)
 
         def step(model=model, opt=opt, g=g, order=order, lam=lam):
-            seqs = expert[order.batch(cfg.batch, g)]
+            seqs = distributed.shard(expert[order.batch(cfg.batch, g)])
             loss = td_regularised_mle_loss(model.completion_logits(seqs, P), seqs[:, P:], lam, cfg.gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            (mean_loss,) = distributed.average_gradients(model.parameters(), loss.item())
             opt.step()
-            return {"loss": loss.item()}
+            return {"loss": mean_loss}
 
         name = "MLE (lambda=0)" if lam == 0 else f"TD-regularised lambda={lam:g}"
         ctx.log(f"stage: {name} ({cfg.steps} steps)")
@@ -818,12 +870,16 @@ def _sample_stats(ctx: _Context, model: TinyLM) -> dict:
     next-token distributions along them (nats) and the mean fraction of distinct bigrams per
     completion."""
     gen = torch.Generator().manual_seed(ctx.eval_seed)
-    seqs = model.sample(ctx.eval_prompts, ctx.L, generator=gen)
+    seqs = distributed.split(model.sample(ctx.eval_prompts, ctx.L, generator=gen))
     logp = model.completion_logits(seqs, ctx.P).float().log_softmax(-1)
     y = seqs[:, ctx.P :]
     pairs = y[:, :-1] * ctx.task.vocab + y[:, 1:]
     distinct = [len(set(row.tolist())) / row.numel() for row in pairs]
-    return {"entropy": float(-(logp.exp() * logp).sum(-1).mean()), "distinct2": sum(distinct) / len(distinct)}
+    stats = {
+        "entropy": float(-(logp.exp() * logp).sum(-1).mean()),
+        "distinct2": sum(distinct) / len(distinct),
+    }
+    return _row_mean(stats, seqs.shape[0])
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -1157,7 +1213,11 @@ def run_rlhf(
 
     ``reward_fn(prompts (B, P), completions (B, L)) -> (B,)`` replaces the task's true reward
     everywhere (labels, RL, metrics); it must return finite floats of that shape (ValueError
-    otherwise). It is recorded in ``run.json`` by name only."""
+    otherwise). It is recorded in ``run.json`` by name only.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data parallel (see the module's docstring); the
+    training batch sizes (``sft_batch``, ``rm_batch``, ``rl_prompts``, ``irl.batch``) must divide by
+    the world size. Rank 0 writes the files and logs."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     cfg = _complete(preset) if isinstance(preset, RLHFPreset) else preset_config(preset)
@@ -1179,10 +1239,10 @@ def run_rlhf(
         "config": jsonable(cfg),
     }
     distributed.init_from_env()
-    if distributed.world() > 1:  # the same error on every rank, before any collective
-        raise ValueError(
-            "the RLHF experiments run on one process only (not yet data parallel); run them without torchrun"
-        )
+    _check_divisible(method, cfg)  # the same error on every rank, before any collective
+    main = distributed.is_main()
+    if not main:
+        log, progress, plots = (lambda *_: None), False, False
     claim_out_dir(out, run_config, "method/preset/seed/reward/sizes")
     ctx = _Context(cfg, out, seed, reward_fn, progress, log)
     curves = {"run": run_config, **_RUNNERS[method](ctx)}
@@ -1196,9 +1256,10 @@ def run_rlhf(
         curves["versus_baseline"] = _versus_baseline(
             list(zip(c["kl"], c["true"], strict=True)), curves["baseline"]
         )
-    (out / "curves.json").write_text(json.dumps(jsonable(curves), indent=1))
     table = summary_table(curves)
-    (out / "summary.md").write_text(table + "\n")
+    if main:
+        (out / "curves.json").write_text(json.dumps(jsonable(curves), indent=1))
+        (out / "summary.md").write_text(table + "\n")
     log(table)
     if plots:
         for path in plot_curves(curves, out):

@@ -20,6 +20,11 @@ The sampled log ratio has mean KL(π ‖ π_anchor) and its score-function gradi
 the ``kl`` metric and can be added to a loss as a differentiable penalty; it cannot replace the log
 ratio inside a detached reward, which would drop the KL's direct dependence on the policy (all of it
 for a one-token completion).
+
+Under ``torchrun`` (:mod:`~fdistill.trainer.distributed`) :func:`rl_step` is data parallel: every
+rank samples the same global batch (the same generator), keeps its contiguous slice of the prompts
+with all their ``group`` samples (so the leave-one-out baseline sees whole groups), computes the loss
+on it and averages the gradients and the metrics over ranks before the optimizer step.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor
 
 import fdistill
 
+from .. import distributed
 from ..model import TinyLM
 from .reward import RewardFn, check_rewards
 
@@ -122,8 +128,13 @@ def rl_step(
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be an int >= 1, got {group!r}")
     prompt_len = prompts.shape[1]
+    distributed.check_divisible(prompts.shape[0], "the RL step's number of prompts")
     x = prompts.repeat_interleave(group, 0)
     seqs = policy.sample(x, length, temperature=temperature, generator=generator)
+    # this rank's prompts with all their samples (rows are grouped by prompt): equal slices, so the
+    # mean of the slice losses and metrics is the global batch's
+    n = prompts.shape[0]
+    x, seqs = (distributed.shard(rows.view(n, group, -1)).flatten(0, 1) for rows in (x, seqs))
     with torch.no_grad():
         rewards = check_rewards(reward_fn(x, seqs[:, prompt_len:]), x.shape[0])
         anchor_logits = anchor.completion_logits(seqs, prompt_len)
@@ -132,15 +143,16 @@ def rl_step(
     logprobs = _token_logprobs(logits, seqs[:, prompt_len:])
     log_ratio = (logprobs.detach() - _token_logprobs(anchor_logits, seqs[:, prompt_len:])).sum(-1)
     shaped = rewards.to(log_ratio.dtype) - beta * log_ratio
-    loss = policy_gradient_loss(logprobs, shaped, baseline, group)
+    if baseline == "mean" and distributed.active():  # the global batch's mean, not the slice's
+        (mean,) = distributed.weighted_mean({"m": float(shaped.mean())}, shaped.shape[0]).values()
+        loss = policy_gradient_loss(logprobs, shaped - mean, "none", group)
+    else:
+        loss = policy_gradient_loss(logprobs, shaped, baseline, group)
     kl = token_kl(logits.detach(), anchor_logits).sum(-1)
 
     optimizer.zero_grad()
     loss.backward()
+    means = (float(rewards.mean()), float(kl.mean()), float(shaped.mean()), float(loss.detach()))
+    reward, kl, shaped, loss = distributed.average_gradients(policy.parameters(), *means)
     optimizer.step()
-    return {
-        "reward": float(rewards.mean()),
-        "kl": float(kl.mean()),
-        "shaped_reward": float(shaped.mean()),
-        "loss": float(loss.detach()),
-    }
+    return {"reward": reward, "kl": kl, "shaped_reward": shaped, "loss": loss}
