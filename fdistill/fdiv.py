@@ -304,8 +304,10 @@ def _check_reference(reference, logits, dim) -> None:
         raise ValueError("reference must be positive and finite everywhere (a reference measure q_j > 0)")
 
 
-def _check_target(target, logits, ignore_index):
-    """(labels [rows] int64 or None, probabilities [rows, V] or None), validated."""
+def _check_target(target, logits, ignore_index, *, shard=False):
+    """(labels [rows] int64 or None, probabilities [rows, V] or None), validated. With ``shard`` the
+    logits are one rank's vocabulary shard: the label range and the probability rows' sums concern the
+    whole vocabulary and are checked by the caller (:mod:`fdistill.vocab_parallel`) over the group."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(
             f"target must be a torch.Tensor (labels or probabilities), got {type(target).__name__}"
@@ -325,6 +327,8 @@ def _check_target(target, logits, ignore_index):
         if _can_inspect_values():
             if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
                 raise ValueError("probability target must be finite and non-negative")
+            if shard:
+                return None, probs
             tol = 1e-4 if probs.dtype in (torch.float32, torch.float64) else 2e-2
             bad = (probs.double().sum(-1) - 1).abs() > tol
             if bool(bad.any()):
@@ -340,7 +344,7 @@ def _check_target(target, logits, ignore_index):
             f"{tuple(logits.shape[:-1])}"
         )
     labels = target.reshape(-1).long().contiguous()
-    if _can_inspect_values():  # (out-of-range labels still give a NaN loss in the kernels)
+    if not shard and _can_inspect_values():  # (out-of-range labels still give a NaN loss in the kernels)
         live = labels != ignore_index
         if bool(((labels < 0) | (labels >= vocab))[live].any()):
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})")

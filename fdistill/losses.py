@@ -227,14 +227,19 @@ def _pick_backend(
     return backend
 
 
+def _check_logits_tensor(name: str, x, vocab: str = "V") -> None:
+    """A floating tensor of shape ``(..., vocab)`` with at least one vocabulary entry."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., {vocab}) with {vocab} >= 1, got {tuple(x.shape)}")
+
+
 def _check_logits(student, teacher) -> None:
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] < 1:
-            raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+    _check_logits_tensor("student_logits", student)
+    _check_logits_tensor("teacher_logits", teacher)
     if student.shape != teacher.shape:
         raise ValueError(
             f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} "

@@ -72,6 +72,7 @@ from .losses import (
     _as_rows,
     _check_choice,
     _check_labels,
+    _check_logits_tensor,
     _check_real,
     _check_temperature,
     _divergence_param,
@@ -242,15 +243,6 @@ def _agree(group, what: str, device, check: Callable[[], _Local], options, vocab
 
 def _device_of(x) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-
-
-def _check_shard(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape (..., V_local) with V_local >= 1, got {tuple(x.shape)}")
 
 
 def _check_backend(backend) -> None:
@@ -444,8 +436,8 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
     found = {}
 
     def check() -> _Local:
-        _check_shard("student_logits", student_logits)
-        _check_shard("teacher_logits", teacher_logits)
+        _check_logits_tensor("student_logits", student_logits, "V_local")
+        _check_logits_tensor("teacher_logits", teacher_logits, "V_local")
         if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
             raise ValueError(
                 f"student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -784,6 +776,8 @@ def _prepare_f(what, logits, f, alpha, reference, dim, n_iter, backend, group, v
 def fy_loss(logits, target, f, *, alpha, reference, ignore_index, reduction, temperature, n_iter, backend,
             group, vocab_size):  # fmt: skip
     """:func:`fdistill.fy_loss` on vocabulary shards (its ``vocab_parallel_group`` path)."""
+    from .fdiv import _check_target
+
     what = "fy_loss"
     found = {}
 
@@ -792,7 +786,7 @@ def fy_loss(logits, target, f, *, alpha, reference, ignore_index, reduction, tem
         _check_temperature(temperature)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        found["labels"], found["probs"] = _check_target_shard(target, logits, ignore_index)
+        found["labels"], found["probs"] = _check_target(target, logits, ignore_index, shard=True)
         local.labels, local.ignore_index = found["labels"], int(ignore_index)
 
     kind = "probs" if isinstance(target, torch.Tensor) and target.dtype.is_floating_point else "labels"
@@ -837,35 +831,6 @@ def f_softmax(logits, f, *, alpha, reference, dim, n_iter, backend, group, vocab
 
 def _option_repr(reference):
     return reference if isinstance(reference, str) else "tensor"
-
-
-def _check_target_shard(target, logits, ignore_index):
-    """(flat int64 labels or None, ``[rows, V_local]`` probabilities or None), checked on this shard;
-    the labels' range and the probabilities' row sums are checked over the whole vocabulary later."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(
-            f"target must be a torch.Tensor (labels or probabilities), got {type(target).__name__}"
-        )
-    if target.device != logits.device:
-        raise ValueError(f"target ({target.device}) and logits ({logits.device}) are on different devices")
-    if target.dtype.is_floating_point:
-        if target.shape != logits.shape:
-            raise ValueError(f"probability target {tuple(target.shape)} must have the logits' (shard's) "
-                             f"shape {tuple(logits.shape)}")  # fmt: skip
-        if target.requires_grad:
-            raise ValueError("target requires grad, but the FY loss gives it none: pass target.detach()")
-        probs = _as_rows(target, logits.shape[-1])
-        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
-            raise ValueError("probability target must be finite and non-negative")
-        return None, probs
-    if target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must be integer labels or floating probabilities, got {target.dtype}")
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels {tuple(target.shape)} must have the logits' shape without the vocabulary dimension, "
-            f"{tuple(logits.shape[:-1])}"
-        )
-    return target.reshape(-1).long(), None
 
 
 # ----------------------------------------------------------------------------- fused-linear losses
