@@ -264,17 +264,20 @@ def run_teacher_hacking(
     _train_on_oracle(oracle, student0, "student", ckpts / "student_sft.safetensors", cfg.sft_steps,
                      sft_on_oracle, task, cfg, seed + 2, progress, log)  # fmt: skip
 
-    def metrics(model):  # each rank scores its part of the held-out set; count-weighted mean over ranks
-        proxy_part, golden_part = distributed.split(proxy_seqs), distributed.split(golden_seqs)
-        local = {
-            "proxy": sequence_kl(teacher, model, proxy_part, task.prompt_len),
-            "golden": sequence_kl(oracle, model, golden_part, task.prompt_len),
-        }
+    # each rank scores its part of the held-out set; count-weighted means over ranks
+    proxy_part, golden_part = distributed.split(proxy_seqs), distributed.split(golden_seqs)
+
+    def golden(model):
+        return sequence_kl(oracle, model, golden_part, task.prompt_len)
+
+    def metrics(model):
+        local = {"proxy": sequence_kl(teacher, model, proxy_part, task.prompt_len), "golden": golden(model)}
         return distributed.weighted_mean(local, proxy_part.shape[0])
 
+    teacher_golden = distributed.weighted_mean({"golden": golden(teacher)}, golden_part.shape[0])["golden"]
     curves = {
         "run": run_config,
-        "teacher_golden": metrics(teacher)["golden"],
+        "teacher_golden": teacher_golden,
         "student_start": metrics(student0),
         "sources": {},
     }
