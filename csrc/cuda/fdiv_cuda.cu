@@ -195,7 +195,9 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
     r.q_value = O::splat(a.reference_value);
     r.inv_t = O::splat(a.inv_temperature);
 
-    // pass 1: theta (into shared memory), max, first argmax, live q mass
+    // pass 1: theta (into shared memory), max, first argmax, live q mass (tau's bracket; the f-softmax
+    // value's sum of q f(0): KL needs it only there)
+    const bool need_q = K != FKind::KL || a.mode == FDivMode::SoftmaxValue;
     A m = ninf;
     int idx = INT_MAX;
     double qs = 0;
@@ -203,9 +205,7 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
       const A th = r.theta(j);
       if (xs) xs[j] = th;
       arg_combine(m, idx, th, j);
-      if constexpr (K != FKind::KL) {
-        if (th > ninf) qs += r.q ? static_cast<double>(r.q[j]) : 1.0;
-      }
+      if (need_q && th > ninf) qs += r.q ? static_cast<double>(r.q[j]) : 1.0;
     }
     block_argmax_sum(m, idx, qs, sh_max);
     if (tid == 0) {
