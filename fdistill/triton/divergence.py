@@ -21,6 +21,7 @@ import triton.language as tl
 from ..ops import BWD_INPLACE_SCHEMA, BWD_SCHEMA, FWD_SCHEMA, accumulate_dtype, register_divergence_ops
 from ..reference import resolve_divergence
 from .math import DIVERGENCE_CODES, NUM_STATS, alpha_logit, grad_entry, second_pass_terms, weighted
+from .tiles import tiling
 
 
 @triton.jit
@@ -32,9 +33,11 @@ def _expm1(x):
 
 
 @triton.jit
-def _load_scalars(PARAMS):
-    """[1/T, param, log w_teacher, log w_student] in the accumulation dtype."""
-    return tl.load(PARAMS + 0), tl.load(PARAMS + 1), tl.load(PARAMS + 2), tl.load(PARAMS + 3)
+def _scalars(inv_t, param, log_wt, log_ws, ACC: tl.constexpr):
+    """The float64 kernel arguments [1/T, param, log w_teacher, log w_student] in the accumulation
+    dtype (``zeros + x``: the interpreter passes Python floats, the compiler float64 scalars)."""
+    zero = tl.zeros([], tl.float64)
+    return (zero + inv_t).to(ACC), (zero + param).to(ACC), (zero + log_wt).to(ACC), (zero + log_ws).to(ACC)
 
 
 @triton.jit
@@ -56,14 +59,15 @@ def _is_finite(x):
 
 @triton.jit
 def _divergence_fwd_kernel(
-    S, T, LABELS, PARAMS, LOSS, STATS,
+    S, T, LABELS, LOSS, STATS,
+    inv_t: tl.float64, param: tl.float64, log_wt: tl.float64, log_ws: tl.float64,
     V, stride_s, stride_t, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    ACC = LOSS.dtype.element_ty
+    ACC: tl.constexpr = LOSS.dtype.element_ty
     NEG_INF = float("-inf")
-    inv_t, param, log_wt, log_ws = _load_scalars(PARAMS)
+    inv_t, param, log_wt, log_ws = _scalars(inv_t, param, log_wt, log_ws, ACC)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
     n_cols = V
@@ -73,18 +77,19 @@ def _divergence_fwd_kernel(
 
     # pass 1: online log-sum-exps, and the sums of the one-pass divergences. Weighted terms use
     # (t - ref_t) - (s - ref_s), which stays small when the logits carry a large offset.
+    # Each tile is reduced in the accumulation dtype (a tree: error ~ log2(BLOCK) ulp of the tile's
+    # sum); only the running totals across tiles are float64, where at large logits one tile
+    # dominates (1 in z, ~100s in w) and float32 totals would drop the rest. z: sums of exp(x - m);
+    # w_s, w_t: sums of exp(s - m_s) ((s - ref_s) - (t - ref_t)) and exp(t - m_t) ((t - ref_t) - (s - ref_s)).
+    F64: tl.constexpr = tl.float64
     m_s = tl.full([], NEG_INF, ACC)
     m_t = tl.full([], NEG_INF, ACC)
     m_z = tl.full([], NEG_INF, ACC)
-    # Row sums are reduced in float64 (one conversion per entry; the kernel is memory-bound): at
-    # large logits one term dominates (1 in z, ~100s in w) and float32 would drop the rest, which
-    # shows in c0 and so in the whole gradient. z: sums of exp(x - m); w_s, w_t: sums of
-    # exp(s - m_s) ((s - ref_s) - (t - ref_t)) and exp(t - m_t) ((t - ref_t) - (s - ref_s)).
-    z_s = tl.zeros([], tl.float64)
-    z_t = tl.zeros([], tl.float64)
-    z_z = tl.zeros([], tl.float64)
-    w_s = tl.zeros([], tl.float64)
-    w_t = tl.zeros([], tl.float64)
+    z_s = tl.zeros([], F64)
+    z_t = tl.zeros([], F64)
+    z_z = tl.zeros([], F64)
+    w_s = tl.zeros([], F64)
+    w_t = tl.zeros([], F64)
     ref_s = tl.zeros([], ACC)
     ref_t = tl.zeros([], ACC)
     has_s = tl.zeros([], tl.int32)
@@ -98,20 +103,29 @@ def _divergence_fwd_kernel(
         m_t, shift_t, scale_t, ref_t, has_t = _raise_max(m_t, ref_t, has_t, t)
         es = tl.exp(s - shift_s)
         et = tl.exp(t - shift_t)
-        z_s = z_s * scale_s + tl.sum(es.to(tl.float64), axis=0)
-        z_t = z_t * scale_t + tl.sum(et.to(tl.float64), axis=0)
+        sum_es = tl.sum(es, axis=0).to(F64)
+        z_s = z_s * scale_s.to(F64) + sum_es
+        z_t = z_t * scale_t.to(F64) + tl.sum(et, axis=0).to(F64)
         if DIV == 0 or DIV == 2:
-            w_t = w_t * scale_t + tl.sum(weighted(et, t - ref_t, s - ref_s).to(tl.float64), axis=0)
+            w_t = w_t * scale_t.to(F64) + tl.sum(weighted(et, t - ref_t, s - ref_s), axis=0).to(F64)
         if DIV == 1 or DIV == 2:
-            # in float64 from the start: c0 = w_s / z_s ~ 100s must be good to far better than a
-            # float ulp of it, since the gradient q ((s - t) - c0) cancels to its last digits
-            gap = (s.to(tl.float64) - t.to(tl.float64)) - (ref_s.to(tl.float64) - ref_t.to(tl.float64))
-            w_s = w_s * scale_s + tl.sum(tl.where(es > 0, es.to(tl.float64) * gap, 0.0), axis=0)
+            # The reverse-KL gradient q ((s - t) - c0) needs c0 = w_s / z_s to far better than a float
+            # ulp of it (~100s at large logits): the tile's terms are taken relative to the entry of
+            # its largest s (which dominates es), g0 = its gap, added back in float64 as g0 sum es.
+            j = tl.argmax(s, axis=0)
+            s_j = tl.max(s, axis=0)
+            t_j = tl.sum(tl.where(offs == j, t, 0.0), axis=0)
+            shift = _is_finite(s_j) & _is_finite(t_j)  # else the plain terms (an inf / NaN passes)
+            a_s = tl.where(shift, s_j, ref_s)
+            a_t = tl.where(shift, t_j, ref_t)
+            g0 = (a_s.to(F64) - a_t.to(F64)) - (ref_s.to(F64) - ref_t.to(F64))
+            w_tile = tl.sum(weighted(es, s - a_s, t - a_t), axis=0).to(F64)
+            w_s = w_s * scale_s.to(F64) + w_tile + g0 * sum_es
         if DIV == 7:
             z = alpha_logit(s - ref_s, t - ref_t, param)
             m_z_new = tl.maximum(m_z, tl.max(z, axis=0))
             shift_z = tl.where(m_z_new == NEG_INF, 0.0, m_z_new)
-            z_z = z_z * tl.exp(m_z - shift_z) + tl.sum(tl.exp(z - shift_z).to(tl.float64), axis=0)
+            z_z = z_z * tl.exp(m_z - shift_z).to(F64) + tl.sum(tl.exp(z - shift_z), axis=0).to(F64)
             m_z = m_z_new
     log_sum_s = tl.log(z_s).to(ACC)
     log_sum_t = tl.log(z_t).to(ACC)
@@ -121,8 +135,8 @@ def _divergence_fwd_kernel(
     normal = _is_finite(lse_s) & _is_finite(lse_t)
 
     # pass 2: the divergences that need normalised log-probabilities
-    loss2 = tl.zeros([], tl.float64)
-    aux2 = tl.zeros([], tl.float64)
+    loss2 = tl.zeros([], F64)
+    aux2 = tl.zeros([], F64)
     if DIV == 3 or DIV == 4 or DIV == 5 or DIV == 6:
         for start in range(0, tl.where(normal, n_cols, 0), BLOCK):
             cols = start + offs
@@ -132,13 +146,12 @@ def _divergence_fwd_kernel(
             ls = (s - m_s) - log_sum_s
             lt = (t - m_t) - log_sum_t
             term, aux = second_pass_terms(ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, DIV)
-            loss2 += tl.sum(term.to(tl.float64), axis=0)
-            aux2 += tl.sum(aux.to(tl.float64), axis=0)
+            loss2 += tl.sum(term, axis=0).to(F64)
+            aux2 += tl.sum(aux, axis=0).to(F64)
 
     # Row scalars in float64 (a handful of operations per row, as the C++ kernels do), so that
     # constants such as c0 = KL + LSE(s) - LSE(t) are rounded once.
     # KL(p||q) = E_p[t - s] - LSE(t) + LSE(s), with both LSEs taken relative to the references
-    F64 = tl.float64
     lsum_s = tl.log(z_s)
     lsum_t = tl.log(z_t)
     lse_gap = ((m_t.to(F64) - ref_t.to(F64)) + lsum_t) - ((m_s.to(F64) - ref_s.to(F64)) + lsum_s)
@@ -180,14 +193,15 @@ def _divergence_fwd_kernel(
 
 @triton.jit
 def _divergence_bwd_kernel(
-    GRAD_LOSS, S, T, LABELS, PARAMS, STATS, GRAD,
+    GRAD_LOSS, S, T, LABELS, STATS, GRAD,
+    inv_t: tl.float64, param: tl.float64, log_wt: tl.float64, log_ws: tl.float64,
     V, stride_s, stride_t, stride_grad, stride_gl, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    ACC = STATS.dtype.element_ty
+    ACC: tl.constexpr = STATS.dtype.element_ty
     NEG_INF = float("-inf")
-    inv_t, param, log_wt, log_ws = _load_scalars(PARAMS)
+    inv_t, param, log_wt, log_ws = _scalars(inv_t, param, log_wt, log_ws, ACC)
     stats = STATS + row * 6
     m_s = tl.load(stats + 0)
     log_sum_s = tl.load(stats + 1)
@@ -231,29 +245,24 @@ def _divergence_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _kernel_scalars(kind: str, param: float, temperature: float, device, dtype) -> torch.Tensor:
-    """[1/T, param, log w_teacher, log w_student] as a tensor (Triton's float arguments are fp32)."""
+def _kernel_scalars(kind: str, param: float, temperature: float) -> tuple[float, float, float, float]:
+    """(1/T, param, log w_teacher, log w_student): float64 kernel arguments, no device copy."""
     log = lambda w: math.log(w) if w > 0 else -math.inf  # noqa: E731
     w_teacher, w_student = {
         "jsd": (param, 1 - param),
         "skew_kl": (param, 1 - param),  # m = lambda p + (1 - lambda) q
         "skew_reverse_kl": (1 - param, param),  # m = lambda q + (1 - lambda) p
     }.get(kind, (0.0, 0.0))
-    values = [1.0 / temperature, param, log(w_teacher), log(w_student)]
-    return torch.tensor(values, dtype=dtype, device=device)
+    return 1.0 / temperature, float(param), log(w_teacher), log(w_student)
 
 
-def _tiling(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, num_warps): tiles of up to 4096 entries (2048 in float64), 8 warps for large tiles."""
-    cap = 2048 if dtype == torch.float64 else 4096
-    block = max(16, min(cap, triton.next_power_of_2(vocab)))
-    return block, 8 if block >= 2048 else 4
+FP_FUSION = False  # no FMA contraction: s = logit / T is rounded on its own, the two-sum stays exact
 
 
 def _launch_setup(student, divergence, param, temperature):
     kind = resolve_divergence(divergence, param)
-    scalars = _kernel_scalars(kind, param, temperature, student.device, accumulate_dtype(student.dtype))
-    return DIVERGENCE_CODES[kind], scalars, *_tiling(student.shape[1], student.dtype)
+    scalars = _kernel_scalars(kind, param, temperature)
+    return DIVERGENCE_CODES[kind], scalars, *tiling(student.shape[1], student.dtype)
 
 
 def _check_rows(student, teacher, labels):
@@ -273,9 +282,10 @@ def divergence_fwd_triton(
     stats = torch.empty(rows, NUM_STATS, dtype=acc, device=student.device)
     if rows > 0:
         _divergence_fwd_kernel[(rows,)](
-            student, teacher, labels, scalars, loss, stats,
+            student, teacher, labels, loss, stats, *scalars,
             vocab, student.stride(0), teacher.stride(0), ignore_index,
             DIV=code, HAS_LABELS=labels is not None, BLOCK=block, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return loss, stats
 
@@ -289,9 +299,10 @@ def _backward_into(
     grad_loss = grad_loss.to(stats.dtype)
     if rows > 0:
         _divergence_bwd_kernel[(rows,)](
-            grad_loss, student, teacher, labels, scalars, stats, out,
+            grad_loss, student, teacher, labels, stats, out, *scalars,
             vocab, student.stride(0), teacher.stride(0), out.stride(0), grad_loss.stride(0), ignore_index,
             DIV=code, HAS_LABELS=labels is not None, BLOCK=block, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
 
 

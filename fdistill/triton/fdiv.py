@@ -18,7 +18,8 @@ closed form: ``tau = 0`` and ``S0 = sum_j q_j exp(x_j)``, as the C++ kernels), t
 
 One program per row walks the vocabulary in tiles of ``BLOCK`` entries: pass 1 finds the max (and
 q at its first argmax, and the total q of the entries that are not -inf, for the bracket), then
-each solver sweep is one read-only pass reducing S0 and S1 in float64, then one output pass. The
+each solver sweep is one read-only pass reducing S0 and S1 (tiles in the accumulation dtype,
+totals in float64), then one output pass. The
 solver's row scalars are float64; tiles are evaluated at tau rounded to the accumulation dtype,
 which is the tau stored in the statistics, so the backward recomputes the same p. Under
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors.
@@ -51,19 +52,18 @@ from .fdiv_math import (
     start_tau_search,
     tau_step,
 )
+from .tiles import FDIV_TILE, tiling
 
 # How the FY target is given (a constexpr of the kernels)
 NO_TARGET, PROB_TARGET, LABEL_TARGET = 0, 1, 2
 
 
 @triton.jit
-def _load_params(PARAMS, ACC: tl.constexpr):
-    """[1/T, alpha, 1/(alpha - 1), reference_value, tol] (float64): 1/T, alpha - 1 and 1/(alpha - 1)
-    in the accumulation dtype for the tiles, alpha and 1/(alpha - 1) in float64 for the solver."""
-    inv_t = tl.load(PARAMS + 0)
-    alpha = tl.load(PARAMS + 1)
-    inv_am1 = tl.load(PARAMS + 2)
-    return inv_t.to(ACC), alpha, inv_am1, tl.load(PARAMS + 3), tl.load(PARAMS + 4)
+def _load_params(inv_t, alpha, inv_am1, ref_value, tol, ACC: tl.constexpr):
+    """The float64 kernel arguments [1/T, alpha, 1/(alpha - 1), reference_value, tol] as float64
+    scalars (``zeros + x``: the interpreter passes Python floats), 1/T in the accumulation dtype."""
+    zero = tl.zeros([], tl.float64)
+    return (zero + inv_t).to(ACC), zero + alpha, zero + inv_am1, zero + ref_value, zero + tol
 
 
 @triton.jit
@@ -120,8 +120,8 @@ def _load_y(y_row, cols, mask, label, ACC: tl.constexpr, TARGET: tl.constexpr, B
 @triton.jit
 def _sums(l_row, q_row, n_cols, V, m, tau, inv_t, ref_value, alpha_m1, inv_am1,
           F: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One sweep over the row: S0 = sum q (f*)'(x - tau) and S1 = sum q (f*)''(x - tau), reduced in
-    float64 (S1 only where Newton needs it)."""
+    """One sweep over the row: S0 = sum q (f*)'(x - tau) and S1 = sum q (f*)''(x - tau) (S1 only where
+    Newton needs it): each tile reduced in the accumulation dtype, the totals across tiles in float64."""
     s0 = tl.zeros([], tl.float64)
     s1 = tl.zeros([], tl.float64)
     offs = tl.arange(0, BLOCK)
@@ -130,15 +130,16 @@ def _sums(l_row, q_row, n_cols, V, m, tau, inv_t, ref_value, alpha_m1, inv_am1,
         mask = cols < V
         v = (_load_theta(l_row, cols, mask, inv_t, ACC) - m) - tau
         q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
-        s0 += tl.sum((q * conj_grad(v, alpha_m1, inv_am1, F)).to(tl.float64), axis=0)
+        s0 += tl.sum(q * conj_grad(v, alpha_m1, inv_am1, F), axis=0).to(tl.float64)
         if F != 0:
-            s1 += tl.sum((q * conj_grad2(v, alpha_m1, inv_am1, F)).to(tl.float64), axis=0)
+            s1 += tl.sum(q * conj_grad2(v, alpha_m1, inv_am1, F), axis=0).to(tl.float64)
     return s0, s1
 
 
 @triton.jit
 def _fdiv_fwd_kernel(
-    LOGITS, REF, TARGET, LABELS, PARAMS, OUT, STATS,
+    LOGITS, REF, TARGET, LABELS, OUT, STATS,
+    inv_t: tl.float64, alpha: tl.float64, inv_am1: tl.float64, ref_value: tl.float64, tol: tl.float64,
     V, stride_l, stride_q, stride_y, stride_out, ignore_index, max_sweeps,
     F: tl.constexpr, MODE: tl.constexpr, HAS_REF: tl.constexpr, TARGET_KIND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -148,7 +149,7 @@ def _fdiv_fwd_kernel(
     F64: tl.constexpr = tl.float64
     NEG_INF = float("-inf")
     NAN = float("nan")
-    inv_t, alpha64, inv_am1_64, ref_value, tol = _load_params(PARAMS, ACC)
+    inv_t, alpha64, inv_am1_64, ref_value, tol = _load_params(inv_t, alpha, inv_am1, ref_value, tol, ACC)
     alpha = alpha64.to(ACC)
     alpha_m1 = (alpha64 - 1.0).to(ACC)
     inv_am1 = inv_am1_64.to(ACC)
@@ -184,9 +185,9 @@ def _fdiv_fwd_kernel(
             finite = theta > NEG_INF
             if HAS_REF:
                 q = tl.load(q_row + cols, mask=mask, other=0.0).to(ACC)
-                q_total += tl.sum(tl.where(finite, q, 0.0).to(F64), axis=0)
+                q_total += tl.sum(tl.where(finite, q, 0.0), axis=0).to(F64)
             else:
-                q_total += tl.sum(finite.to(F64), axis=0)
+                q_total += tl.sum(finite.to(tl.int32), axis=0).to(F64)
     m = tl.where(has_nan, NAN, m)  # the max of a row with a NaN is NaN; +inf with a +inf
     if HAS_REF:
         q_max = tl.load(q_row + arg).to(F64)
@@ -260,7 +261,7 @@ def _fdiv_fwd_kernel(
                 term = fy_entry(x, p, y, q, alpha, inv_am1, F)
             else:  # the entries that are not -inf: p x - [q f(p/q) - q f(0)]; q f(0) taken off below
                 term = tl.where(x == NEG_INF, 0.0, p * x - q_f(p, q, alpha, inv_am1, F))
-            total += tl.sum(tl.where(mask, term, 0.0).to(F64), axis=0)
+            total += tl.sum(tl.where(mask, term, 0.0), axis=0).to(F64)
         if MODE == 1:
             result = tl.where(active, tl.where(label_ok, total, NAN), tl.where(bad, NAN, 0.0))
         else:
@@ -271,13 +272,14 @@ def _fdiv_fwd_kernel(
 
 @triton.jit
 def _fdiv_bwd_kernel(
-    GRAD_ROWS, LOGITS, REF, TARGET, LABELS, PARAMS, STATS, GRAD,
+    GRAD_ROWS, LOGITS, REF, TARGET, LABELS, STATS, GRAD,
+    inv_t: tl.float64, alpha: tl.float64, inv_am1: tl.float64, ref_value: tl.float64, tol: tl.float64,
     V, stride_gr, stride_l, stride_q, stride_y, stride_g, ignore_index,
     F: tl.constexpr, HAS_REF: tl.constexpr, TARGET_KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = STATS.dtype.element_ty
-    inv_t, alpha64, inv_am1_64, ref_value, tol = _load_params(PARAMS, ACC)
+    inv_t, alpha64, inv_am1_64, ref_value, tol = _load_params(inv_t, alpha, inv_am1, ref_value, tol, ACC)
     alpha_m1 = (alpha64 - 1.0).to(ACC)
     inv_am1 = inv_am1_64.to(ACC)
     stats = STATS + row * 3
@@ -316,18 +318,13 @@ def _fdiv_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _tiling(vocab: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, num_warps): tiles of up to 4096 entries (2048 in float64), 8 warps for large tiles."""
-    cap = 2048 if dtype == torch.float64 else 4096
-    block = max(16, min(cap, triton.next_power_of_2(max(vocab, 1))))
-    return block, 8 if block >= 2048 else 4
+FP_FUSION = False  # theta = logit / T rounded before the max shift (as the C++ kernels)
 
 
-def _params(f, alpha, reference_value, temperature, tol, device) -> torch.Tensor:
-    """[1/T, alpha, 1/(alpha - 1), reference_value, tol] in float64 (Triton's float arguments are fp32)."""
+def _params(f, alpha, reference_value, temperature, tol) -> tuple[float, ...]:
+    """(1/T, alpha, 1/(alpha - 1), reference_value, tol): float64 kernel arguments, no device copy."""
     a, inv_am1 = fcoef(f, alpha)
-    values = [1.0 / temperature, a, inv_am1, reference_value, tol]
-    return torch.tensor(values, dtype=torch.float64, device=device)
+    return 1.0 / temperature, float(a), float(inv_am1), float(reference_value), float(tol)
 
 
 def _check_common(logits, reference, target, labels, f, alpha, reference_value, temperature, mode):
@@ -409,15 +406,15 @@ def fdiv_fwd_triton(
         out = torch.empty(rows, dtype=acc, device=logits.device)
     stats = torch.empty((rows, NUM_FDIV_STATS), dtype=acc, device=logits.device)
     if rows > 0:
-        block, warps = _tiling(vocab, logits.dtype)
-        params = _params(f, alpha, reference_value, temperature, tol, logits.device)
+        block, warps = tiling(vocab, logits.dtype, FDIV_TILE)
+        params = _params(f, alpha, reference_value, temperature, tol)
         labels = labels.contiguous() if labels is not None else None
         _fdiv_fwd_kernel[(rows,)](
-            logits, reference, target, labels, params, out, stats,
+            logits, reference, target, labels, out, stats, *params,
             vocab, logits.stride(0), 0 if reference is None else reference.stride(0),
             0 if target is None else target.stride(0), out.stride(0), ignore_index, max_sweeps,
             F=code, MODE=mode, HAS_REF=reference is not None, TARGET_KIND=kind, BLOCK=block,
-            num_warps=warps, enable_fp_fusion=False,  # theta = logit / T rounded before the max shift
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return out, stats
 
@@ -451,16 +448,16 @@ def fdiv_bwd_triton(
         raise TypeError(f"fdistill: stats must be {acc}")
     grad = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
     if rows > 0:
-        block, warps = _tiling(vocab, logits.dtype)
-        params = _params(f, alpha, reference_value, temperature, 0.0, logits.device)
+        block, warps = tiling(vocab, logits.dtype, FDIV_TILE)
+        params = _params(f, alpha, reference_value, temperature, 0.0)
         grad_rows = grad_rows.to(acc)
         labels = labels.contiguous() if labels is not None else None
         _fdiv_bwd_kernel[(rows,)](
-            grad_rows, logits, reference, target, labels, params, stats, grad,
+            grad_rows, logits, reference, target, labels, stats, grad, *params,
             vocab, grad_rows.stride(0), logits.stride(0), 0 if reference is None else reference.stride(0),
             0 if target is None else target.stride(0), grad.stride(0), ignore_index,
             F=code, HAS_REF=reference is not None, TARGET_KIND=kind, BLOCK=block,
-            num_warps=warps, enable_fp_fusion=False,  # theta = logit / T rounded before the max shift
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return grad
 
