@@ -89,16 +89,10 @@ class ChunkedLoss:
         for start in range(0, self.tokens, self.chunk_size):
             yield slice(start, min(start + self.chunk_size, self.tokens))
 
-    @functools.cached_property
-    def token_count(self) -> int:
-        """The denominator of ``mean``: tokens whose label is not ``ignore_index`` (at least 1); read
-        once (a device sync) however many passes use it."""
-        if self.labels is None:
-            return max(self.tokens, 1)
-        return max(int((self.labels != self.ignore_index).sum()), 1)
-
-    def token_count_tensor(self) -> torch.Tensor | int:
-        """:attr:`token_count` without reading tensor values (no sync, traceable by torch.compile)."""
+    @property
+    def token_count(self) -> torch.Tensor | int:
+        """The denominator of ``mean``: tokens whose label is not ``ignore_index`` (at least 1), a
+        device tensor (never read on the host: no sync, traceable by torch.compile)."""
         if self.labels is None:
             return max(self.tokens, 1)
         return (self.labels != self.ignore_index).sum().clamp_min(1)
@@ -220,9 +214,9 @@ class _ChunkedHeadFunction(torch.autograd.Function):
 
 def _constant_weights(loss: ChunkedLoss, grad_out):
     """Every token's weight in the reduced loss (1/count for mean, 1 for sum) times ``grad_out``."""
-    scale = 1.0 if loss.reduction == "sum" else 1.0 / loss.token_count
-    weights = torch.full((loss.chunk_size,), scale, dtype=loss.loss_dtype, device=loss.head.hidden.device)
-    weights = weights * grad_out
+    weights = torch.ones(loss.chunk_size, dtype=loss.loss_dtype, device=loss.head.hidden.device) * grad_out
+    if loss.reduction != "sum":
+        weights = weights / loss.token_count
     return lambda rows: weights[: rows.stop - rows.start]
 
 
@@ -267,7 +261,7 @@ def _traced_chunked_head_loss(loss: ChunkedLoss, hidden, weight, bias) -> torch.
     if loss.reduction == "none":
         return token_losses
     total = token_losses.sum()
-    return total if loss.reduction == "sum" else total / loss.token_count_tensor()
+    return total if loss.reduction == "sum" else total / loss.token_count
 
 
 def _traced_chunk(loss: ChunkedLoss, rows: slice, hidden, weight, bias) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 from . import fdiv_reference as ref
 from ._extension import has_cpu_kernels, has_cuda_kernels, require_extension
 from ._triton_dispatch import check_triton_device, triton_available
+from ._value_checks import ValueChecks, label_out_of_range, not_finite_or_negative, rows_off_simplex
 from .fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX
 from .losses import (
     REDUCTIONS,
@@ -165,19 +166,26 @@ def fy_loss(logits, target, f="alpha", *, alpha=1.5, reference="uniform", ignore
                                       n_iter=n_iter, backend=backend, group=vocab_parallel_group,
                                       vocab_size=vocab_size)  # fmt: skip
     _check_no_vocab_size(vocab_size)
-    call = _prepare(logits, f, alpha, reference, -1, n_iter, backend)
+    checks = ValueChecks()
+    call = _prepare(logits, f, alpha, reference, -1, n_iter, backend, checks)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_temperature(temperature)
     if not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels, probs = _check_target(target, logits, ignore_index)
+    labels, probs = _check_target(target, logits, ignore_index, checks=checks)
+    checks.raise_first()  # every value check of this call at once: one host sync
 
-    if call.backend == "reference":
-        rows = _fy_reference_rows(call, labels, probs, ignore_index, temperature)
-    else:
-        rows, _ = call.op()(call.rows, call.ref_tensor, probs, labels,
-                            *call.options(temperature, MODE_FY, ignore_index))  # fmt: skip
+    rows = fy_rows(call, labels, probs, ignore_index, temperature)
     return reduce_rows(rows, reduction, call.lead_shape, labels, ignore_index)
+
+
+def fy_rows(call, labels, probs, ignore_index, temperature) -> torch.Tensor:
+    """Per-row FY losses of a validated call (labels ``[rows]`` int64 or probabilities ``[rows, V]``)."""
+    if call.backend == "reference":
+        return _fy_reference_rows(call, labels, probs, ignore_index, temperature)
+    rows, _ = call.op()(call.rows, call.ref_tensor, probs, labels,
+                        *call.options(temperature, MODE_FY, ignore_index))  # fmt: skip
+    return rows
 
 
 class FYLoss(nn.Module):
@@ -254,7 +262,11 @@ class _Call:
         return p.reshape(self.moved_shape).movedim(-1, self.dim)
 
 
-def _prepare(logits, f, alpha, reference, dim, n_iter, backend) -> _Call:
+def _prepare(logits, f, alpha, reference, dim, n_iter, backend, checks: ValueChecks | None = None) -> _Call:
+    """The validated call; value checks are added to ``checks`` (raised by the caller, one sync for
+    all), or raised here when it is None."""
+    own = checks is None
+    checks = ValueChecks() if own else checks
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -272,11 +284,14 @@ def _prepare(logits, f, alpha, reference, dim, n_iter, backend) -> _Call:
         isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 1
     ):
         raise ValueError(f"n_iter must be None or an int >= 1, got {n_iter!r}")
-    _check_reference(reference, logits, dim)
-    return _Call(logits, family, alpha, reference, dim, n_iter, _pick_backend(backend, logits))
+    _check_reference(reference, logits, dim, checks)
+    call = _Call(logits, family, alpha, reference, dim, n_iter, _pick_backend(backend, logits))
+    if own:
+        checks.raise_first()
+    return call
 
 
-def _check_reference(reference, logits, dim) -> None:
+def _check_reference(reference, logits, dim, checks: ValueChecks) -> None:
     if isinstance(reference, str):
         _check_choice("reference", reference, REFERENCES)
         return
@@ -300,21 +315,35 @@ def _check_reference(reference, logits, dim) -> None:
             f"reference of shape {tuple(reference.shape)} does not broadcast to the logits' shape "
             f"{tuple(logits.shape)} (vocabulary dimension {dim})"
         )
-    if _can_inspect_values() and not bool(torch.isfinite(reference).all() & (reference > 0).all()):
-        raise ValueError("reference must be positive and finite everywhere (a reference measure q_j > 0)")
+    check_reference_values(reference, checks)
 
 
-def _check_target(target, logits, ignore_index, *, shard=False):
-    """(labels [rows] int64 or None, probabilities [rows, V] or None), validated. With ``shard`` the
-    logits are one rank's vocabulary shard: the label range and the probability rows' sums concern the
-    whole vocabulary and are checked by the caller (:mod:`fdistill.vocab_parallel`) over the group."""
+def check_reference_values(reference: torch.Tensor, checks: ValueChecks) -> None:
+    """A reference measure tensor: positive and finite everywhere (added to ``checks``)."""
+    if checks.active():
+        checks.add(
+            not_finite_or_negative(reference, positive=True),
+            lambda: ValueError(
+                "reference must be positive and finite everywhere (a reference measure q_j > 0)"
+            ),
+        )
+
+
+def _check_target(target, logits, ignore_index, *, shard=False, checks: ValueChecks | None = None):
+    """(labels [rows] int64 or None, probabilities [rows, V] or None), validated: the value checks go
+    to ``checks`` (raised by the caller, one sync for all) or are raised here when it is None. With
+    ``shard`` the logits are one rank's vocabulary shard: the label range and the probability rows'
+    sums concern the whole vocabulary and are checked by the caller (:mod:`fdistill.vocab_parallel`)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(
             f"target must be a torch.Tensor (labels or probabilities), got {type(target).__name__}"
         )
     if target.device != logits.device:
         raise ValueError(f"target ({target.device}) and logits ({logits.device}) are on different devices")
+    own = checks is None
+    checks = ValueChecks() if own else checks
     vocab = logits.shape[-1]
+    labels = probs = None
     if target.dtype.is_floating_point:
         if target.shape != logits.shape:
             raise ValueError(
@@ -324,36 +353,42 @@ def _check_target(target, logits, ignore_index, *, shard=False):
             raise ValueError("target requires grad, but the FY loss gives it none: pass target.detach()")
         probs = target.reshape(-1, vocab)
         probs = probs if probs.stride(-1) == 1 else probs.contiguous()
-        if _can_inspect_values():
-            if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
-                raise ValueError("probability target must be finite and non-negative")
-            if shard:
-                return None, probs
-            tol = 1e-4 if probs.dtype in (torch.float32, torch.float64) else 2e-2
-            bad = (probs.double().sum(-1) - 1).abs() > tol
-            if bool(bad.any()):
-                raise ValueError(
-                    f"probability target rows must sum to 1 (within {tol}); {int(bad.sum())} do not"
-                )
-        return None, probs
-    if target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must be integer labels or floating probabilities, got {target.dtype}")
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels {tuple(target.shape)} must have the logits' shape without the vocabulary dimension, "
-            f"{tuple(logits.shape[:-1])}"
-        )
-    labels = target.reshape(-1).long().contiguous()
-    if not shard and _can_inspect_values():  # (out-of-range labels still give a NaN loss in the kernels)
-        live = labels != ignore_index
-        if bool(((labels < 0) | (labels >= vocab))[live].any()):
-            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})")
-    return labels, None
+        if checks.active():
+            check_probabilities(probs, checks, sums=not shard)
+    else:
+        if target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must be integer labels or floating probabilities, got {target.dtype}")
+        if target.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"labels {tuple(target.shape)} must have the logits' shape without the vocabulary "
+                f"dimension, {tuple(logits.shape[:-1])}"
+            )
+        labels = target.reshape(-1).long().contiguous()
+        if not shard and checks.active():  # (out-of-range labels still give a NaN loss in the kernels)
+            checks.add(
+                label_out_of_range(labels, vocab, ignore_index),
+                lambda: ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})"),
+            )
+    if own:
+        checks.raise_first()
+    return labels, probs
 
 
-def _can_inspect_values() -> bool:
-    """Checks that read tensor values (a device sync) run eagerly, not while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+def check_probabilities(probs: torch.Tensor, checks: ValueChecks, *, sums: bool = True) -> None:
+    """Probability-target rows ``[rows, V]``: finite, non-negative and (``sums``) summing to 1 within
+    1e-4 (2e-2 for fp16 / bf16 targets), added to ``checks``."""
+    checks.add(
+        not_finite_or_negative(probs),
+        lambda: ValueError("probability target must be finite and non-negative"),
+    )
+    if sums:
+        tol = 1e-4 if probs.dtype in (torch.float32, torch.float64) else 2e-2
+
+        def error():
+            count = int(((probs.sum(-1, dtype=torch.float64) - 1).abs() > tol).sum())
+            return ValueError(f"probability target rows must sum to 1 (within {tol}); {count} do not")
+
+        checks.add(rows_off_simplex(probs, tol), error)
 
 
 def _pick_backend(backend, logits) -> str:

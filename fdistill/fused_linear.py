@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._value_checks import ValueChecks, label_out_of_range
 from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size
-from .fdiv import _prepare, fy_loss
+from .fdiv import _prepare, check_probabilities, check_reference_values, fy_rows
 from .losses import (
     DIVERGENCES,
     REDUCTIONS,
@@ -156,14 +157,16 @@ def fused_linear_divergence_loss(
         raise ValueError("hard_loss_weight > 0 needs labels (the cross-entropy targets)")
     head_args = _check_head("student", student_hidden, student_weight, student_bias, softcap)
     lead, vocab = student_hidden.shape[:-1], student_weight.shape[0]
-    flat_labels = _check_token_ids(labels, lead, vocab, ignore_index, student_hidden.device)
+    checks = ValueChecks()  # every value check of the call, read with one host sync
+    flat_labels = _check_token_ids(labels, lead, vocab, ignore_index, student_hidden.device, checks)
     backend = _pick_backend(backend, student_hidden, False, name="student_hidden")
     student = LMHead(*head_args, softcap, _compute_dtype(student_hidden, student_weight))
 
     keep = None if flat_labels is None else flat_labels != ignore_index
     teacher = _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
                        teacher_hidden, teacher_weight, teacher_bias, teacher_softcap,
-                       teacher_logits, teacher_topk)  # fmt: skip
+                       teacher_logits, teacher_topk, checks)  # fmt: skip
+    checks.raise_first()
     options = dict(divergence=divergence, beta=beta, skew=skew, alpha=alpha, temperature=temperature,
                    ignore_index=ignore_index, scale_by_temperature_squared=scale_by_temperature_squared,
                    grad_in_place=backend != "reference", backend=backend, reduction="none")  # fmt: skip
@@ -223,12 +226,15 @@ def fused_linear_fy_loss(
             f"target must be a torch.Tensor (labels or probabilities), got {type(target).__name__}"
         )
     labels = probs = None
+    checks = ValueChecks()  # every value check of the call, once for the batch: one host sync
     if target.dtype.is_floating_point:
         if target.shape != (*lead, vocab):
             raise ValueError(f"probability target {tuple(target.shape)} must be (..., V) = {(*lead, vocab)}")
         probs = target.detach().reshape(-1, vocab)
+        probs = probs if probs.stride(-1) == 1 else probs.contiguous()
+        check_probabilities(probs, checks)
     else:
-        labels = _check_token_ids(target, lead, vocab, ignore_index, hidden.device, name="target")
+        labels = _check_token_ids(target, lead, vocab, ignore_index, hidden.device, checks, name="target")
     per_token_reference = isinstance(reference, torch.Tensor) and reference.dim() > 1
     if per_token_reference:
         if reference.shape != (*lead, vocab):
@@ -239,16 +245,21 @@ def fused_linear_fy_loss(
     _check_temperature(temperature)
     _check_choice("reduction", reduction, REDUCTIONS)
     head = LMHead(*head_args, softcap, _compute_dtype(hidden, weight))
-    # f, alpha, reference, n_iter and backend are checked as fy_loss checks them, on zero tokens
+    # f, alpha, reference, n_iter and backend are checked as fy_loss checks them, on zero tokens;
+    # a tensor reference's values once for the batch
     empty = head_args[0].new_empty((0, vocab), dtype=head.dtype)
     backend = _prepare(empty, f, alpha, reference[:0] if per_token_reference else reference, -1, n_iter,
-                       backend).backend  # fmt: skip
+                       backend, checks).backend  # fmt: skip
+    if per_token_reference:
+        check_reference_values(reference, checks)
+    checks.raise_first()
+    checked = ValueChecks(enabled=False)  # per chunk: nothing more to read
 
     def rows_fn(z, rows):
-        y = labels[rows] if labels is not None else probs[rows].to(z.dtype)
         q = reference[rows] if per_token_reference else reference
-        return fy_loss(z, y, f, alpha=alpha, reference=q, ignore_index=ignore_index, reduction="none",
-                       temperature=temperature, n_iter=n_iter, backend=backend)  # fmt: skip
+        call = _prepare(z, f, alpha, q, -1, n_iter, backend, checked)
+        y = probs[rows].to(z.dtype) if probs is not None else None
+        return fy_rows(call, None if labels is None else labels[rows], y, ignore_index, temperature)
 
     loss = ChunkedLoss(head, rows_fn, _chunk_size(chunk_size, head), reduction, labels, int(ignore_index))
     out = chunked_head_loss(loss, *head_args)
@@ -325,7 +336,7 @@ class _Teacher:
 
 
 def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
-             hidden, weight, bias, softcap, logits, topk) -> _Teacher:  # fmt: skip
+             hidden, weight, bias, softcap, logits, topk, checks) -> _Teacher:  # fmt: skip
     head = hidden if hidden is not None else weight
     sources = (("teacher_hidden/teacher_weight", head), ("teacher_logits", logits), ("teacher_topk", topk))
     given = [name for name, x in sources if x is not None]
@@ -364,7 +375,7 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
                 "tail mass cannot be known from its top-k"
             )
         flat_idx, flat_lp = _placeholder_for_ignored(indices, logprobs.detach(), keep)
-        _check_topk_values(flat_idx, flat_lp, vocab, vocab_mismatch, topk_tail)
+        _check_topk_values(flat_idx, flat_lp, vocab, vocab_mismatch, topk_tail, checks)
         # ids beyond the student's vocabulary (allowed by vocab_mismatch="mask") go to a dump column
         flat_idx = torch.where(flat_idx < vocab, flat_idx, vocab).long()
         if topk_tail == "bucket":
@@ -495,8 +506,10 @@ def _check_head(who, hidden, weight, bias, softcap):
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
-def _check_token_ids(labels, lead, vocab, ignore_index, device, name="labels"):
-    """``labels`` flattened to int64 ``[N]`` (or None), each in [0, vocab) or ``ignore_index``."""
+def _check_token_ids(labels, lead, vocab, ignore_index, device, checks: ValueChecks | None = None,
+                     name="labels"):  # fmt: skip
+    """``labels`` flattened to int64 ``[N]`` (or None), each in [0, vocab) or ``ignore_index`` (a value
+    check added to ``checks``; made at once when it is None)."""
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if labels is None:
@@ -514,10 +527,13 @@ def _check_token_ids(labels, lead, vocab, ignore_index, device, name="labels"):
             f"{name} ({labels.device}) and the hidden states ({device}) are on different devices"
         )
     flat = labels.reshape(-1).long().contiguous()
-    if not torch.compiler.is_compiling():
-        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be in [0, {vocab}) or ignore_index ({ignore_index})")
+    own = checks is None
+    checks = ValueChecks() if own else checks
+    if checks.active():
+        message = f"{name} must be in [0, {vocab}) or ignore_index ({ignore_index})"
+        checks.add(label_out_of_range(flat, vocab, ignore_index), lambda: ValueError(message))
+    if own:
+        checks.raise_first()
     return flat
 
 
@@ -547,23 +563,25 @@ def _check_topk(topk, lead, device):
     return indices, logprobs
 
 
-def _check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail) -> None:
-    if torch.compiler.is_compiling():
+def _check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail, checks: ValueChecks) -> None:
+    if not checks.active():
         return
-    if bool((indices < 0).any()):
-        raise ValueError("teacher_topk indices must be >= 0")
-    if vocab_mismatch == "error" and bool((indices >= vocab).any()):
-        raise ValueError(
-            f"teacher_topk indices must be < V = {vocab} (or pass vocab_mismatch='mask' to drop larger ids)"
-        )
+    checks.add((indices < 0).any(), lambda: ValueError("teacher_topk indices must be >= 0"))
+    if vocab_mismatch == "error":
+        message = f"teacher_topk indices must be < V = {vocab} (or vocab_mismatch='mask' to drop larger ids)"
+        checks.add((indices >= vocab).any(), lambda: ValueError(message))
     flat = indices.reshape(-1, indices.shape[-1])
-    if flat.shape[-1] > 1 and bool((flat.sort(-1).values.diff(dim=-1) == 0).any()):
-        raise ValueError("teacher_topk indices must be distinct within each token")
-    lp = logprobs.double()
-    if bool(torch.isnan(lp).any()) or bool((lp > 1e-4).any()):
-        raise ValueError("teacher_topk logprobs must be log-probabilities (<= 0, or -inf), without NaN")
-    if topk_tail == "bucket" and bool((lp.exp().sum(-1) > 1 + 1e-3).any()):
-        raise ValueError("teacher_topk probabilities must sum to at most 1 for topk_tail='bucket'")
+    if flat.shape[-1] > 1:
+        checks.add((flat.sort(-1).values.diff(dim=-1) == 0).any(),
+                   lambda: ValueError("teacher_topk indices must be distinct within each token"))  # fmt: skip
+    if logprobs.numel():
+        hi = logprobs.amax()  # NaN propagates
+        checks.add(~(hi <= 1e-4), lambda: ValueError(
+            "teacher_topk logprobs must be log-probabilities (<= 0, or -inf), without NaN"))  # fmt: skip
+    if topk_tail == "bucket":
+        mass = logprobs.exp().sum(-1, dtype=torch.float64)
+        checks.add((mass > 1 + 1e-3).any(), lambda: ValueError(
+            "teacher_topk probabilities must sum to at most 1 for topk_tail='bucket'"))  # fmt: skip
 
 
 def _chunk_size(chunk_size, head: LMHead) -> int:

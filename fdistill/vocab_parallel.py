@@ -1001,7 +1001,7 @@ def fused_linear_fy_loss(hidden, weight, target, f, *, bias, alpha, reference, t
                 raise ValueError("probability target must be finite and non-negative")
         else:
             found["labels"] = fl._check_token_ids(
-                target, lead, 1 << 62, ignore_index, hidden.device, "target"
+                target, lead, 1 << 62, ignore_index, hidden.device, name="target"
             )
         q = reference
         if isinstance(reference, torch.Tensor) and reference.dim() > 1:
