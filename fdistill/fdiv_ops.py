@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._extension import _C
-from .fdiv_reference import jacobian_weights
+from .fdiv_reference import softargmax_vjp_reference
 from .ops import accumulate_dtype
 
 NUM_FDIV_STATS = 3  # must match kFDivStats in csrc/include/fdistill/fdiv_math.h
@@ -63,11 +63,8 @@ def softargmax_vjp(p, reference, f, alpha, reference_value, temperature, grad):
     acc = accumulate_dtype(p.dtype)
     p = p.to(acc)
     q = reference if reference is not None else torch.full((), reference_value, dtype=acc, device=p.device)
-    w = jacobian_weights(f, alpha, p, q.expand_as(p))
-    g = grad.to(acc)
-    total = w.sum(-1, keepdim=True)
-    mean = (w * g).sum(-1, keepdim=True) / torch.where(total > 0, total, torch.ones_like(total))
-    return (w * (g - mean) / temperature).to(grad.dtype)
+    vjp = softargmax_vjp_reference(f, alpha, p, q.expand_as(p), grad.to(acc))
+    return (vjp / temperature).to(grad.dtype)
 
 
 def _no_double_backward(ctx, grad):

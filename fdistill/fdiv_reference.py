@@ -91,8 +91,8 @@ def jacobian_weights(family: str, alpha: float, p: torch.Tensor, q: torch.Tensor
         w = p
     elif family == "reverse_kl":
         w = p * p / q
-    elif family == "alpha":
-        w = torch.where(p > 0, p.pow(2 - alpha) * q.pow(alpha - 1), torch.zeros_like(p))
+    elif family == "alpha":  # p^(2 - alpha) of a safe base: no inf * 0 = NaN in a second derivative at p = 0
+        w = torch.where(p > 0, p, torch.ones_like(p)).pow(2 - alpha) * q.pow(alpha - 1)
     elif family == "js":
         w = p * (p + q) / q
     else:
@@ -112,14 +112,21 @@ def reference_measure(reference, logits: torch.Tensor) -> torch.Tensor:
 def f_softargmax_reference(logits, f="alpha", *, alpha=1.5, reference="uniform", n_iter=80):
     """p* by bisection over the last dimension (``n_iter`` halvings, then p /= sum p).
 
-    ``-inf`` logits are masked (p = 0, outside the simplex); an all ``-inf`` row gives p = 0.
+    ``-inf`` logits are masked (p = 0, outside the simplex); an all ``-inf`` row gives p = 0; a row
+    with a NaN or ``+inf`` logit gives NaN. Differentiable: the gradient is the exact vector-Jacobian
+    product of implicit differentiation (the bisection's iterates are not differentiated), and its
+    own derivative the second derivative on the support.
     """
     family, alpha = canonical_f(f, alpha)
+    q = reference_measure(reference, logits)
+    return _SoftargmaxReference.apply(logits, q, family, alpha, n_iter)
+
+
+def _bisect_softargmax(logits, q, family, alpha, n_iter):
     live = logits > -math.inf
     empty = ~live.any(-1, keepdim=True)
     top = logits.amax(-1, keepdim=True)
     theta = logits - torch.where(empty, torch.zeros_like(top), top)  # max at 0
-    q = reference_measure(reference, theta)
     q_star = torch.gather(q, -1, theta.argmax(-1, keepdim=True))  # q at the argmax
     q_total = torch.where(live, q, torch.zeros_like(q)).sum(-1, keepdim=True)
     lo = -_f_prime_tensor(family, alpha, 1 / q_star)
@@ -131,7 +138,36 @@ def f_softargmax_reference(logits, f="alpha", *, alpha=1.5, reference="uniform",
         hi = torch.where(g >= 0, hi, mid)
     p = q * conj_grad(family, alpha, theta - lo)
     p = p / p.sum(-1, keepdim=True)
-    return torch.where(empty, torch.zeros_like(p), p)
+    bad = (torch.isnan(logits) | (logits == math.inf)).any(-1, keepdim=True)
+    p = torch.where(empty, torch.zeros_like(p), p)
+    return torch.where(bad, torch.full_like(p, math.nan), p)
+
+
+def softargmax_vjp_reference(family, alpha, p, q, grad):
+    """w (g - <w, g> / sum w), w = q (f*)''(theta - tau) = q / f''(p / q): the gradient of p* in the
+    direction ``grad`` (implicit differentiation of sum p* = 1); 0 on an empty row."""
+    w = jacobian_weights(family, alpha, p, q)
+    total = w.sum(-1, keepdim=True)
+    mean = (w * grad).sum(-1, keepdim=True) / torch.where(total > 0, total, torch.ones_like(total))
+    return w * (grad - mean)
+
+
+class _SoftargmaxReference(torch.autograd.Function):
+    """p* by bisection, differentiated implicitly. The backward is made of differentiable ops of the
+    saved output p*, so autograd gives the second derivative (double backward) too."""
+
+    @staticmethod
+    def forward(ctx, logits, q, family, alpha, n_iter):
+        with torch.no_grad():
+            p = _bisect_softargmax(logits, q, family, alpha, n_iter)
+        ctx.save_for_backward(p, q)
+        ctx.family, ctx.alpha = family, alpha
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, q = ctx.saved_tensors
+        return softargmax_vjp_reference(ctx.family, ctx.alpha, p, q, grad), None, None, None, None
 
 
 def _f_prime_tensor(family, alpha, u):
