@@ -56,6 +56,7 @@ F_NAMES = ref.F_NAMES
 FDIV_BACKENDS = ("reference", "cpu", "cuda", "triton")
 REFERENCES = ("uniform", "unit")
 DEFAULT_MAX_SWEEPS = 100
+MAX_SWEEPS = 2**31 - 1  # the kernels' sweep counter is a 32-bit int
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -281,9 +282,9 @@ def _prepare(logits, f, alpha, reference, dim, n_iter, backend, checks: ValueChe
     if family == "alpha" and not (alpha > 0 and alpha != 1):
         raise ValueError(f"alpha must be > 0 and != 1 (alpha -> 1 is f='kl'), got {alpha}")
     if n_iter is not None and (
-        isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or n_iter < 1
+        isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or not 1 <= n_iter <= MAX_SWEEPS
     ):
-        raise ValueError(f"n_iter must be None or an int >= 1, got {n_iter!r}")
+        raise ValueError(f"n_iter must be None or an int in [1, {MAX_SWEEPS}], got {n_iter!r}")
     _check_reference(reference, logits, dim, checks)
     call = _Call(logits, family, alpha, reference, dim, n_iter, _pick_backend(backend, logits))
     if own:

@@ -290,10 +290,19 @@ def _check_real(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+# The kernels divide by T as a multiplication by 1/T in float32 (the accumulation dtype of every
+# input dtype but float64): a smaller T would make 1/T infinite and every loss NaN.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
 def _check_temperature(temperature) -> None:
     _check_real("temperature", temperature)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not temperature >= MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:.3g} (1/T must be finite in float32), got {temperature}"
+        )
 
 
 def _divergence_param(divergence: str, *, beta, skew, alpha) -> float:

@@ -79,6 +79,8 @@ def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str) -> None:
         grad_student = None
         if ctx.needs_input_grad[0]:
             if ctx.grad_in_place:
+                if torch.is_grad_enabled():  # create_graph=True: the in-place gradient has no graph
+                    _no_double_backward(ctx, grad_loss)
                 bwd_inplace_op(grad_loss, student, teacher, labels, stats, *ctx.options)
                 grad_student = student
             else:

@@ -65,7 +65,7 @@ inline void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized
 #endif
 }
 
-// sum_i w_i and sum_i w_i ((s_i - t_i) - k) in double lanes (w_i = 0 terms are 0).
+// sum_i w_i and sum_i w_i ((s_i - ref_s) - (t_i - ref_t)) in double lanes (w_i = 0 terms are 0).
 // The reverse-KL gradient q ((s - t) - c0) cancels to a few ulps of c0 wherever
 // q ~ 1, and c0 = (sum w gap) / (sum w) ~ 100s at large logits: a relative error
 // of 4e-8 in either sum (float lanes adding to a lane that holds ~1) is 1e-5 there.
@@ -73,8 +73,8 @@ template <class acc_t>
 struct GapSums {
   using Vd = Vectorized<double>;
   Vd weight = Vd(0.0), weighted_gap = Vd(0.0);
-  Vd k;
-  explicit GapSums(double k) : k(k) {}
+  Vd ref_s, ref_t;
+  GapSums(double ref_s, double ref_t) : ref_s(ref_s), ref_t(ref_t) {}
   void add(const Vectorized<acc_t>& w, const Vectorized<acc_t>& s, const Vectorized<acc_t>& t) {
     using O = Ops<Vectorized<acc_t>>;
     const Vectorized<acc_t> zero = O::splat(0), live = O::gt(w, zero);
@@ -92,7 +92,9 @@ struct GapSums {
   }
   void accumulate(const Vd& w, const Vd& s, const Vd& t) {
     weight += w;
-    weighted_gap = at::vec::fmadd(w, (s - t) - k, weighted_gap);
+    // each difference exact in double (float operands): no cancellation of (s - t) - (ref_s - ref_t)
+    // when the logits dwarf their differences (s ~ 1e20)
+    weighted_gap = at::vec::fmadd(w, (s - ref_s) - (t - ref_t), weighted_gap);
   }
 };
 
@@ -190,7 +192,7 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
     }
 
     Vec sum_s = O::splat(0), sum_t = sum_s, w_t = sum_s, sum_z = sum_s;
-    GapSums<acc_t> w_s(r.s.ref - r.t.ref);  // gap (s - ref_s) - (t - ref_t) weighted by exp(s - shift_s)
+    GapSums<acc_t> w_s(r.s.ref, r.t.ref);  // gap (s - ref_s) - (t - ref_t) weighted by exp(s - shift_s)
     for (int64_t i = 0; i < padded; i += W) {
       const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
       const Vec es = O::exp(s - shift_s), et = O::exp(t - shift_t);

@@ -118,7 +118,7 @@ def _divergence_fwd_kernel(
             shift = _is_finite(s_j) & _is_finite(t_j)  # else the plain terms (an inf / NaN passes)
             a_s = tl.where(shift, s_j, ref_s)
             a_t = tl.where(shift, t_j, ref_t)
-            g0 = (a_s.to(F64) - a_t.to(F64)) - (ref_s.to(F64) - ref_t.to(F64))
+            g0 = (a_s.to(F64) - ref_s.to(F64)) - (a_t.to(F64) - ref_t.to(F64))  # each exact in float64
             w_tile = tl.sum(weighted(es, s - a_s, t - a_t), axis=0).to(F64)
             w_s = w_s * scale_s.to(F64) + w_tile + g0 * sum_es
         if DIV == 7:
@@ -164,7 +164,7 @@ def _divergence_fwd_kernel(
         loss = fkl
     elif DIV == 1 or DIV == 2:
         loss = rkl if DIV == 1 else (1.0 - param) * fkl + param * rkl
-        c0 = rkl + (m_s.to(F64) + lsum_s) - (m_t.to(F64) + lsum_t)  # KL(q||p) + LSE(s) - LSE(t)
+        c0 = rkl + lsum_s - lsum_t  # KL(q||p) + (LSE(s) - max s) - (LSE(t) - max t): no 1e20 - 1e20
         c1 = c0 - c0.to(ACC).to(F64)  # c0 + c1 as a float pair: the rounding error of c0
     elif DIV == 7:
         # z was taken relative to the references; shift it to the row maxima
@@ -237,7 +237,7 @@ def _divergence_bwd_kernel(
         lt = dt - log_sum_t
         q = tl.exp(ls)
         p = tl.exp(lt)
-        grad = grad_entry(s, t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV) * g
+        grad = grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV) * g
         grad = tl.where(compute, grad, fill)
         tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
 

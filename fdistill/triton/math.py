@@ -35,18 +35,26 @@ def weighted(w, a, b):
 
 
 @triton.jit
-def exact_gap(s, t, k_hi, k_lo):
-    """(s - t) - (k_hi + k_lo), rounded once where the result is small.
+def diff_error(a, b, d):
+    """The rounding error of d = a - b (Knuth's two-sum: a - b = d + error exactly), 0 where d is
+    infinite or NaN (the error term would be NaN)."""
+    b_seen = a - d
+    a_seen = d + b_seen
+    err = (a - a_seen) - (b - b_seen)
+    return tl.where(tl.abs(d) < float("inf"), err, 0.0)
 
-    s - t is formed exactly as a pair (Knuth's two-sum) before the constant is taken off: at large
-    logits |s - t| ~ 100s and the plain difference would carry half an ulp of that into the
-    reverse-KL gradient q (ls - lt - KL) wherever q ~ 1. Infinite or NaN s - t passes through.
+
+@triton.jit
+def exact_gap(s, t, ds, dt, m_s, m_t, k_hi, k_lo):
+    """(ds - dt) - (k_hi + k_lo), ds = s - m_s, dt = t - m_t, rounded once where the result is small.
+
+    ds - dt is formed exactly as a float pair (two-sum, plus the errors of ds and dt) before the
+    constant is taken off: at large logits |ds - dt| ~ 100s and the plain difference would carry half
+    an ulp of that into the reverse-KL gradient q (ls - lt - KL) wherever q ~ 1. Infinite or NaN
+    differences pass through.
     """
-    d = s - t
-    t_seen = s - d
-    s_seen = d + t_seen
-    err = (s - s_seen) - (t - t_seen)
-    err = tl.where(tl.abs(d) < float("inf"), err, 0.0)
+    d = ds - dt
+    err = diff_error(ds, dt, d) + (diff_error(s, m_s, ds) - diff_error(t, m_t, dt))
     return (d - k_hi) + (err - k_lo)
 
 
@@ -102,14 +110,16 @@ def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
 
 
 @triton.jit
-def grad_entry(s, t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV: tl.constexpr):
+def grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV: tl.constexpr):
     """dL/ds for each entry of a tile, before the upstream gradient and the 1/T factor."""
     if DIV == 0:  # forward_kl
         g = q - p
-    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q ((s - t) - (c0 + c1)), c0 + c1 a float pair
-        g = tl.where(q > 0, q * exact_gap(s, t, c0, c1), 0.0)
+    elif DIV == 1:  # reverse_kl: q (ls - lt - KL) = q ((ds - dt) - (c0 + c1)), c0 + c1 a float pair
+        g = tl.where(q > 0, q * exact_gap(s, t, ds, dt, m_s, m_t, c0, c1), 0.0)
     elif DIV == 2:  # jeffreys
-        g = (1.0 - param) * (q - p) + param * tl.where(q > 0, q * exact_gap(s, t, c0, c1), 0.0)
+        g = (1.0 - param) * (q - p) + param * tl.where(
+            q > 0, q * exact_gap(s, t, ds, dt, m_s, m_t, c0, c1), 0.0
+        )
     elif DIV == 3:  # jsd: (1 - beta) q (ls - log m - c0)
         lm = log_mixture(ls, lt, log_wt, log_ws)
         g = tl.where(q > 0, (1.0 - param) * q * (ls - lm - c0), 0.0)

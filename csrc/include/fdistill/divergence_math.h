@@ -48,9 +48,11 @@ FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
 // [4] c0, [5] c1. The log-sum-exp is kept as (max, log-sum) so that
 // ls = (s - max) - log-sum loses nothing when the logits are large (1e4 in
 // float32: LSE itself would carry an error of half an ulp, 5e-4). c0, c1:
-//   reverse_kl, jeffreys: c0 + c1 = KL(q||p) + LSE(s) - LSE(t) (so ls - lt - KL = s - t - c0 - c1):
-//                         summed once in double and kept as a float pair (c1 the rounding error of
-//                         c0), since |c0| ~ 100s at large logits and q (s - t - c0) needs it exactly
+//   reverse_kl, jeffreys: c0 + c1 = KL(q||p) + (LSE(s) - max s) - (LSE(t) - max t), so that
+//                         ls - lt - KL = (ds - dt) - c0 - c1 (ds = s - max s, dt = t - max t): taken
+//                         relative to the maxima (logits ~1e20 would cancel LSE(s) - LSE(t) away),
+//                         summed in double and kept as a float pair (c1 the rounding error of c0),
+//                         since |c0| ~ 100s at large logits and q (ds - dt - c0) needs it exactly
 //   jsd:                  c0 = sum q (ls - log m)
 //   skew_kl:              c0 = sum q p / m
 //   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
@@ -109,10 +111,22 @@ template <>
 struct Ops<double> : ScalarOps<double> {};
 
 // ---------------------------------------------------------------- per entry
+// The rounding error of d = a - b (Knuth's two-sum: a - b = d + error exactly), 0 where d is
+// infinite or NaN (the error term would be NaN).
+template <class V>
+FDISTILL_HD V diff_error(V a, V b, V d) {
+  using O = Ops<V>;
+  const V b_seen = a - d;  // the b and a that d accounts for
+  const V a_seen = d + b_seen;
+  const V err = (a - a_seen) - (b - b_seen);
+  return O::where(O::lt(O::abs(d), O::splat(kInf)), err, O::splat(0));
+}
+
 template <class V>
 struct Entry {
   V s, t;    // logits (over the temperature)
   V ds, dt;  // logits minus the row max
+  V ds_err, dt_err;  // their rounding errors: s - max_s = ds + ds_err exactly (0 where not finite)
   V ls, lt;  // log-probabilities
   V q, p;    // probabilities
 };
@@ -137,6 +151,8 @@ FDISTILL_HD Entry<V> make_entry(V s, V t, const RowLSE<V>& r) {
   e.t = t;
   e.ds = s - r.max_s;  // exact for s near the max (Sterbenz), whatever the magnitude
   e.dt = t - r.max_t;
+  e.ds_err = diff_error(s, r.max_s, e.ds);  // (compiled away where unused)
+  e.dt_err = diff_error(t, r.max_t, e.dt);
   e.ls = e.ds - r.log_sum_s;
   e.lt = e.dt - r.log_sum_t;
   e.q = O::exp(e.ls);
@@ -152,20 +168,16 @@ FDISTILL_HD V weighted(V w, V a, V b) {
   return O::where(O::gt(w, zero), w * (a - b), zero);
 }
 
-// (s - t) - (k_hi + k_lo), rounded once where the result is small. s - t is formed
-// exactly as a float pair (Knuth's two-sum) before the constant is taken off: at
-// large logits |s - t| ~ 100s, and the plain difference would carry half an ulp of
-// that into q (ls - lt - KL), the reverse-KL gradient, wherever q ~ 1.
-// Infinite or NaN s - t passes through unchanged (the error term would be NaN).
+// (ds - dt) - (k_hi + k_lo) of an entry, rounded once where the result is small: ds - dt
+// is formed exactly as a float pair (two-sum, plus the errors of ds and dt) before the
+// constant is taken off. At large logits |ds - dt| ~ 100s, and the plain difference would
+// carry half an ulp of that into q (ls - lt - KL), the reverse-KL gradient, wherever q ~ 1.
+// Infinite or NaN differences pass through unchanged.
 template <class V>
-FDISTILL_HD V exact_gap(V s, V t, V k_hi, V k_lo) {
-  using O = Ops<V>;
-  const V d = s - t;
-  const V t_seen = s - d;  // the t and s that d accounts for
-  const V s_seen = d + t_seen;
-  const V err = (s - s_seen) - (t - t_seen);
-  const V finite_err = O::where(O::lt(O::abs(d), O::splat(kInf)), err, O::splat(0));
-  return (d - k_hi) + (finite_err - k_lo);
+FDISTILL_HD V exact_gap(const Entry<V>& e, V k_hi, V k_lo) {
+  const V d = e.ds - e.dt;
+  const V err = diff_error(e.ds, e.dt, d) + (e.ds_err - e.dt_err);
+  return (d - k_hi) + (err - k_lo);
 }
 
 // log(exp(a) + exp(b)), -inf when both are -inf.
@@ -250,8 +262,8 @@ template <Divergence D, class V>
 FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
   using O = Ops<V>;
   const V zero = O::splat(0);
-  // q (ls - lt - KL(q||p)) = q ((s - t) - (c0 + c1)), 0 where q == 0
-  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * exact_gap(e.s, e.t, k.c0, k.c1), zero); };
+  // q (ls - lt - KL(q||p)) = q ((ds - dt) - (c0 + c1)), 0 where q == 0
+  auto reverse_kl_grad = [&]() { return O::where(O::gt(e.q, zero), e.q * exact_gap(e, k.c0, k.c1), zero); };
   if constexpr (D == Divergence::ForwardKL) {
     return e.q - e.p;
   } else if constexpr (D == Divergence::ReverseKL) {
@@ -370,7 +382,7 @@ FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
     loss = fkl;
   } else if constexpr (D == Divergence::ReverseKL || D == Divergence::Jeffreys) {
     loss = D == Divergence::ReverseKL ? rkl : (1 - c.param) * fkl + c.param * rkl;
-    const double c0 = rkl + (r.s.max + log_sum_s) - (r.t.max + log_sum_t);  // KL(q||p) + LSE(s) - LSE(t)
+    const double c0 = rkl + log_sum_s - log_sum_t;  // KL(q||p) + (LSE(s) - max s) - (LSE(t) - max t)
     stats[4] = static_cast<acc_t>(c0);
     stats[5] = static_cast<acc_t>(c0 - static_cast<double>(stats[4]));
   } else if constexpr (D == Divergence::Alpha) {
