@@ -97,3 +97,49 @@ def test_special_rows_on_gpu(backend, seed):
     assert torch.all(p[1] == 0) and torch.isnan(p[2]).all() and torch.isfinite(p[3]).all()
     value = fdistill.f_softmax(x, backend=backend)
     assert value[1].item() == -math.inf and math.isnan(value[2].item())
+
+
+def kl_softmax_closed_form(theta, q):
+    """f_softmax(f="kl") in float64: p = q exp(theta - tau) with tau = LSE(theta + log q) gives
+    D_f(p, q) = <p, theta> - tau - 1 + sum q: the value is LSE(theta + log q) + 1 - sum q (live entries)."""
+    live = theta > -math.inf
+    q = torch.where(live, q.expand_as(theta), torch.zeros_like(theta))
+    return torch.logsumexp(theta + torch.log(q), -1) + 1 - q.sum(-1)
+
+
+def strided_logits(rows, vocab, seed, dtype, layout):
+    """gpu_logits, or the same values in a wider buffer at an offset of 3 (rows not 16-byte aligned)."""
+    x = gpu_logits(rows, vocab, seed, dtype)
+    if layout == "contiguous":
+        return x
+    buf = torch.zeros(rows, vocab + 8, dtype=dtype, device=x.device)
+    buf[:, 3 : 3 + vocab] = x
+    return buf[:, 3 : 3 + vocab]
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+@pytest.mark.parametrize("vocab", [4133, 128256])
+@pytest.mark.parametrize("reference", ["uniform", "unit", "tensor"])
+@pytest.mark.parametrize("case", F_CASES, ids=[f"{f}{a}" for f, a in F_CASES])
+def test_f_softmax_values_on_gpu(case, reference, vocab, layout, dtype, backend, seed):
+    """Each row's value against float64 (the reference module; KL in closed form too), its gradient p*."""
+    f, alpha = case
+    x = strided_logits(3, vocab, seed, dtype, layout).requires_grad_()
+    q = torch.rand(vocab, generator=generator(seed + 1)).add(0.05) if reference == "tensor" else reference
+    q = q.to(x.device) if isinstance(q, torch.Tensor) else q
+    x64 = x.detach().double()
+    q64 = q.double() if isinstance(q, torch.Tensor) else q
+    value = fdistill.f_softmax(x, f, alpha=alpha, reference=q, backend=backend)
+    p64 = R.f_softargmax_reference(x64, f, alpha=alpha, reference=q64)
+    want = R.f_softmax_reference(x64, p64, f, alpha, q64)
+    if f == "kl":
+        q_full = R.reference_measure(q64, x64)
+        torch.testing.assert_close(want, kl_softmax_closed_form(x64, q_full), rtol=1e-12, atol=1e-9)
+    slack = 20 if f == "reverse_kl" else 1
+    err = (value.double() - want).abs()
+    assert (err <= 1e-5 * slack * want.abs().clamp(min=1)).all(), (value, want)
+    value.sum().backward()
+    rel = 5e-5 * slack if dtype == torch.float32 else 1e-2
+    assert ((x.grad.double() - p64).abs() <= 5e-5 * slack + rel * p64).all()
