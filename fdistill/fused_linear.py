@@ -247,7 +247,7 @@ def fused_linear_fy_loss(
     head = LMHead(*head_args, softcap, _compute_dtype(hidden, weight))
     # f, alpha, reference, n_iter and backend are checked as fy_loss checks them, on zero tokens;
     # a tensor reference's values once for the batch
-    empty = head_args[0].new_empty((0, vocab), dtype=head.dtype)
+    empty = head_args[0].new_empty((0, vocab), dtype=head.logits_dtype)
     backend = _prepare(empty, f, alpha, reference[:0] if per_token_reference else reference, -1, n_iter,
                        backend, checks).backend  # fmt: skip
     if per_token_reference:
@@ -382,9 +382,9 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
             return _Teacher(vocab, topk=(flat_idx, flat_lp), bucket=True)
 
         def scatter(r):
-            dense = torch.full((flat_idx[r].shape[0], vocab + 1), _NEG_INF, dtype=student.dtype,
+            dense = torch.full((flat_idx[r].shape[0], vocab + 1), _NEG_INF, dtype=student.logits_dtype,
                                device=flat_idx.device)  # fmt: skip
-            return dense.scatter_(1, flat_idx[r], flat_lp[r].to(student.dtype))[:, :vocab]
+            return dense.scatter_(1, flat_idx[r], flat_lp[r].to(student.logits_dtype))[:, :vocab]
 
         return _Teacher(vocab, chunk_logits=scatter)
 
