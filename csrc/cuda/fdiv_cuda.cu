@@ -9,6 +9,8 @@
 //            (KL: one sweep, tau = 0 and S0 = sum q exp(x), as the CPU kernels do);
 //   output   p = q (f*)'(x - tau) / S0, or the row's FY loss / f-softmax value (a third reduction).
 // Backward: elementwise, grid (vocabulary chunks, rows), p recomputed from the stats.
+// Every read of the logits from global memory (pass 1, sweeps and output without the shared-memory
+// row, the backward) loads 16 bytes at a time where aligned (RowSplit).
 // Same per-row semantics as the CPU kernels (csrc/cpu/fdiv_kernels.h).
 #include "cuda/fdiv_cuda.h"
 
@@ -25,10 +27,14 @@
 namespace fdistill::cuda {
 namespace {
 
-constexpr int kMaxThreads = 1024;  // forward block size upper bound (launch bounds)
+// Forward block size upper bound. Launch bounds (512 threads, 1 block) allow 128 registers a thread:
+// 1024 threads capped them at 64 and the alpha / double instantiations spilled; so does ptxas's
+// default 64-register target for 512 threads without the block count.
+constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kBwdThreads = 256;
-constexpr int kBwdPerThread = 4;  // entries per backward thread (a block covers 1024 entries)
+constexpr int kBwdMinBlocks = 4;  // up to 64 registers (without a count ptxas took ~40 and spilled bf16 alpha)
+constexpr int kBwdPerThread = 8;  // entries per backward thread (a block covers 2048 entries)
 
 // ---------------------------------------------------------------- conversions
 template <class A, class T>
@@ -58,6 +64,11 @@ __device__ __forceinline__ T from_acc(A v) {
 // kept in shared memory or re-read, in the backward, and on the CPU (x = 0 exactly at the max).
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+template <class T, class A>
+__device__ __forceinline__ A theta_of(T logit, A inv_t) {
+  return mul_rn(to_acc<A>(logit), inv_t);
+}
 
 // Target probabilities in their own dtype (uniform branch per launch).
 template <class A>
@@ -144,35 +155,87 @@ __device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, Max
   }
 }
 
-// ---------------------------------------------------------------- one row
-// theta_j = logits_j / T, from shared memory when the row was kept there.
-template <class T, class A>
-struct RowView {
-  const T* logits;
-  const A* theta_smem;  // null: re-read the logits
-  const A* q;           // null: the constant q_value
-  A q_value;
-  A inv_t;
-  __device__ __forceinline__ A theta(int j) const {
-    return theta_smem ? theta_smem[j] : mul_rn(to_acc<A>(logits[j]), inv_t);
-  }
-  __device__ __forceinline__ A q_at(int j) const { return q ? q[j] : q_value; }
+// ---------------------------------------------------------------- 16-byte row access
+// A row of n entries in global memory is read in 16-byte packs from its first 16-byte boundary:
+// a scalar head of fewer than kPack entries before it, whole packs, a scalar tail of fewer than
+// kPack (rows are element-aligned, as tensors are: a row at any offset or row stride works).
+template <class T>
+constexpr int kPack = 16 / static_cast<int>(sizeof(T));  // 8 halves, 4 floats, 2 doubles
+
+template <class T>
+struct alignas(16) Pack {
+  T v[kPack<T>];
 };
 
+struct RowSplit {
+  int head;   // entries before the first 16-byte boundary
+  int packs;  // whole packs from there
+  int tail;   // the first entry after them
+};
+
+template <class T>
+__device__ __forceinline__ RowSplit split_row(const T* row, int n) {
+  const int off = static_cast<int>(reinterpret_cast<uintptr_t>(row) % 16 / sizeof(T));
+  const int head = min(off ? kPack<T> - off : 0, n);
+  const int packs = (n - head) / kPack<T>;
+  return {head, packs, head + packs * kPack<T>};
+}
+
+// visit(j, theta_j) for the entries of thread t of nt (nt >= kPack: one head / tail entry each).
+template <class T, class A, class Fn>
+__device__ __forceinline__ void for_each_theta(const T* row, int n, A inv_t, int t, int nt, Fn&& visit) {
+  const RowSplit s = split_row(row, n);
+  if (t < s.head) visit(t, theta_of(row[t], inv_t));
+  const Pack<T>* const packs = reinterpret_cast<const Pack<T>*>(row + s.head);
+  for (int k = t; k < s.packs; k += nt) {
+    const Pack<T> v = packs[k];
+    const int j = s.head + k * kPack<T>;
+#pragma unroll
+    for (int w = 0; w < kPack<T>; ++w) visit(j + w, theta_of(v.v[w], inv_t));
+  }
+  if (s.tail + t < n) visit(s.tail + t, theta_of(row[s.tail + t], inv_t));
+}
+
+// out[j] = f(j, theta_j) for the same entries: 16-byte stores where out + head is 16-byte aligned
+// too (out and the row at the same offset from a boundary), else scalar ones.
+template <class T, class A, class F>
+__device__ __forceinline__ void map_theta(const T* row, T* out, int n, A inv_t, int t, int nt, F&& f) {
+  const RowSplit s = split_row(row, n);
+  const bool packed_out = reinterpret_cast<uintptr_t>(out + s.head) % 16 == 0;
+  if (t < s.head) out[t] = from_acc<T>(f(t, theta_of(row[t], inv_t)));
+  const Pack<T>* const packs = reinterpret_cast<const Pack<T>*>(row + s.head);
+  for (int k = t; k < s.packs; k += nt) {
+    const Pack<T> v = packs[k];
+    const int j = s.head + k * kPack<T>;
+    Pack<T> r;
+#pragma unroll
+    for (int w = 0; w < kPack<T>; ++w) r.v[w] = from_acc<T>(f(j + w, theta_of(v.v[w], inv_t)));
+    if (packed_out) {
+      reinterpret_cast<Pack<T>*>(out + s.head)[k] = r;
+    } else {
+#pragma unroll
+      for (int w = 0; w < kPack<T>; ++w) out[j + w] = r.v[w];
+    }
+  }
+  if (s.tail + t < n) out[s.tail + t] = from_acc<T>(f(s.tail + t, theta_of(row[s.tail + t], inv_t)));
+}
+
 template <FKind K, class T, class A>
-__global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArgs a, const bool use_smem) {
+__global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDivArgs a, const bool use_smem) {
   using O = Ops<A>;
   extern __shared__ __align__(16) unsigned char fdiv_smem[];
   __shared__ MaxScratch<A> sh_max;
   __shared__ double sh_a[kMaxWarps], sh_b[kMaxWarps];
   __shared__ A sh_m;
   __shared__ double sh_qmax, sh_qtotal, sh_tau, sh_s0;
+  __shared__ TauSearch sh_search;  // thread 0's: not held in every thread's registers through the sweeps
   __shared__ int sh_done;
 
   const int tid = threadIdx.x, nt = blockDim.x;
   const int V = static_cast<int>(a.vocab);
   const A ninf = O::splat(-kInf), inf = O::splat(kInf);
   const A am1 = O::splat(a.coef.alpha - 1), inv_am1 = O::splat(a.coef.inv_am1), alpha = O::splat(a.coef.alpha);
+  const A inv_t = O::splat(a.inv_temperature), q_value = O::splat(a.reference_value);
   A* const xs = use_smem ? reinterpret_cast<A*>(fdiv_smem) : nullptr;
 
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -188,12 +251,17 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
       }
       continue;
     }
-    RowView<T, A> r;
-    r.logits = static_cast<const T*>(a.logits) + row * a.logits_stride;
-    r.theta_smem = nullptr;
-    r.q = a.reference ? static_cast<const A*>(a.reference) + row * a.reference_stride : nullptr;
-    r.q_value = O::splat(a.reference_value);
-    r.inv_t = O::splat(a.inv_temperature);
+    const T* const logits = static_cast<const T*>(a.logits) + row * a.logits_stride;
+    const A* const q_row = a.reference ? static_cast<const A*>(a.reference) + row * a.reference_stride : nullptr;
+    auto q_at = [&](int j) { return q_row ? q_row[j] : q_value; };
+    // fn(j, theta_j) over this thread's entries, from shared memory after pass 1 when the row is kept there
+    auto for_each = [&](auto&& fn) {
+      if (xs) {
+        for (int j = tid; j < V; j += nt) fn(j, xs[j]);
+      } else {
+        for_each_theta(logits, V, inv_t, tid, nt, fn);
+      }
+    };
 
     // pass 1: theta (into shared memory), max, first argmax, live q mass (tau's bracket; the f-softmax
     // value's sum of q f(0): KL needs it only there)
@@ -201,21 +269,19 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
     A m = ninf;
     int idx = INT_MAX;
     double qs = 0;
-    for (int j = tid; j < V; j += nt) {
-      const A th = r.theta(j);
+    for_each_theta(logits, V, inv_t, tid, nt, [&](int j, A th) {
       if (xs) xs[j] = th;
       arg_combine(m, idx, th, j);
-      if (need_q && th > ninf) qs += r.q ? static_cast<double>(r.q[j]) : 1.0;
-    }
+      if (need_q && th > ninf) qs += q_row ? static_cast<double>(q_row[j]) : 1.0;
+    });
     block_argmax_sum(m, idx, qs, sh_max);
     if (tid == 0) {
       sh_m = m;
-      sh_qmax = r.q && idx < V ? static_cast<double>(r.q[idx]) : a.reference_value;  // idx = V: no live entry
-      sh_qtotal = r.q ? qs : qs * a.reference_value;
+      sh_qmax = q_row && idx < V ? static_cast<double>(q_row[idx]) : a.reference_value;  // idx = V: no live entry
+      sh_qtotal = q_row ? qs : qs * a.reference_value;
     }
-    __syncthreads();
+    __syncthreads();  // also orders the writes of xs before any thread reads them
     m = sh_m;
-    r.theta_smem = xs;  // each thread reads back only the entries it wrote: no barrier needed
 
     if (!(m > ninf && m < inf)) {  // all -inf: p = 0, loss 0, value -inf; NaN / +inf: NaN
       const bool empty = m == ninf;
@@ -234,39 +300,39 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
     // solve for tau: the evaluated tau and S0 end in sh_tau, sh_s0
     if constexpr (K == FKind::KL) {
       double s0 = 0, unused = 0;
-      for (int j = tid; j < V; j += nt) {
-        const A x = r.theta(j) - m;
-        if (x > ninf) s0 += static_cast<double>(r.q_at(j) * O::exp(x));
-      }
+      for_each([&](int j, A th) {
+        const A x = th - m;
+        if (x > ninf) s0 += static_cast<double>(q_at(j) * O::exp(x));
+      });
       block_sum2(s0, unused, sh_a, sh_b);
       if (tid == 0) sh_tau = 0, sh_s0 = s0;
       __syncthreads();
     } else {
-      TauSearch search;  // thread 0's
       if (tid == 0) {
-        search = start_tau_search(K, a.coef, sh_qmax, sh_qtotal, sizeof(A) == 8 ? 2.220446049250313e-16 : 1.1920928955078125e-07);
-        sh_tau = search.tau;
+        const double eps = sizeof(A) == 8 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+        sh_search = start_tau_search(K, a.coef, sh_qmax, sh_qtotal, eps);
+        sh_tau = sh_search.tau;
       }
       __syncthreads();
       for (int64_t sweep = 0;; ++sweep) {
         const double tau = sh_tau;
         const A t = static_cast<A>(tau);
         double s0 = 0, s1 = 0;
-        for (int j = tid; j < V; j += nt) {
-          const A x = r.theta(j) - m;
-          if (!(x > ninf)) continue;  // masked: no mass
-          const A v = x - t, q = r.q_at(j);
+        for_each([&](int j, A th) {
+          const A x = th - m;
+          if (!(x > ninf)) return;  // masked: no mass
+          const A v = x - t, q = q_at(j);
           s0 += static_cast<double>(q * conj_grad<K>(v, am1, inv_am1));
           s1 += static_cast<double>(q * conj_grad2<K>(v, am1, inv_am1));
-        }
+        });
         block_sum2(s0, s1, sh_a, sh_b);
         if (tid == 0) {
-          const bool done = tau_step(search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps;
+          const bool done = tau_step(sh_search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps;
           sh_done = done;
           if (done) {
             sh_s0 = s0;  // sh_tau keeps the evaluated tau
           } else {
-            sh_tau = search.tau;
+            sh_tau = sh_search.tau;
           }
         }
         __syncthreads();
@@ -279,7 +345,11 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
     auto prob = [&](A x, A q) { return x > ninf ? q * conj_grad<K>(x - t, am1, inv_am1) * inv_s0 : zero; };
 
     if (probs) {
-      for (int j = tid; j < V; j += nt) probs[j] = from_acc<T>(prob(r.theta(j) - m, r.q_at(j)));
+      if (xs) {
+        for (int j = tid; j < V; j += nt) probs[j] = from_acc<T>(prob(xs[j] - m, q_at(j)));
+      } else {
+        map_theta(logits, probs, V, inv_t, tid, nt, [&](int j, A th) { return prob(th - m, q_at(j)); });
+      }
       continue;
     }
     if (a.labels && !(label >= 0 && label < V)) {  // a label outside the vocabulary: NaN loss
@@ -288,18 +358,18 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
     }
     double sum = 0, unused = 0;
     if (a.mode == FDivMode::SoftmaxValue) {  // live entries: p x - q f(p/q) = p x - [q f(p/q) - q f(0)] - q f(0)
-      for (int j = tid; j < V; j += nt) {
-        const A x = r.theta(j) - m, q = r.q_at(j), p = prob(x, q);
+      for_each([&](int j, A th) {
+        const A x = th - m, q = q_at(j), p = prob(x, q);
         if (x > ninf) sum += static_cast<double>(p * x - q_f<K>(p, q, alpha, inv_am1));
-      }
+      });
     } else {  // FY loss: y from the target probabilities, the one-hot label, or 0
       const int64_t y_off = row * a.target_stride;
       const A one = O::splat(1);
-      for (int j = tid; j < V; j += nt) {
-        const A x = r.theta(j) - m, q = r.q_at(j), p = prob(x, q);
+      for_each([&](int j, A th) {
+        const A x = th - m, q = q_at(j), p = prob(x, q);
         const A y = a.target ? load_target<A>(a.target, a.target_dtype, y_off + j) : (j == label ? one : zero);
         sum += static_cast<double>(fy_entry<K>(x, p, y, q, alpha, inv_am1));
-      }
+      });
     }
     block_sum2(sum, unused, sh_a, sh_b);
     if (tid == 0) {
@@ -311,13 +381,13 @@ __global__ void __launch_bounds__(kMaxThreads) fdiv_forward_kernel(const FDivArg
 
 // grad_logits = grad_rows / T (p - y), p = q (f*)'(x - tau) / S0 from the stats.
 template <FKind K, class T, class A>
-__global__ void __launch_bounds__(kBwdThreads) fdiv_backward_kernel(const FDivArgs a) {
+__global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks) fdiv_backward_kernel(const FDivArgs a) {
   using O = Ops<A>;
   const int V = static_cast<int>(a.vocab);
   const A ninf = O::splat(-kInf), inf = O::splat(kInf), zero = O::splat(0);
   const A am1 = O::splat(a.coef.alpha - 1), inv_am1 = O::splat(a.coef.inv_am1);
   const A inv_t = O::splat(a.inv_temperature), q_value = O::splat(a.reference_value);
-  const int j0 = blockIdx.x * blockDim.x + threadIdx.x, dj = gridDim.x * blockDim.x;
+  const int j0 = blockIdx.x * blockDim.x + threadIdx.x, dj = gridDim.x * blockDim.x;  // thread j0 of dj >= 256 on a row
   for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
     T* const out = static_cast<T*>(a.grad_logits) + row * a.grad_stride;
     const A* const st = static_cast<const A*>(a.stats) + row * kFDivStats;
@@ -345,8 +415,8 @@ __global__ void __launch_bounds__(kBwdThreads) fdiv_backward_kernel(const FDivAr
     }
     const bool fy = a.mode == FDivMode::FYLoss;
     const int64_t y_off = row * a.target_stride;
-    for (int j = j0; j < V; j += dj) {
-      const A x = mul_rn(to_acc<A>(logits[j]), inv_t) - m;
+    map_theta(logits, out, V, inv_t, j0, dj, [&](int j, A th) {
+      const A x = th - m;
       const A q = q_row ? q_row[j] : q_value;
       const A p = x > ninf ? q * conj_grad<K>(x - t, am1, inv_am1) * inv_s0 : zero;
       A d;
@@ -356,8 +426,8 @@ __global__ void __launch_bounds__(kBwdThreads) fdiv_backward_kernel(const FDivAr
         d = p * g;
         if (fy && j == label) d -= g;
       }
-      out[j] = from_acc<T>(d);
-    }
+      return d;
+    });
   }
 }
 
@@ -369,7 +439,7 @@ void check(cudaError_t e, const char* what) {
 }
 
 int forward_threads(int64_t vocab) {
-  int t = 128;  // about 16 entries per thread, 128..1024 threads
+  int t = 128;  // about 16 entries per thread, 128..kMaxThreads threads
   while (t < kMaxThreads && t * 16 < vocab) t *= 2;
   return t;
 }
