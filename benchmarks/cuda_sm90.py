@@ -10,6 +10,7 @@ compile error or a spill in a hot kernel (HOT), 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         print(f"{args.nvcc} not found", file=sys.stderr)
         return 1
     sources = sorted(ROOT.glob("csrc/**/*.cu"))
-    with ThreadPoolExecutor(max_workers=max(1, len(sources))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
         results = list(pool.map(lambda p: compile_cu(p, args.arch, args.nvcc), sources))
     kernels, failed = [], False
     for path, (rc, output) in zip(sources, results, strict=True):
