@@ -59,9 +59,9 @@ class Config:
     options: dict = field(default_factory=dict)
 
 
-def _tiles(dtype, wide=DIVERGENCE_TILE):
+def _tiles(dtype, wide=DIVERGENCE_TILE, kind=None):
     """The (BLOCK, num_warps) pairs the launchers pick for rows of ``dtype`` (fdistill.triton.tiles)."""
-    return sorted({tiling(v, dtype, wide) for v in tile_classes()})
+    return sorted({tiling(v, dtype, wide, kind) for v in tile_classes()})
 
 
 def _acc_ptr(dtype):
@@ -73,7 +73,7 @@ def divergence_configs():
     for dtype in DTYPES:
         for kind, code in DIVERGENCE_CODES.items():
             for backward in (False, True):
-                for block, warps in _tiles(dtype):
+                for block, warps in _tiles(dtype, kind=kind):
                     for labels in (False, True):
                         yield _divergence_config(kind, code, dtype, backward, labels, block, warps)
 

@@ -262,7 +262,7 @@ FP_FUSION = False  # no FMA contraction: s = logit / T is rounded on its own, th
 def _launch_setup(student, divergence, param, temperature):
     kind = resolve_divergence(divergence, param)
     scalars = _kernel_scalars(kind, param, temperature)
-    return DIVERGENCE_CODES[kind], scalars, *tiling(student.shape[1], student.dtype)
+    return DIVERGENCE_CODES[kind], scalars, *tiling(student.shape[1], student.dtype, kind=kind)
 
 
 def _check_rows(student, teacher, labels):
