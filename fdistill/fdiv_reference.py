@@ -189,10 +189,11 @@ def _q_f(family, alpha, p, q):
 
 def divergence_f(family, alpha, p, q, live=None):
     """D_f(p, q) = sum q f(p / q) over the last dimension, over the ``live`` entries (default all)."""
+    if live is None:
+        return _q_f(family, alpha, p, q).sum(-1)
+    p = torch.where(live, p, q)  # masked entries at u = 1 (f = f' = 0): no 0 * inf in the backward
     terms = _q_f(family, alpha, p, q)
-    if live is not None:
-        terms = torch.where(live, terms, torch.zeros_like(terms))
-    return terms.sum(-1)
+    return torch.where(live, terms, torch.zeros_like(terms)).sum(-1)
 
 
 def f_softmax_reference(logits, p, f="alpha", alpha=1.5, reference="uniform"):
@@ -200,7 +201,7 @@ def f_softmax_reference(logits, p, f="alpha", alpha=1.5, reference="uniform"):
     family, alpha = canonical_f(f, alpha)
     live = logits > -math.inf
     q = reference_measure(reference, logits)
-    inner = torch.where(live, p * logits, torch.zeros_like(p)).sum(-1)
+    inner = (p * torch.where(live, logits, torch.zeros_like(logits))).sum(-1)  # no 0 * -inf in the backward
     value = inner - divergence_f(family, alpha, p, q, live)
     return torch.where(live.any(-1), value, torch.full_like(value, -math.inf))
 

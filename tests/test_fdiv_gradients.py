@@ -72,3 +72,17 @@ def test_reference_nan_rows_are_nan(case):
         assert torch.isnan(v[:2]).all() and torch.isfinite(v[2]), backend
         loss = fdistill.fy_loss(x, torch.tensor([0, 1, 2]), f, alpha=alpha, reduction="none", backend=backend)
         assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2]), backend
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", F_CASES, ids=[f"{f}{a}" for f, a in F_CASES])
+def test_f_softmax_gradient_is_p_with_masked_entries(case, backend, seed):
+    """d f_softmax / d theta = p*, also where some logits are -inf (the reference gave NaN there)."""
+    f, alpha = case
+    x = logits64(3, 9, seed).detach()
+    x[0, :3] = -math.inf
+    x.requires_grad_()
+    value = fdistill.f_softmax(x, f, alpha=alpha, backend=backend)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    p = fdistill.f_softargmax(x.detach(), f, alpha=alpha, backend="reference")
+    torch.testing.assert_close(grad, p, rtol=1e-9, atol=1e-12)
