@@ -202,3 +202,32 @@ def test_broken_liger_drops_only_its_rows(raised, tmp_path, monkeypatch, capsys)
     finally:
         liger_baselines.load.cache_clear()
     assert f"liger-kernel unavailable, its rows are dropped: {raised}" in capsys.readouterr().out
+
+
+def test_cuda_timer_times_fn_alone_after_its_setup(monkeypatch):
+    """The CUDA-event path, with fake events: setup before every call, reps within the bounds."""
+    import time
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    timer = device_bench.Timer("cpu", warmup_ms=2, rep_ms=5, min_reps=5, max_reps=50)
+    log = []
+
+    def fn():
+        log.append("fn")
+        time.sleep(0.001)
+
+    ms = timer._cuda_ms(fn, setup=lambda: (log.append("setup"), time.sleep(0.05)))
+    assert 0.9 < ms < 25  # the 50 ms setup is not in it
+    assert log == ["setup", "fn"] * (len(log) // 2)
+    assert 1 + 3 + 5 <= log.count("fn") <= 1 + 3 + 50 + 50
