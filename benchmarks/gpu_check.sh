@@ -21,6 +21,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl liger-kernel==0.8.5
+# On the lent GPU machine: `benchmarks/gpu_check.sh tests`, then `benchmarks/gpu_check.sh bench`, each
+# a device call of its own (timeout 360 s) carrying .whl.
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET_S, MAX_JOBS (default 16),
 # GPU_CHECK_DRY_TOKENS (dry-run token counts, default "2 1").
 set -uo pipefail # no -e: every step runs and the summary is always printed
