@@ -5,7 +5,7 @@ For a convex generator ``f`` with ``f(1) = 0`` and a positive reference measure 
 
 * ``D_f(p, q) = sum_j q_j f(p_j / q_j)``;
 * f-softargmax ``p*_j = q_j (f*)'(theta_j - tau)``, ``tau`` such that ``sum_j p*_j = 1``, found by
-  bisection on the bracket of shared/reference/divergences.md §2;
+  bisection on the bracket of docs/divergences.md#tau-bracket;
 * f-softmax ``softmax_f(theta) = <p*, theta> - D_f(p*, q)``;
 * Fenchel–Young loss ``L(theta; y) = <p* - y, theta> - D_f(p*, q) + D_f(y, q)``, gradient ``p* - y``
   (``D_f(y, q)`` dropped for reverse KL).

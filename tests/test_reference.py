@@ -1,7 +1,7 @@
 """The pure-PyTorch reference against independent closed forms, in float64.
 
 Everything else is tested against the reference, so the reference is checked here against formulas
-written from scratch (shared/reference/divergences.md), against TRL's generalized_jsd_loss as it is
+written from scratch (docs/divergences.md#divergences), against TRL's generalized_jsd_loss as it is
 written in TRL, and against finite differences.
 """
 
@@ -182,7 +182,7 @@ def test_special_rows(seed):
 
 
 def _closed_form_grad(s, t, divergence, param, temperature=1.0):
-    """dL/ds from the table of shared/reference/divergences.md, per row."""
+    """dL/ds from the table of docs/divergences.md#gradients, per row."""
     s, t = s / temperature, t / temperature
     ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
     q, p = ls.exp(), lt.exp()

@@ -1,6 +1,6 @@
 """The teacher-hacking experiment: oracle -> teacher -> student, offline vs online distillation data.
 
-Setup (Tiapkin et al., 2025, at toy scale; see ../shared/reference/algorithms.md):
+Setup (Tiapkin et al., 2025, at toy scale; see docs/algorithms.md#teacher-hacking):
 
 - **oracle**: a randomly initialised transformer with a sharpened LM head (``head_scale``). Its
   next-token distributions are the ground truth: peaked, context-dependent through attention over

@@ -7,7 +7,7 @@
 //
 // Notation per row (one token): s, t are the student and teacher logits already
 // divided by the temperature; ls = s - LSE(s), lt = t - LSE(t); q = exp(ls) is
-// the student, p = exp(lt) the teacher. Formulas: shared/reference/divergences.md.
+// the student, p = exp(lt) the teacher. Formulas: docs/divergences.md.
 #pragma once
 
 #include <cmath>
