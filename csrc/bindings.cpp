@@ -9,11 +9,16 @@
 
 TORCH_LIBRARY(fdistill, m) {
   // Per-row loss [rows] (fp32; fp64 for fp64 logits) and the row statistics
-  // [rows, 4] that the backward needs: log-sum-exps and one or two scalars.
+  // [rows, kNumStats] that the backward needs: log-sum-exps and one or two scalars.
   // grad_in_place only tells the autograd formula which backward to run.
   m.def(
       "divergence_fwd(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param,"
       " float temperature, int ignore_index, bool grad_in_place=False) -> (Tensor, Tensor)");
+  // One pass: the same loss and statistics, and grad_scale * d(loss_row)/d(student) [rows, vocab] in
+  // the student's dtype (the autograd formula scales it by the upstream gradient in place).
+  m.def(
+      "divergence_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param,"
+      " float temperature, int ignore_index, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
   // d(sum grad_loss * loss)/d(student) [rows, vocab] in the student's dtype.
   m.def(
       "divergence_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats,"

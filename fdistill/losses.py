@@ -136,16 +136,38 @@ def divergence_loss(
     if labels is not None:
         flat_labels = _check_labels(labels, student_logits).reshape(-1).long().contiguous()
 
+    factor = temperature * temperature if scale_by_temperature_squared else 1.0
     if backend == "reference":
         rows = _reference_rows(student, teacher, flat_labels, divergence, param, temperature, ignore_index)
     else:
-        fwd = torch.ops.fdistill.divergence_fwd if backend == "cpu" else triton_forward_op()
-        options = (divergence, float(param), float(temperature), int(ignore_index), bool(grad_in_place))
-        rows, _ = fwd(student, teacher, flat_labels, *options)
+        options = (divergence, float(param), float(temperature), int(ignore_index))
+        # float16 keeps the two-pass path: a gradient stored before the upstream factor is known (a
+        # loss scale of 2**16, a weight < 1) could leave float16's range where the final one does not
+        one_pass = student.requires_grad and torch.is_grad_enabled() and student.dtype != torch.float16
+        if grad_in_place or not one_pass:
+            fwd = torch.ops.fdistill.divergence_fwd if backend == "cpu" else triton_forward_op()
+            rows, _ = fwd(student, teacher, flat_labels, *options, bool(grad_in_place))
+        else:  # one pass: the gradient is formed with the loss, pre-scaled by what the reduction applies
+            fwd = torch.ops.fdistill.divergence_fwd_grad if backend == "cpu" else triton_forward_op(True)
+            scale = factor * _reduction_scale(reduction, student, flat_labels, ignore_index)
+            rows, _, _ = fwd(student, teacher, flat_labels, *options, scale)
 
     if scale_by_temperature_squared:
-        rows = rows * (temperature * temperature)
+        rows = rows * factor
     return reduce_rows(rows, reduction, lead_shape, flat_labels, ignore_index)
+
+
+def _reduction_scale(reduction, student, labels, ignore_index) -> float:
+    """The factor d loss / d loss_row of the reduction where it is known on the host (1 otherwise), so
+    that the one-pass gradient needs no rescaling in the common case: the label count is read only
+    where that is free (CPU tensors, not compiled; ``ops.host_reads_are_free``)."""
+    if reduction != "mean" or torch.compiler.is_compiling():
+        return 1.0
+    if labels is None:
+        return 1.0 / max(student.shape[0], 1)
+    if not ops.host_reads_are_free(labels):
+        return 1.0
+    return 1.0 / max(int((labels != ignore_index).sum()), 1)
 
 
 def reduce_rows(rows, reduction, lead_shape, labels=None, ignore_index=-100):

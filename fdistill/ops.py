@@ -1,11 +1,20 @@
 """Fake (meta) implementations and autograd for the divergence ops, written once for every backend.
 
-The op contract (C++ ops ``fdistill::divergence_fwd`` / ``_bwd`` / ``_bwd_``, and their Triton twins
-``*_triton`` in ``fdistill/triton/divergence.py``): the forward takes ``[rows, V]`` logits and returns
-a per-row loss plus per-row statistics (``NUM_STATS`` numbers: the log-sum-exps as (max, log-sum)
-and one or two scalars); the backward recomputes the probabilities from them, so nothing of size
-``[rows, V]`` is saved. ``divergence_bwd_`` writes the gradient over the student logits instead
-of a new tensor (``grad_in_place=True`` in the forward selects it). Reductions happen in Python.
+The op contract (C++ ops ``fdistill::divergence_fwd`` / ``_fwd_grad`` / ``_bwd`` / ``_bwd_``, and
+their Triton twins ``*_triton`` in ``fdistill/triton/divergence.py``): the forward takes ``[rows, V]``
+logits and returns a per-row loss plus per-row statistics (``NUM_STATS`` numbers: the log-sum-exps as
+(max, log-sum) and one or two scalars).
+
+- ``divergence_fwd_grad`` (the one-pass op, used whenever the student needs a gradient) also returns
+  ``grad_scale * d loss_row / d student`` ``[rows, V]``, computed row by row right after the row's
+  statistics, so forward+backward reads the logits once. Its backward scales that saved gradient in
+  place by ``grad_loss / grad_scale`` (nothing at all when they are equal, e.g. the mean's ``1/N``),
+  so any upstream gradient (``reduction="none"``) is exact.
+- ``divergence_fwd`` computes no gradient (no-grad forwards, and ``grad_in_place=True``); its
+  backward recomputes the probabilities from the statistics (nothing of size ``[rows, V]`` saved),
+  into a new tensor (``divergence_bwd``) or over the student logits (``divergence_bwd_``).
+
+Reductions happen in Python.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ FWD_SCHEMA = (
     "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param, float temperature,"
     " int ignore_index, bool grad_in_place=False) -> (Tensor, Tensor)"
 )
+FWD_GRAD_SCHEMA = (
+    "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param, float temperature,"
+    " int ignore_index, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)"
+)
 BWD_SCHEMA = (
     "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, str divergence,"
     " float param, float temperature, int ignore_index) -> Tensor"
@@ -28,6 +41,15 @@ BWD_INPLACE_SCHEMA = (
     "(Tensor grad_loss, Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor stats, str divergence,"
     " float param, float temperature, int ignore_index) -> ()"
 )
+
+
+SKIP_RESCALE_TOLERANCE = 1e-6  # relative, float32 gradients
+
+
+def host_reads_are_free(x: torch.Tensor) -> bool:
+    """Whether reading ``x``'s values on the host costs nothing (CPU memory; never under
+    torch.compile). On a GPU it would be a device sync, which the hot path never makes."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,6 +63,11 @@ def _fwd_fake(student, teacher, labels, divergence, param, temperature, ignore_i
     rows = student.shape[0]
     acc = accumulate_dtype(student.dtype)
     return student.new_empty(rows, dtype=acc), student.new_empty((rows, NUM_STATS), dtype=acc)
+
+
+def _fwd_grad_fake(student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0):
+    loss, stats = _fwd_fake(student, teacher, labels, divergence, param, temperature, ignore_index)
+    return loss, stats, student.new_empty(student.shape)
 
 
 def _bwd_fake(grad_loss, student, teacher, labels, stats, divergence, param, temperature, ignore_index):
@@ -66,9 +93,55 @@ def _no_double_backward(ctx, grad):
     )
 
 
-def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str) -> None:
-    """Fake kernels and autograd for one backend's (forward, backward, in-place backward) ops."""
+def _fwd_grad_setup_context(ctx, inputs, output):
+    student, teacher, labels, divergence, param, temperature, ignore_index, *rest = inputs
+    loss, stats, grad = output
+    ctx.save_for_backward(student, teacher, labels, stats)  # for a repeated backward: no copies
+    ctx.options = (divergence, param, temperature, ignore_index)
+    ctx.grad_scale = float(rest[0]) if rest else 1.0
+    ctx.fused_grad = grad  # handed to the first backward, then dropped
+    ctx.mark_non_differentiable(stats, grad)
+    ctx.set_materialize_grads(False)  # else autograd fills a [rows, V] zero "gradient" of the gradient
+
+
+def _fwd_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    """The first backward scales the one-pass gradient in place by grad_loss / grad_scale (nothing
+    to do when that is 1, e.g. the mean's 1/N) and hands it over; a repeated backward
+    (retain_graph=True) recomputes it from the saved inputs and statistics."""
+    none = (None,) * 8
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return none
+    if torch.is_grad_enabled():  # create_graph=True: the one-pass gradient has no graph
+        _no_double_backward(ctx, grad_loss)
+    grad, ctx.fused_grad = ctx.fused_grad, None
+    if grad is None:
+        student, teacher, labels, stats = ctx.saved_tensors
+        return (ctx.bwd_op(grad_loss, student, teacher, labels, stats, *ctx.options),) + none[1:]
+    ratio = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    if ctx.grad_scale != 1.0:
+        ratio = ratio / ctx.grad_scale
+    # Skipped on CPU tensors when every ratio is 1 (to within float32 resolution for a float32 / bf16
+    # gradient, which already carries a few float32 ulps); on a GPU always applied (no host sync).
+    tol = 0.0 if grad.dtype == torch.float64 else SKIP_RESCALE_TOLERANCE
+    if not host_reads_are_free(ratio) or not bool(((ratio - 1).abs() <= tol).all()):
+        grad.mul_(ratio.unsqueeze(-1))
+    return (grad,) + none[1:]
+
+
+def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str, fwd_grad: str) -> None:
+    """Fake kernels and autograd for one backend's (forward, backward, in-place backward, one-pass
+    forward) ops."""
     torch.library.register_fake(f"fdistill::{fwd}")(_fwd_fake)
+    torch.library.register_fake(f"fdistill::{fwd_grad}")(_fwd_grad_fake)
+    bwd_op_for_grad = getattr(torch.ops.fdistill, bwd)
+
+    def fwd_grad_setup_context(ctx, inputs, output):
+        _fwd_grad_setup_context(ctx, inputs, output)
+        ctx.bwd_op = bwd_op_for_grad
+
+    torch.library.register_autograd(
+        f"fdistill::{fwd_grad}", _fwd_grad_backward, setup_context=fwd_grad_setup_context
+    )
     torch.library.register_fake(f"fdistill::{bwd}")(_bwd_fake)
     torch.library.register_fake(f"fdistill::{bwd_inplace}")(_bwd_inplace_fake)
     bwd_op = getattr(torch.ops.fdistill, bwd)
@@ -95,4 +168,4 @@ def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str) -> None:
 
 if _C is not None:
     assert _C.num_stats == NUM_STATS, "fdistill._C is stale: rebuild the extension"
-    register_divergence_ops("divergence_fwd", "divergence_bwd", "divergence_bwd_")
+    register_divergence_ops("divergence_fwd", "divergence_bwd", "divergence_bwd_", "divergence_fwd_grad")

@@ -67,10 +67,18 @@ def test_in_place_equals_out_of_place(backend, dtype, case, seed):
         backend, True, h, w, teacher, divergence, options, **kwargs
     )
     assert torch.equal(loss_ip, loss)
-    assert grad_ip.dtype == dtype and torch.equal(grad_ip, grad), "in-place gradient != out-of-place gradient"
-    assert torch.equal(logits_ip, grad), "the student logits must hold the gradient after the backward"
+    # the out-of-place gradient comes from the one-pass op (unit upstream gradient, then scaled): one
+    # more rounding than the in-place (two-pass) one, which applies the upstream factor per entry
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-7, "rtol": 1e-5}
+    if dtype == torch.bfloat16:
+        tol = {"atol": 1e-6, "rtol": 2**-7}
+    assert grad_ip.dtype == dtype
+    torch.testing.assert_close(grad_ip, grad, **tol, msg="in-place gradient != out-of-place gradient")
+    assert torch.equal(logits_ip, grad_ip), "the student logits must hold the gradient after the backward"
     assert not torch.equal(logits, grad), "the out-of-place backward must leave the logits alone"
-    assert torch.equal(grad_w_ip, grad_w)
+    # dW = h^T dz sums entries that cancel: compare it on the scale of its largest entry
+    scale = grad_w.abs().max().item()
+    torch.testing.assert_close(grad_w_ip, grad_w, atol=tol["rtol"] * 4 * scale, rtol=0)
     assert (grad_ip[labels == -100] == 0).all()
 
 
@@ -103,8 +111,9 @@ def test_in_place_leaf_student_with_reductions(case, backend, reduction, seed):
         loss.backward()
         grads.append((loss.detach(), s.grad, s.detach()))
     (loss, grad, data), (loss_ip, grad_ip, data_ip) = grads
-    assert torch.equal(loss_ip, loss) and torch.equal(grad_ip, grad)
-    assert torch.equal(data, student) and torch.equal(data_ip, grad)
+    assert torch.equal(loss_ip, loss)  # the one-pass gradient (out of place) rounds the 1/N apart:
+    torch.testing.assert_close(grad_ip, grad, atol=1e-8, rtol=1e-5)
+    assert torch.equal(data, student) and torch.equal(data_ip, grad_ip)
     assert torch.equal(teacher, teacher_copy)
 
 
@@ -149,7 +158,7 @@ def test_in_place_non_contiguous_student(case, backend, seed):
             (loss * upstream).sum().backward()
             results.append((base.grad, base.detach()))
         (grad, _), (grad_ip, data_ip) = results
-        assert torch.equal(grad_ip, grad), "in-place gradient of a strided student"
+        torch.testing.assert_close(grad_ip, grad, atol=1e-7, rtol=1e-5, msg="in-place gradient of a strided student")
         outside = torch.ones_like(base_s, dtype=torch.bool)
         outside[..., 5:260] = False
         assert torch.equal(data_ip[outside], base_s[outside]), "entries outside the student view were written"

@@ -1,6 +1,7 @@
 // CPU implementation of fdistill::divergence_fwd / divergence_bwd: picks the
 // row kernel compiled for the best instruction set this CPU has and runs it
 // over rows with at::parallel_for.
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -72,6 +73,27 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student,
   return {loss, stats};
 }
 
+// The one-pass forward: loss, statistics and grad_scale * d(loss_row)/d(student) [rows, vocab] in the
+// student's dtype, each row's gradient written while the row is in cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, double param, double temperature, int64_t ignore_index, double grad_scale) {
+  RowArgs a = make_row_args(student, teacher, labels, std::string(divergence), param, temperature, ignore_index);
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), "fdistill: grad_scale must be finite, got ", grad_scale);
+  const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
+  at::Tensor loss = at::empty({a.rows}, acc);
+  at::Tensor stats = at::empty({a.rows, kNumStats}, acc);
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  advise_huge_pages(grad);
+  a.loss = loss.data_ptr();
+  a.stats = stats.data_ptr();
+  a.grad_student = grad.data_ptr();
+  a.grad_stride = grad.stride(0);
+  a.grad_scale = grad_scale;
+  run_rows(a, /*backward=*/false);
+  return {loss, stats, grad};
+}
+
 // Writes d(sum grad_loss * loss)/d(student) into `out` (a new tensor, or `student` itself).
 static void run_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                          const std::optional<at::Tensor>& labels, const at::Tensor& stats,
@@ -115,6 +137,7 @@ void divergence_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& s
 
 TORCH_LIBRARY_IMPL(fdistill, CPU, m) {
   m.impl("divergence_fwd", &divergence_fwd_cpu);
+  m.impl("divergence_fwd_grad", &divergence_fwd_grad_cpu);
   m.impl("divergence_bwd", &divergence_bwd_cpu);
   m.impl("divergence_bwd_", &divergence_bwd_inplace_cpu);
 }

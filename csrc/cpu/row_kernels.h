@@ -240,64 +240,81 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
   }
 }
 
+// g * dL/ds of one row (g holds the upstream gradient and the 1/T) into out, from the row's
+// statistics. Rows with no distribution get NaN, ignored and empty rows 0. May alias the
+// student row: each chunk is read into bs before its gradient is stored.
+template <Divergence D, class scalar_t, class acc_t>
+void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g, bool ignored_row,
+              scalar_t* out) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  constexpr int64_t W = Vec::size();
+  const RowKind kind = row_kind(st[0] + st[1], st[2] + st[3]);
+  if (ignored_row || kind == RowKind::Empty || (g == 0 && kind == RowKind::Normal)) {
+    std::fill(out, out + a.vocab, scalar_t(0));
+    return;
+  }
+  if (kind == RowKind::Undefined) {
+    std::fill(out, out + a.vocab, scalar_t(NAN));
+    return;
+  }
+  alignas(64) acc_t bs[kChunk], bt[kChunk];
+  const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
+  const RowLSE<Vec> lse = make_row_lse<Vec>(st[0], st[1], st[2], st[3]);
+  const Vec scale = O::splat(g);
+  const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[4], st[5]);
+  for (int64_t start = 0; start < a.vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, a.vocab - start);
+    const int64_t padded = load_scaled(view.s + start, n, inv_t, bs);
+    load_scaled(view.t + start, n, inv_t, bt);
+    for (int64_t i = 0; i < padded; i += W) {
+      const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
+      (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
+    }
+    store_converted(bs, n, out + start);
+  }
+}
+
+template <class scalar_t>
+scalar_t* grad_out_row(const RowArgs& a, int64_t row) {
+  return static_cast<scalar_t*>(a.grad_student) + row * a.grad_stride;
+}
+
+// Loss and statistics of each row and, when a.grad_student is set (the one-pass op), its gradient
+// times a.grad_scale right after, while the row is still in cache: the logits are read from
+// memory once for the loss and the gradient together.
 template <Divergence D, class scalar_t, class acc_t>
 void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   auto* loss = static_cast<acc_t*>(a.loss);
   auto* stats = static_cast<acc_t*>(a.stats);
+  const acc_t g = static_cast<acc_t>(a.grad_scale * a.inv_temperature);
   for (int64_t row = begin; row < end; ++row) {
     acc_t* st = stats + row * kNumStats;
+    const auto view = row_view<scalar_t>(a, row);
     if (ignored(a, row)) {
       loss[row] = 0;
       std::fill(st, st + kNumStats, acc_t(0));
-      continue;
+    } else {
+      RowSums r;
+      first_pass<D, scalar_t, acc_t>(a, view, r);
+      if constexpr (needs_second_pass(D)) {
+        if (row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) second_pass<D, scalar_t, acc_t>(a, view, r);
+      }
+      loss[row] = finish_row<D, acc_t>(r, a.coef, st);
     }
-    RowSums r;
-    const auto view = row_view<scalar_t>(a, row);
-    first_pass<D, scalar_t, acc_t>(a, view, r);
-    if constexpr (needs_second_pass(D)) {
-      if (row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) second_pass<D, scalar_t, acc_t>(a, view, r);
-    }
-    loss[row] = finish_row<D, acc_t>(r, a.coef, st);
+    if (a.grad_student != nullptr) grad_row<D, scalar_t, acc_t>(a, view, st, g, ignored(a, row), grad_out_row<scalar_t>(a, row));
   }
 }
 
 template <Divergence D, class scalar_t, class acc_t>
 void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
-  using Vec = Vectorized<acc_t>;
-  using O = Ops<Vec>;
-  constexpr int64_t W = Vec::size();
-  alignas(64) acc_t bs[kChunk], bt[kChunk];
   const auto* stats = static_cast<const acc_t*>(a.stats);
   const auto* grad_loss = static_cast<const acc_t*>(a.grad_loss);
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
   for (int64_t row = begin; row < end; ++row) {
-    // may alias the student row: each chunk is read into bs before its gradient is stored
-    scalar_t* out = static_cast<scalar_t*>(a.grad_student) + row * a.grad_stride;
-    const acc_t* st = stats + row * kNumStats;
     const acc_t g = grad_loss[row * a.grad_loss_stride] * inv_t;
-    const RowKind kind = row_kind(st[0] + st[1], st[2] + st[3]);
-    if (ignored(a, row) || kind == RowKind::Empty || (g == 0 && kind == RowKind::Normal)) {
-      std::fill(out, out + a.vocab, scalar_t(0));
-      continue;
-    }
-    if (kind == RowKind::Undefined) {
-      std::fill(out, out + a.vocab, scalar_t(NAN));
-      continue;
-    }
-    const auto view = row_view<scalar_t>(a, row);
-    const RowLSE<Vec> lse = make_row_lse<Vec>(st[0], st[1], st[2], st[3]);
-    const Vec scale = O::splat(g);
-    const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[4], st[5]);
-    for (int64_t start = 0; start < a.vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, a.vocab - start);
-      const int64_t padded = load_scaled(view.s + start, n, inv_t, bs);
-      load_scaled(view.t + start, n, inv_t, bt);
-      for (int64_t i = 0; i < padded; i += W) {
-        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
-        (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
-      }
-      store_converted(bs, n, out + start);
-    }
+    grad_row<D, scalar_t, acc_t>(a, row_view<scalar_t>(a, row), stats + row * kNumStats, g, ignored(a, row),
+                                 grad_out_row<scalar_t>(a, row));
   }
 }
 

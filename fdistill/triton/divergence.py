@@ -1,8 +1,9 @@
 """Triton kernels of the token-level divergences, registered as ``torch.ops.fdistill.*_triton``.
 
 The op contract is the C++ one (``fdistill/ops.py``): ``divergence_fwd_triton`` maps ``[rows, V]``
-student and teacher logits to a per-row loss and ``[rows, 4]`` row statistics; the backward
-recomputes the probabilities from the statistics, so nothing of size ``[rows, V]`` is saved.
+student and teacher logits to a per-row loss and ``[rows, NUM_STATS]`` row statistics, and
+``divergence_fwd_grad_triton`` (the same kernel with ``WRITE_GRAD``) writes each row's gradient
+right after its statistics.
 
 One program per row walks the vocabulary in tiles of ``BLOCK`` entries with an online
 log-sum-exp (one rescale per tile), so any V works without holding a row. Tiles are loaded in
@@ -18,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import BWD_INPLACE_SCHEMA, BWD_SCHEMA, FWD_SCHEMA, accumulate_dtype, register_divergence_ops
+from ..ops import (
+    BWD_INPLACE_SCHEMA,
+    BWD_SCHEMA,
+    FWD_GRAD_SCHEMA,
+    FWD_SCHEMA,
+    accumulate_dtype,
+    register_divergence_ops,
+)
 from ..reference import resolve_divergence
 from .math import DIVERGENCE_CODES, NUM_STATS, alpha_logit, grad_entry, second_pass_terms, weighted
 from .tiles import tiling
@@ -59,10 +67,10 @@ def _is_finite(x):
 
 @triton.jit
 def _divergence_fwd_kernel(
-    S, T, LABELS, LOSS, STATS,
-    inv_t: tl.float64, param: tl.float64, log_wt: tl.float64, log_ws: tl.float64,
-    V, stride_s, stride_t, ignore_index,
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
+    S, T, LABELS, LOSS, STATS, GRAD,
+    inv_t: tl.float64, param: tl.float64, log_wt: tl.float64, log_ws: tl.float64, grad_scale: tl.float64,
+    V, stride_s, stride_t, stride_grad, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = LOSS.dtype.element_ty
@@ -189,40 +197,30 @@ def _divergence_fwd_kernel(
     tl.store(stats + 3, log_sum_t)
     tl.store(stats + 4, c0.to(ACC))
     tl.store(stats + 5, c1.to(ACC))
+    if WRITE_GRAD:  # the one-pass op: the row's gradient right after its statistics
+        g = ((tl.zeros([], F64) + grad_scale) * inv_t.to(F64)).to(ACC)
+        _write_grad(
+            s_row, t_row, GRAD + row * stride_grad, m_s, log_sum_s, m_t, log_sum_t,
+            c0.to(ACC), c1.to(ACC), g, n_cols == 0,
+            inv_t, param.to(ACC), log_wt, log_ws, V, DIV, BLOCK, ACC,
+        )  # fmt: skip
 
 
 @triton.jit
-def _divergence_bwd_kernel(
-    GRAD_LOSS, S, T, LABELS, STATS, GRAD,
-    inv_t: tl.float64, param: tl.float64, log_wt: tl.float64, log_ws: tl.float64,
-    V, stride_s, stride_t, stride_grad, stride_gl, ignore_index,
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
+def _write_grad(
+    s_row, t_row, g_row, m_s, log_sum_s, m_t, log_sum_t, c0, c1, g, skip,
+    inv_t, param, log_wt, log_ws, V, DIV: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    ACC: tl.constexpr = STATS.dtype.element_ty
+    """g * dL/ds of one row from its statistics (g holds the upstream gradient and 1/T): zeros where
+    ``skip`` (ignored or empty rows, g = 0) and NaN for rows with no distribution. ``g_row`` may alias
+    ``s_row``: each tile is loaded before it is overwritten."""
     NEG_INF = float("-inf")
-    inv_t, param, log_wt, log_ws = _scalars(inv_t, param, log_wt, log_ws, ACC)
-    stats = STATS + row * 6
-    m_s = tl.load(stats + 0)
-    log_sum_s = tl.load(stats + 1)
-    m_t = tl.load(stats + 2)
-    log_sum_t = tl.load(stats + 3)
-    c0 = tl.load(stats + 4)
-    c1 = tl.load(stats + 5)
-    g = tl.load(GRAD_LOSS + row * stride_gl).to(ACC) * inv_t
     lse_s = m_s + log_sum_s
     lse_t = m_t + log_sum_t
-    empty = (lse_s == NEG_INF) & (lse_t == NEG_INF)
     normal = _is_finite(lse_s) & _is_finite(lse_t)
-    skip = empty | (normal & (g == 0))
-    if HAS_LABELS:
-        skip = skip | (tl.load(LABELS + row) == ignore_index)
+    skip = skip | ((lse_s == NEG_INF) & (lse_t == NEG_INF)) | (normal & (g == 0))
     compute = normal & ~skip
-    fill = tl.where(skip, 0.0, float("nan"))  # rows not computed: zeros, or NaN when undefined
-
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
-    g_row = GRAD + row * stride_grad  # may alias s_row: each tile is loaded before it is overwritten
+    fill = tl.where(skip, 0.0, float("nan"))
     offs = tl.arange(0, BLOCK)
     n_load = tl.where(compute, V, 0)  # skipped rows read nothing
     for start in range(0, V, BLOCK):
@@ -239,7 +237,30 @@ def _divergence_bwd_kernel(
         p = tl.exp(lt)
         grad = grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, c1, DIV) * g
         grad = tl.where(compute, grad, fill)
-        tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
+        tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _divergence_bwd_kernel(
+    GRAD_LOSS, S, T, LABELS, STATS, GRAD,
+    inv_t: tl.float64, param: tl.float64, log_wt: tl.float64, log_ws: tl.float64,
+    V, stride_s, stride_t, stride_grad, stride_gl, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    ACC: tl.constexpr = STATS.dtype.element_ty
+    inv_t, param, log_wt, log_ws = _scalars(inv_t, param, log_wt, log_ws, ACC)
+    stats = STATS + row * 6
+    g = tl.load(GRAD_LOSS + row * stride_gl).to(ACC) * inv_t
+    skip = tl.zeros([], tl.int1)
+    if HAS_LABELS:
+        skip = tl.load(LABELS + row) == ignore_index
+    _write_grad(
+        S + row * stride_s, T + row * stride_t, GRAD + row * stride_grad,
+        tl.load(stats + 0), tl.load(stats + 1), tl.load(stats + 2), tl.load(stats + 3),
+        tl.load(stats + 4), tl.load(stats + 5), g, skip,
+        inv_t, param, log_wt, log_ws, V, DIV, BLOCK, ACC,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -271,9 +292,7 @@ def _check_rows(student, teacher, labels):
     torch._check(labels is None or labels.shape == (student.shape[0],), lambda: "labels must be [rows]")
 
 
-def divergence_fwd_triton(
-    student, teacher, labels, divergence, param, temperature, ignore_index, grad_in_place=False
-):
+def _forward(student, teacher, labels, divergence, param, temperature, ignore_index, grad, grad_scale=1.0):
     _check_rows(student, teacher, labels)
     code, scalars, block, warps = _launch_setup(student, divergence, param, temperature)
     rows, vocab = student.shape
@@ -282,12 +301,24 @@ def divergence_fwd_triton(
     stats = torch.empty(rows, NUM_STATS, dtype=acc, device=student.device)
     if rows > 0:
         _divergence_fwd_kernel[(rows,)](
-            student, teacher, labels, loss, stats, *scalars,
-            vocab, student.stride(0), teacher.stride(0), ignore_index,
-            DIV=code, HAS_LABELS=labels is not None, BLOCK=block, num_warps=warps,
-            enable_fp_fusion=FP_FUSION,
+            student, teacher, labels, loss, stats, grad, *scalars, float(grad_scale),
+            vocab, student.stride(0), teacher.stride(0), 0 if grad is None else grad.stride(0), ignore_index,
+            DIV=code, HAS_LABELS=labels is not None, BLOCK=block, WRITE_GRAD=grad is not None,
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return loss, stats
+
+
+def divergence_fwd_triton(
+    student, teacher, labels, divergence, param, temperature, ignore_index, grad_in_place=False
+):
+    return _forward(student, teacher, labels, divergence, param, temperature, ignore_index, None)
+
+
+def divergence_fwd_grad_triton(student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0):
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    loss, stats = _forward(student, teacher, labels, divergence, param, temperature, ignore_index, grad, grad_scale)
+    return loss, stats, grad
 
 
 def _backward_into(
@@ -323,8 +354,11 @@ for _name, _schema, _impl in (
     ("divergence_fwd_triton", FWD_SCHEMA, divergence_fwd_triton),
     ("divergence_bwd_triton", BWD_SCHEMA, divergence_bwd_triton),
     ("divergence_bwd_triton_", BWD_INPLACE_SCHEMA, divergence_bwd_triton_),
+    ("divergence_fwd_grad_triton", FWD_GRAD_SCHEMA, divergence_fwd_grad_triton),
 ):
     _lib.define(_name + _schema)
     for _key in ("CPU", "CUDA"):  # CPU tensors only under TRITON_INTERPRET=1 (checked by the caller)
         _lib.impl(_name, _impl, _key)
-register_divergence_ops("divergence_fwd_triton", "divergence_bwd_triton", "divergence_bwd_triton_")
+register_divergence_ops(
+    "divergence_fwd_triton", "divergence_bwd_triton", "divergence_bwd_triton_", "divergence_fwd_grad_triton"
+)

@@ -30,8 +30,10 @@ struct RowArgs {
   void* stats = nullptr;          // [rows, kNumStats]: written by forward, read by backward
   const void* grad_loss = nullptr;  // backward: [rows], any stride
   int64_t grad_loss_stride = 1;
-  void* grad_student = nullptr;   // backward: [rows, vocab], unit stride along vocab; may be `student`
+  void* grad_student = nullptr;   // backward (and the one-pass forward): [rows, vocab], unit stride
+                                  // along vocab; may be `student` in the backward
   int64_t grad_stride = 0;        // elements between gradient rows
+  double grad_scale = 1;          // one-pass forward: the gradient is written times this factor
 };
 
 }  // namespace fdistill
