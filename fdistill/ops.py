@@ -46,10 +46,19 @@ BWD_INPLACE_SCHEMA = (
 SKIP_RESCALE_TOLERANCE = 1e-6  # relative, float32 gradients
 
 
+def tracing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced (torch.compile, AOT autograd, make_fx) rather than run."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return True  # fake and functional tensors are Tensor subclasses
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None or torch._is_functional_tensor(x)
+
+
 def host_reads_are_free(x: torch.Tensor) -> bool:
-    """Whether reading ``x``'s values on the host costs nothing (CPU memory; never under
-    torch.compile). On a GPU it would be a device sync, which the hot path never makes."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether reading ``x``'s values on the host costs nothing: CPU memory, and not traced. On a
+    GPU it would be a device sync, which the hot path never makes."""
+    return x.device.type == "cpu" and not tracing(x)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,37 +104,40 @@ def _no_double_backward(ctx, grad):
 
 def _fwd_grad_setup_context(ctx, inputs, output):
     student, teacher, labels, divergence, param, temperature, ignore_index, *rest = inputs
-    loss, stats, grad = output
-    ctx.save_for_backward(student, teacher, labels, stats)  # for a repeated backward: no copies
+    _, stats, grad = output
+    ctx.save_for_backward(student, teacher, labels, stats, grad)  # no copies
     ctx.options = (divergence, param, temperature, ignore_index)
     ctx.grad_scale = float(rest[0]) if rest else 1.0
-    ctx.fused_grad = grad  # handed to the first backward, then dropped
+    ctx.consumed = False
     ctx.mark_non_differentiable(stats, grad)
     ctx.set_materialize_grads(False)  # else autograd fills a [rows, V] zero "gradient" of the gradient
 
 
 def _fwd_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
-    """The first backward scales the one-pass gradient in place by grad_loss / grad_scale (nothing
-    to do when that is 1, e.g. the mean's 1/N) and hands it over; a repeated backward
-    (retain_graph=True) recomputes it from the saved inputs and statistics."""
-    none = (None,) * 8
+    """The first backward scales the one-pass gradient by grad_loss / grad_scale, in place (nothing
+    to do when that is 1, e.g. the mean's 1/N, checked on CPU tensors), and hands it over; a repeated
+    backward (retain_graph=True) recomputes it from the saved inputs and statistics."""
+    none = (None,) * 7
     if not ctx.needs_input_grad[0] or grad_loss is None:
-        return none
+        return (None, *none)
     if torch.is_grad_enabled():  # create_graph=True: the one-pass gradient has no graph
         _no_double_backward(ctx, grad_loss)
-    grad, ctx.fused_grad = ctx.fused_grad, None
-    if grad is None:
-        student, teacher, labels, stats = ctx.saved_tensors
-        return (ctx.bwd_op(grad_loss, student, teacher, labels, stats, *ctx.options),) + none[1:]
+    student, teacher, labels, stats, grad = ctx.saved_tensors
+    if ctx.consumed:
+        return (ctx.bwd_op(grad_loss, student, teacher, labels, stats, *ctx.options), *none)
     ratio = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
     if ctx.grad_scale != 1.0:
         ratio = ratio / ctx.grad_scale
+    ratio = ratio.unsqueeze(-1)
+    if tracing(grad):
+        return (grad * ratio, *none)  # a graph has no in-place ownership to exploit
+    ctx.consumed = True
     # Skipped on CPU tensors when every ratio is 1 (to within float32 resolution for a float32 / bf16
     # gradient, which already carries a few float32 ulps); on a GPU always applied (no host sync).
     tol = 0.0 if grad.dtype == torch.float64 else SKIP_RESCALE_TOLERANCE
     if not host_reads_are_free(ratio) or not bool(((ratio - 1).abs() <= tol).all()):
-        grad.mul_(ratio.unsqueeze(-1))
-    return (grad,) + none[1:]
+        grad.data.mul_(ratio)  # .data: the saved buffer is consumed here, no version bump needed
+    return (grad, *none)
 
 
 def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str, fwd_grad: str) -> None:

@@ -17,6 +17,7 @@ from utils import (
     make_logits,
     opcheck_backward,
     opcheck_forward,
+    opcheck_forward_grad,
     param_of,
     reference_rows64,
 )
@@ -115,6 +116,63 @@ def test_opcheck_forward(divergence, param, dtype, labelled, seed):
 @pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES[:3], ids=[c[0] for c in OPCHECK_CASES[:3]])
 def test_opcheck_backward(divergence, param, dtype, labelled, seed):
     opcheck_backward(fwd, bwd, divergence, param, dtype, labelled, seed)
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["nolabels", "labels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_opcheck_forward_grad(divergence, param, dtype, labelled, seed):
+    opcheck_forward_grad(torch.ops.fdistill.divergence_fwd_grad, divergence, param, dtype, labelled, seed)
+
+
+@pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_one_pass_gradient_matches_two_pass_and_float64(divergence, param, seed):
+    """The one-pass op's gradient (times grad_scale) = the two-pass backward with grad_loss = grad_scale,
+    and both match finite differences of the float64 reference loss."""
+    student, teacher = make_logits((5, 1271), torch.float64, scale=4.0, seed=seed)
+    labels = make_labels((5,), seed)
+    args = (student, teacher, labels, divergence, param, 0.8, -100)
+    loss, stats, grad = torch.ops.fdistill.divergence_fwd_grad(*args, 0.37)
+    loss2, stats2 = fwd(*args)
+    assert torch.equal(loss, loss2) and torch.equal(stats, stats2)
+    two_pass = bwd(torch.full((5,), 0.37, dtype=torch.float64), *args[:3], stats, *args[3:])
+    torch.testing.assert_close(grad, two_pass, atol=1e-15, rtol=1e-13)
+    kwargs = {"alpha": param} if divergence == "alpha" else {"beta": param, "skew": param}
+    x = student.clone().requires_grad_(True)
+    ref = fdistill.divergence_loss(x, teacher, divergence, **kwargs, temperature=0.8, labels=labels,
+                                   reduction="sum", backend="reference")  # fmt: skip
+    (ref_grad,) = torch.autograd.grad(ref * 0.37, x)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_one_pass_repeated_backward_and_no_double_backward(reduction, seed):
+    """retain_graph=True: every backward is exact (the first uses the one-pass gradient, later ones
+    recompute); create_graph=True raises instead of a silently wrong second derivative."""
+    student, teacher = make_logits((4, 6, 301), torch.float32, seed=seed)
+    x = student.clone().requires_grad_(True)
+    loss = fdistill.divergence_loss(x, teacher, "jsd", reduction=reduction, backend="cpu")
+    y = student.clone().requires_grad_(True)
+    ref = fdistill.divergence_loss(y, teacher, "jsd", reduction=reduction, backend="reference")
+    for weight in (1.0, 0.25, -3.0):
+        upstream = torch.full_like(loss, weight)
+        (g,) = torch.autograd.grad(loss, x, upstream, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, y, upstream, retain_graph=True)
+        torch.testing.assert_close(g, g_ref, atol=1e-7, rtol=1e-5)
+    loss = fdistill.divergence_loss(x, teacher, "jsd", reduction=reduction, backend="cpu")
+    with pytest.raises((RuntimeError, NotImplementedError), match="second derivative"):
+        torch.autograd.grad(loss.sum(), x, create_graph=True)
+
+
+def test_no_grad_forward_computes_no_gradient(seed):
+    """Under no_grad (or a student that needs no gradient) the forward-only op runs: no [rows, V] buffer."""
+    student, teacher = make_logits((4, 301), torch.float32, seed=seed)
+    with torch.profiler.profile() as prof:
+        with torch.no_grad():
+            fdistill.divergence_loss(student.requires_grad_(True), teacher, backend="cpu")
+        fdistill.divergence_loss(student.detach(), teacher, backend="cpu")
+    names = [e.name for e in prof.events()]
+    assert "fdistill::divergence_fwd" in names and "fdistill::divergence_fwd_grad" not in names
 
 
 # ----------------------------------------------------------------------------- gradcheck

@@ -52,6 +52,7 @@ from utils import (
     max_abs_err,
     opcheck_backward,
     opcheck_forward,
+    opcheck_forward_grad,
     opposite_offset_logits,
     oracle_loss_and_grad,
     param_of,
@@ -483,6 +484,29 @@ def _opcheck_forward_params():
 def test_opcheck_forward(divergence, param, dtype, labelled, seed):
     fwd, _ = _triton_ops()
     opcheck_forward(fwd, divergence, param, dtype, labelled, seed, DEVICE)
+
+
+@pytest.mark.parametrize(("divergence", "param", "dtype", "labelled"), list(_opcheck_forward_params()))
+def test_opcheck_forward_grad(divergence, param, dtype, labelled, seed):
+    _triton_ops()
+    fwd_grad = torch.ops.fdistill.divergence_fwd_grad_triton
+    opcheck_forward_grad(fwd_grad, divergence, param, dtype, labelled, seed, DEVICE)
+
+
+@pytest.mark.parametrize(("divergence", "param"), OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_one_pass_kernel_matches_cpu_one_pass(divergence, param, seed):
+    """The Triton one-pass op (WRITE_GRAD) gives the C++ one-pass op's loss, statistics and gradient,
+    with ignored rows, -inf entries and an odd V."""
+    student, teacher = make_logits((5, 1271), torch.float64, scale=4.0, seed=seed)
+    student[1, :7] = float("-inf")
+    labels = make_labels((5,), seed)
+    labels[2] = -100
+    _triton_ops()
+    args = (student.to(DEVICE), teacher.to(DEVICE), labels.to(DEVICE), divergence, param, 0.8, -100, 0.37)
+    got = torch.ops.fdistill.divergence_fwd_grad_triton(*args)
+    want = torch.ops.fdistill.divergence_fwd_grad(student, teacher, labels, *args[3:])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, atol=1e-13, rtol=1e-11, equal_nan=True)
 
 
 @pytest.mark.parametrize(

@@ -596,6 +596,21 @@ def opcheck_forward(fwd, divergence, param, dtype, labelled, seed, device="cpu")
     torch.library.opcheck(fwd.default, (student, teacher, labels, divergence, param, 1.7, -100))
 
 
+def opcheck_forward_grad(fwd_grad, divergence, param, dtype, labelled, seed, device="cpu"):
+    """torch.library.opcheck of a one-pass op (loss, stats and the pre-scaled gradient) on (6, 37)
+    logits, T = 1.7, grad_scale = 0.3: schema, fake, autograd registration (its backward rescales)."""
+    student, teacher = make_logits((6, 37), dtype, seed=seed, device=device)
+    labels = make_labels((6,), seed, device=device) if labelled else None
+    student.requires_grad_(True)
+    # Not test_aot_dispatch_*: in eager the backward rescales the op's third output in place (it is
+    # the gradient buffer, consumed), which that test reads back as a wrong output. The compiled path
+    # is checked end to end instead (test_compile_* of divergence_loss: compiled vs eager gradients).
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(
+        fwd_grad.default, (student, teacher, labels, divergence, param, 1.7, -100, 0.3), test_utils=checks
+    )
+
+
 def opcheck_backward(fwd, bwd, divergence, param, dtype, labelled, seed, device="cpu"):
     """torch.library.opcheck of a backward op (out of place or in place) on (6, 37) logits, T = 1.7."""
     student, teacher = make_logits((6, 37), dtype, seed=seed, device=device)
