@@ -96,6 +96,21 @@ def test_liger_jsd(beta, normalised, with_labels):
     assert got.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_liger_jsd_low_precision_log_probs_take_the_fused_path(dtype, monkeypatch):
+    n = 6
+    lq = torch.randn(n, V * 9).log_softmax(-1).to(dtype)
+    lp = torch.randn(n, V * 9).log_softmax(-1).to(dtype)
+    monkeypatch.setattr(compat.liger, "_jsd_pointwise", None)  # the unfused fallback is not called
+    x = _leaf(lq, dtype)
+    got, (gx,) = _grads(lambda: compat.liger_jsd(x, lp, beta=0.3), x)
+    x64 = _leaf(lq, F64)
+    want, (wx,) = _grads(lambda: ref_masked_mean(ref_liger_jsd_elem(x64, lp.double(), 0.3).sum(-1), None), x64)
+    assert got.dtype == dtype and gx.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(gx.double(), wx, rtol=2e-2, atol=1e-4)
+
+
 def test_liger_jsd_conventions():
     n = 5
     logits_s, logits_t = torch.randn(n, V), torch.randn(n, V)

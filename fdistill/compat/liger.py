@@ -10,10 +10,10 @@ does not, and how this layer bridges it:
   log-probabilities ``x`` (any, normalised or not) with ``a = logsumexp(x)`` and ``b = logsumexp(y)``,
   Liger's pointwise KL is ``sum e^y (y - x) = e^b (KL(softmax y || softmax x) + b - a)``: the KL comes
   from the fused kernel and autograd through ``a`` turns fdistill's softmax gradient into Liger's
-  pointwise one (``-e^y``). The generalized JSD with ``0 < beta < 1`` has no such identity: rows that are
-  normalised (``|logsumexp| <= 1e-4``, as float32 ``log_softmax`` outputs are) go through the fused
-  kernel with the same gradient correction, anything else through the pointwise formula in plain
-  PyTorch (not fused; one host sync decides).
+  pointwise one (``-e^y``). The generalized JSD with ``0 < beta < 1`` has no such identity: inputs whose
+  rows are normalised (``|logsumexp| <= 1e-4``, 4 eps for 16-bit dtypes: ``log_softmax`` outputs) go
+  through the fused kernel with the same gradient correction, anything else through the pointwise
+  formula in plain PyTorch (not fused; one host sync decides).
 * ``reduction="none"`` is elementwise ``(BT, V)`` in Liger (per token in fdistill): computed in plain
   PyTorch (not fused). Liger's ``mean`` divides by ``BT x V``, ``batchmean`` by ``BT`` (fdistill's
   ``mean``).
@@ -51,7 +51,13 @@ __all__ = [
 ]
 
 LIGER_REDUCTIONS = ("none", "sum", "mean", "batchmean")
-NORMALISED_TOL = 1e-4  # |logsumexp| of a row of log-probabilities that counts as normalised
+
+
+def normalised_tol(dtype: torch.dtype) -> float:
+    """|logsumexp| up to which a row of log-probabilities counts as normalised: 1e-4 (float32 / float64
+    ``log_softmax`` rows are within 1e-6), 4 eps for 16-bit inputs (their rounding moves the row sum by
+    about that; the fused value then differs from Liger's pointwise one by as much as the rounding)."""
+    return max(1e-4, 4 * torch.finfo(dtype).eps) if dtype in (torch.bfloat16, torch.float16) else 1e-4
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -100,7 +106,8 @@ def _jsd_pointwise(x, y, beta):
 def _jsd_rows(x, y, beta, labels, ignore_index):
     keep = _keep(labels, ignore_index)
     a, b = _lse(x, keep), _lse(y, keep)
-    normalised = (a.abs() <= NORMALISED_TOL) & (b.abs() <= NORMALISED_TOL)
+    tol = normalised_tol(x.dtype)
+    normalised = (a.abs() <= tol) & (b.abs() <= tol)
     if keep is not None:
         normalised = normalised | ~keep
     if not bool(normalised.all()):  # unnormalised inputs: Liger's pointwise formula, not fused
