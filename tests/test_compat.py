@@ -90,7 +90,8 @@ def test_liger_jsd(beta, normalised, with_labels):
     x = _leaf(s)
     got, (gx,) = _grads(lambda: compat.LigerJSD(beta=beta)(x, t, labels), x)
     x64 = _leaf(s, F64)
-    want, (wx,) = _grads(lambda: ref_masked_mean(ref_liger_jsd_elem(x64, t.double(), beta).sum(-1), labels), x64)
+    ref = ref_liger_jsd_elem
+    want, (wx,) = _grads(lambda: ref_masked_mean(ref(x64, t.double(), beta).sum(-1), labels), x64)
     _close(got, want)
     _close(gx, wx)  # Liger's pointwise gradient w.r.t. log q, not the softmax-projected one
     assert got.dtype == torch.float32
@@ -105,7 +106,7 @@ def test_liger_jsd_low_precision_log_probs_take_the_fused_path(dtype, monkeypatc
     x = _leaf(lq, dtype)
     got, (gx,) = _grads(lambda: compat.liger_jsd(x, lp, beta=0.3), x)
     x64 = _leaf(lq, F64)
-    want, (wx,) = _grads(lambda: ref_masked_mean(ref_liger_jsd_elem(x64, lp.double(), 0.3).sum(-1), None), x64)
+    want, (wx,) = _grads(lambda: ref_liger_jsd_elem(x64, lp.double(), 0.3).sum() / n, x64)
     assert got.dtype == dtype and gx.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(gx.double(), wx, rtol=2e-2, atol=1e-4)
@@ -123,8 +124,9 @@ def test_liger_jsd_conventions():
     _close(got, core)
     _close(gz, cz)
     # on raw logits Liger's pointwise formula is not fdistill's renormalised divergence
-    assert not torch.allclose(compat.liger_jsd(logits_s, logits_t, beta=0.4),
-                              fdistill.divergence_loss(logits_s, logits_t, "jsd", beta=0.4), rtol=1e-2)  # fmt: skip
+    pointwise = compat.liger_jsd(logits_s, logits_t, beta=0.4)
+    renormalised = fdistill.divergence_loss(logits_s, logits_t, "jsd", beta=0.4)
+    assert not torch.allclose(pointwise, renormalised, rtol=1e-2)
     # the input dtype comes back (fdistill: float32)
     lq, lp = logits_s.log_softmax(-1).bfloat16(), logits_t.log_softmax(-1).bfloat16()
     assert compat.liger_jsd(lq, lp).dtype == torch.bfloat16
@@ -312,8 +314,9 @@ def test_liger_fused_linear_jsd_loss(w_hard, w_soft, vocab_t, parts):
 def test_liger_fused_linear_jsd_loss_is_the_mix_of_ce_and_jsd():
     x, w, xt, wt, _, _ = _heads()
     labels = _labels(x.shape[0])
-    loss, soft, hard = compat.liger_fused_linear_jsd_loss(x, w, xt, wt, labels, weight_hard_loss=0.25,
-                                                          weight_soft_loss=0.75, return_soft_hard_loss=True)  # fmt: skip
+    loss, soft, hard = compat.liger_fused_linear_jsd_loss(
+        x, w, xt, wt, labels, weight_hard_loss=0.25, weight_soft_loss=0.75, return_soft_hard_loss=True
+    )
     _close(loss, 0.25 * hard + 0.75 * soft)
     # fdistill's hard_loss_weight adds CE to the divergence (no soft weight): the same mix, scaled
     core = fdistill.fused_linear_divergence_loss(x, w, teacher_hidden=xt, teacher_weight=wt, divergence="jsd",
