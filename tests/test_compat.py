@@ -286,9 +286,11 @@ def test_liger_fused_linear_jsd_loss(w_hard, w_soft, vocab_t, parts):
     leaves = _leaf(x), _leaf(w), _leaf(b)
     module = compat.LigerFusedLinearJSDLoss(w_hard, w_soft, beta=beta, temperature=temperature,
                                             chunk_size=3, return_soft_hard_loss=parts)  # fmt: skip
-    out = module(leaves[0], leaves[1], xt, wt, labels, leaves[2], bt)
+    wt_grad = wt.clone().requires_grad_()  # detached silently, as in Liger
+    out = module(leaves[0], leaves[1], xt, wt_grad, labels, leaves[2], bt)
     loss = out[0] if parts else out
     got_grads = torch.autograd.grad(loss, leaves)
+    assert wt_grad.grad is None
     x64, w64, b64 = (_leaf(t, F64) for t in (x, w, b))
 
     def ref_parts():
@@ -311,6 +313,13 @@ def test_liger_fused_linear_jsd_loss(w_hard, w_soft, vocab_t, parts):
     assert loss.dtype == torch.float32
 
 
+def test_liger_fused_linear_low_precision_returns_float32():
+    x, w, xt, wt, _, _ = _heads()
+    args = [t.bfloat16() for t in (x, w, xt, wt)]
+    assert compat.liger_fused_linear_jsd(*args).dtype == torch.float32
+    assert compat.liger_fused_linear_jsd_loss(*args, _labels(x.shape[0])).dtype == torch.float32
+
+
 def test_liger_fused_linear_jsd_loss_is_the_mix_of_ce_and_jsd():
     x, w, xt, wt, _, _ = _heads()
     labels = _labels(x.shape[0])
@@ -322,6 +331,26 @@ def test_liger_fused_linear_jsd_loss_is_the_mix_of_ce_and_jsd():
     core = fdistill.fused_linear_divergence_loss(x, w, teacher_hidden=xt, teacher_weight=wt, divergence="jsd",
                                                  labels=labels, hard_loss_weight=0.25 / 0.75)  # fmt: skip
     _close(loss, 0.75 * core)
+
+
+def test_liger_fused_kl_tempering_only_the_student_translates():
+    """Liger's fused-linear KL against given teacher probabilities tempers only the student: in fdistill,
+    pass ``teacher_logits = T * log(target)`` so that dividing by T gives back the target."""
+    x, w, _, _, _, _ = _heads()
+    temperature = 2.0
+    target = torch.randn(x.shape[0], V).softmax(-1)
+    xl = _leaf(x)
+    got, (gx,) = _grads(lambda: fdistill.fused_linear_divergence_loss(
+        xl, w, teacher_logits=temperature * target.log(), temperature=temperature), xl)  # fmt: skip
+    x64 = _leaf(x, F64)
+
+    def ref():  # batchmean KL(target || softmax(z / T))
+        log_q = F.log_softmax(x64 @ w.double().T / temperature, -1)
+        return (target.double() * (target.double().log() - log_q)).sum() / x.shape[0]
+
+    want, (wx,) = _grads(ref, x64)
+    _close(got, want)
+    _close(gx, wx)
 
 
 # ----------------------------------------------------------------------------- TRL
