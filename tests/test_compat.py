@@ -60,11 +60,12 @@ def ref_liger_jsd_elem(x, y, beta):
     return beta * p * y + (1 - beta) * q * x - m * m.log()
 
 
-def ref_masked_mean(rows, labels):
+def ref_masked_mean(rows, labels, ignore_index=IGN):
     """Rows zeroed where ignored, summed, divided by the kept count (0 when none)."""
-    if labels is not None:
-        rows = torch.where(labels != IGN, rows, torch.zeros_like(rows))
-    return rows.sum() / max(_kept_count(labels, rows.shape[0]), 1)
+    if labels is None:
+        return rows.sum() / rows.shape[0]
+    keep = labels != ignore_index
+    return torch.where(keep, rows, torch.zeros_like(rows)).sum() / max(int(keep.sum()), 1)
 
 
 def ref_jsd_of_logits(s, t, beta, temperature):
@@ -184,6 +185,7 @@ def test_liger_kl_div(reduction, log_target, normalised):
     assert got.dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
 def test_liger_kl_div_conventions():
     n = 4
     logits_s, logits_t = torch.randn(n, V), torch.randn(n, V)
@@ -482,6 +484,34 @@ def test_torchtune_conventions():
     t64 = _leaf(t, F64)
     ref_masked_mean(ref_torchtune_rows(s.double(), t64, 0.4), labels).backward()
     _close(tl.grad, t64.grad)
+
+
+def test_other_ignore_index_values():
+    n, ign = 6, 3  # a label value that is also a token id
+    lq, lp = torch.randn(n, V).log_softmax(-1), torch.randn(n, V).log_softmax(-1)
+    labels = torch.tensor([3, 0, 5, 3, 9, 1])
+    jsd = ref_liger_jsd_elem(lq.double(), lp.double(), 0.4).sum(-1)
+    _close(compat.LigerJSD(0.4, ignore_index=ign)(lq, lp, labels), ref_masked_mean(jsd, labels, ign))
+    p, q = lq.exp(), lp.exp()
+    tvd = 0.5 * (p.double() - q.double()).abs().sum(-1)
+    _close(compat.LigerTVDLoss(ignore_index=ign)(p, q, labels), ref_masked_mean(tvd, labels, ign))
+    s, t = torch.randn(n, V), torch.randn(n, V)
+    _close(compat.ForwardKLLoss(ignore_index=ign)(s, t, labels),
+           ref_masked_mean(ref_torchtune_rows(s.double(), t.double(), 1.0), labels, ign))  # fmt: skip
+    x, w, xt, wt, _, _ = _heads(n=n)
+    rows = ref_jsd_of_logits(x.double() @ w.double().T, xt.double() @ wt.double().T, 0.5, 1.0).sum(-1)
+    got = compat.liger_fused_linear_jsd(x, w, xt, wt, labels, ignore_index=ign)
+    _close(got, ref_masked_mean(rows, labels, ign))
+
+
+def test_trl_and_torchtune_promote_mixed_dtypes():
+    s, t = torch.randn(2, 3, V), torch.randn(2, 3, V).double()
+    want = ref_trl(s.double(), t, None, 0.5, 1.0, "batchmean")
+    _close(compat.generalized_jsd_loss(s, t), want)
+    assert compat.generalized_jsd_loss(s, t).dtype == torch.float64  # TRL's promoted dtype
+    labels = torch.zeros(6, dtype=torch.long)
+    _close(compat.ReverseKLLoss()(s.reshape(6, V), t.reshape(6, V), labels),
+           ref_torchtune_rows(s.double(), t, 0.0).mean())  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- bad input and imports

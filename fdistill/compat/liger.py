@@ -33,9 +33,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..chunked_head import default_chunk_size
 from ..fused_linear import fused_linear_divergence_loss, fused_linear_fy_loss
 from ..losses import divergence_loss
-from ._common import check_choice, check_real, count_kept, promoted_pair, row_labels, safe_div
+from ._common import check_choice, check_int, check_real, count_kept, promoted_pair, row_labels, safe_div
 
 __all__ = [
     "LigerFusedLinearJSD",
@@ -296,7 +297,8 @@ def liger_fused_linear_jsd_loss(student_input, student_weight, teacher_input, te
     the tokens whose label is not ``ignore_index`` and divided by their count. A teacher vocabulary larger
     than the student's pads the student's logits with zeros for the JSD (as Liger; here as zero rows of a
     copy of the student's weight). ``return_soft_hard_loss``: ``(loss, jsd, ce)``. ``compiled`` is
-    ignored; ``chunk_size`` is fdistill's tokens per chunk. Returns float32.
+    ignored; ``chunk_size`` bounds the tokens per chunk (fdistill's default is used when smaller: Liger's
+    1024 tokens x V logits would be 512 MiB at V = 128k). Returns float32.
 
     One fused pass (``fused_linear_divergence_loss`` with ``hard_loss_weight = w_hard / w_soft``, times
     ``w_soft``), or two (the JSD and the CE as ``fused_linear_fy_loss(f="kl")``) when the parts are
@@ -311,7 +313,11 @@ def liger_fused_linear_jsd_loss(student_input, student_weight, teacher_input, te
     for name, w in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise ValueError(f"{name} must be a (V, H) tensor")
+    if check_int("chunk_size", chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab, teacher_vocab = student_weight.shape[0], teacher_weight.shape[0]
+    hidden = max(student_weight.shape[1], teacher_weight.shape[1])
+    chunk_size = min(int(chunk_size), default_chunk_size(teacher_vocab, hidden, student_weight.device))
     if teacher_vocab < vocab:
         raise ValueError(
             f"teacher_weight's vocabulary ({teacher_vocab}) must be at least student_weight's ({vocab}): "
