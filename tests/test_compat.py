@@ -158,6 +158,21 @@ def test_liger_jsd_conventions():
     assert compat.liger_jsd(lq32, lp64.float(), torch.full((n,), IGN)).item() == 0.0
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_liger_jsd_masked_vocabulary_contributes_zero(beta):
+    z, t = torch.randn(4, V), torch.randn(4, V)
+    z[:, :5] = t[:, :5] = float("-inf")
+    x = _leaf(z.log_softmax(-1))
+    got, (gx,) = _grads(lambda: compat.liger_jsd(x, t.log_softmax(-1), beta=beta), x)
+    kept = slice(5, None)  # the formula on the unmasked entries (Liger's own gives NaN at 0 * -inf)
+    x64 = _leaf(z[:, kept].log_softmax(-1), F64)
+    lp64 = t[:, kept].double().log_softmax(-1)
+    want, (wx,) = _grads(lambda: ref_liger_jsd_elem(x64, lp64, beta).sum() / 4, x64)
+    _close(got, want)
+    _close(gx[:, kept], wx)
+    assert (gx[:, :5] == 0).all()
+
+
 # ----------------------------------------------------------------------------- Liger: KL divergence
 
 

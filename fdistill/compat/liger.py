@@ -25,7 +25,10 @@ does not, and how this layer bridges it:
 * ``LigerJSD`` returns the input's dtype; the others float32 (float64 for float64 inputs, where Liger
   returns float32).
 * Where Liger divides 0 by 0 (every token ignored; TVD raises ``ZeroDivisionError``) the result is 0.
-* Temperature must be > 0 (Liger only rejects 0).
+* Temperature must be > 0 (Liger only rejects 0). ``LigerFusedLinearJSD``'s ``shift_labels`` must be
+  token ids in ``[0, V)`` or ``ignore_index`` (Liger only compares them with ``ignore_index``).
+* ``-inf`` entries (a masked vocabulary) contribute 0 and get zero gradient, where Liger's pointwise
+  formula gives NaN (``0 * (-inf)``).
 """
 
 from __future__ import annotations
