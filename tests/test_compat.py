@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 from torch.nn import functional as F
+from utils import SKIP_WITHOUT_TRITON, TRITON_DEVICE, TRITON_INTERPRETER_WARNINGS
 
 import fdistill
 from fdistill import compat
+from fdistill.compat._common import teacher_entropy_rows
 
 V = 37  # odd vocabulary sizes throughout
 IGN = -100
@@ -536,6 +538,27 @@ def test_trl_and_torchtune_promote_mixed_dtypes():
     labels = torch.zeros(6, dtype=torch.long)
     _close(compat.ReverseKLLoss()(s.reshape(6, V), t.reshape(6, V), labels),
            ref_torchtune_rows(s.double(), t, 0.0).mean())  # fmt: skip
+
+
+TRITON_CASE = pytest.param("triton", marks=[SKIP_WITHOUT_TRITON, *TRITON_INTERPRETER_WARNINGS])
+
+
+@pytest.mark.parametrize("backend", ["cpu", TRITON_CASE])
+def test_teacher_entropy_rows_with_a_stride_0_uniform_student(backend, monkeypatch):
+    """torchtune's forward term needs H(p) = log V - KL(p || uniform), the uniform student being one row
+    of zeros broadcast with row stride 0: both fused backends read it as is."""
+    device = torch.device("cpu") if backend == "cpu" else TRITON_DEVICE
+    t = (torch.randn(5, V) * 3).to(device)
+    labels = torch.tensor([0, IGN, 2, 3, 4], device=device)
+    calls = []
+    real = fdistill.compat._common.divergence_loss
+    monkeypatch.setattr(fdistill.compat._common, "divergence_loss",
+                        lambda *a, **k: calls.append(1) or real(*a, **k, backend=backend))  # fmt: skip
+    got = teacher_entropy_rows(t, labels, IGN)
+    p = t.double().softmax(-1)
+    want = -(p * p.log()).sum(-1) * (labels != IGN)
+    _close(got.cpu(), want.cpu())
+    assert calls
 
 
 # ----------------------------------------------------------------------------- bad input and imports
