@@ -561,6 +561,50 @@ def test_teacher_entropy_rows_with_a_stride_0_uniform_student(backend, monkeypat
     assert calls
 
 
+def _compat_calls():
+    """One call per compat module family: (name, fn(student leaf) -> loss, student)."""
+    n = 6
+    lq, lp = torch.randn(n, V).log_softmax(-1), torch.randn(n, V).log_softmax(-1)
+    labels = _labels(n)
+    s, t = torch.randn(2, 3, V), torch.randn(2, 3, V)
+    x, w, xt, wt, b, bt = _heads(n=n, bias=True)
+    return {
+        "liger_jsd": (lambda z: compat.liger_jsd(z, lp, labels, beta=0.3), lq),
+        "liger_kl_div": (lambda z: compat.liger_kl_div(z, lp.exp(), reduction="batchmean"), lq),
+        "liger_fused_linear_jsd": (lambda z: compat.liger_fused_linear_jsd(z, w, xt, wt, labels, 0.4,
+                                                                           temperature=2.0), x),  # fmt: skip
+        "liger_fused_linear_jsd_loss": (lambda z: compat.liger_fused_linear_jsd_loss(
+            z, w, xt, wt, labels, b, bt, 0.3, 0.7, temperature=2.0), x),  # fmt: skip
+        "generalized_jsd_loss": (lambda z: compat.generalized_jsd_loss(z, t, beta=0.3, temperature=2.0), s),
+        "SymmetricKLWithChunkedOutputLoss": (lambda z: compat.SymmetricKLWithChunkedOutputLoss(2, 0.3)(
+            list(z.tensor_split(2, 1)), list(t.tensor_split(2, 1)), labels.reshape(2, 3)), s),  # fmt: skip
+    }
+
+
+@SKIP_WITHOUT_TRITON
+@pytest.mark.parametrize("name", list(_compat_calls()))
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+def test_compat_on_the_triton_kernels(name, monkeypatch):
+    """The same compat call with fdistill's kernels forced to Triton (on CPU tensors: the interpreter;
+    on CUDA tensors the default anyway) agrees with the C++ kernels, value and gradient."""
+    fn, student = _compat_calls()[name]
+    z = _leaf(student)
+    want, (wz,) = _grads(lambda: fn(z), z)
+    def forced(real):  # the teacher-gradient path is the reference backend's
+        return lambda *a, **k: real(*a, **k, backend="reference" if k.get("grad_teacher") else "triton")
+
+    for module in (compat._common, compat.liger, compat.torchtune, compat.trl):
+        monkeypatch.setattr(module, "divergence_loss", forced(module.divergence_loss))
+    for fused in ("fused_linear_divergence_loss", "fused_linear_fy_loss"):
+        monkeypatch.setattr(compat.liger, fused, forced(getattr(compat.liger, fused)))
+    z2 = _leaf(student)
+    got, (gz,) = _grads(lambda: fn(z2), z2)
+    _close(got, want)
+    _close(gz, wz)
+
+
 # ----------------------------------------------------------------------------- bad input and imports
 
 
