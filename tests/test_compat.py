@@ -124,6 +124,24 @@ def test_liger_jsd_low_precision_log_probs_take_the_fused_path(dtype, monkeypatc
     torch.testing.assert_close(gx.double(), wx, rtol=2e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("normalised", [True, False], ids=["logprobs", "unnormalised"])
+def test_liger_jsd_ignored_rows_may_hold_nan(beta, normalised):
+    n = 5
+    s, t = torch.randn(n, V).log_softmax(-1), torch.randn(n, V).log_softmax(-1)
+    if not normalised:
+        s = s + 0.2
+    labels = _labels(n, ignored=(1, 3))
+    s_nan, t_nan = s.clone(), t.clone()
+    s_nan[1], t_nan[3] = float("nan"), float("nan")
+    x, x_clean = _leaf(s_nan), _leaf(s)
+    got, (gx,) = _grads(lambda: compat.liger_jsd(x, t_nan, labels, beta), x)
+    want, (wx,) = _grads(lambda: compat.liger_jsd(x_clean, t, labels, beta), x_clean)
+    _close(got, want)
+    _close(gx, wx)
+    assert (gx[[1, 3]] == 0).all()
+
+
 def test_liger_jsd_conventions():
     n = 5
     logits_s, logits_t = torch.randn(n, V), torch.randn(n, V)

@@ -115,8 +115,12 @@ def _jsd_rows(x, y, beta, labels, ignore_index):
     if keep is not None:
         normalised = normalised | ~keep
     if not bool(normalised.all()):  # unnormalised inputs: Liger's pointwise formula, not fused
+        if keep is None:
+            return _jsd_pointwise(x, y, beta).sum(-1)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)  # ignored rows may hold anything (NaN)
+        x, y = (torch.where(keep.unsqueeze(-1), v, zero) for v in (x, y))
         rows = _jsd_pointwise(x, y, beta).sum(-1)
-        return rows if keep is None else torch.where(keep, rows, torch.zeros_like(rows))
+        return torch.where(keep, rows, torch.zeros_like(rows))
     opts = dict(labels=labels, ignore_index=ignore_index, reduction="none")
     rows = divergence_loss(x, y, "jsd", beta=beta, **opts)
     # fdistill's gradient is Liger's pointwise one g minus softmax(x) * sum(g); sum(g) is
