@@ -589,13 +589,23 @@ def _compat_calls():
     return {
         "liger_jsd": (lambda z: compat.liger_jsd(z, lp, labels, beta=0.3), lq),
         "liger_kl_div": (lambda z: compat.liger_kl_div(z, lp.exp(), reduction="batchmean"), lq),
-        "liger_fused_linear_jsd": (lambda z: compat.liger_fused_linear_jsd(z, w, xt, wt, labels, 0.4,
-                                                                           temperature=2.0), x),  # fmt: skip
-        "liger_fused_linear_jsd_loss": (lambda z: compat.liger_fused_linear_jsd_loss(
-            z, w, xt, wt, labels, b, bt, 0.3, 0.7, temperature=2.0), x),  # fmt: skip
+        "liger_fused_linear_jsd": (
+            lambda z: compat.liger_fused_linear_jsd(z, w, xt, wt, labels, 0.4, temperature=2.0),
+            x,
+        ),
+        "liger_fused_linear_jsd_loss": (
+            lambda z: compat.liger_fused_linear_jsd_loss(
+                z, w, xt, wt, labels, b, bt, 0.3, 0.7, temperature=2.0
+            ),
+            x,
+        ),
         "generalized_jsd_loss": (lambda z: compat.generalized_jsd_loss(z, t, beta=0.3, temperature=2.0), s),
-        "SymmetricKLWithChunkedOutputLoss": (lambda z: compat.SymmetricKLWithChunkedOutputLoss(2, 0.3)(
-            list(z.tensor_split(2, 1)), list(t.tensor_split(2, 1)), labels.reshape(2, 3)), s),  # fmt: skip
+        "SymmetricKLWithChunkedOutputLoss": (
+            lambda z: compat.SymmetricKLWithChunkedOutputLoss(2, 0.3)(
+                list(z.tensor_split(2, 1)), list(t.tensor_split(2, 1)), labels.reshape(2, 3)
+            ),
+            s,
+        ),
     }
 
 
@@ -610,6 +620,7 @@ def test_compat_on_the_triton_kernels(name, monkeypatch):
     fn, student = _compat_calls()[name]
     z = _leaf(student)
     want, (wz,) = _grads(lambda: fn(z), z)
+
     def forced(real):  # the teacher-gradient path is the reference backend's
         return lambda *a, **k: real(*a, **k, backend="reference" if k.get("grad_teacher") else "triton")
 
