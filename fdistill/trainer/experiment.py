@@ -54,9 +54,12 @@ from .distill import (
     sequence_kl,
     sft_loss,
 )
-from .loop import claim_out_dir, jsonable, run_loop, slug
+from .extras import require_for_run
+from .files import write_atomic
+from .loop import run_loop
 from .model import LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
+from .rundir import claim_out_dir, jsonable, slug
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ def run_teacher_hacking(
     preset = "custom" if isinstance(preset, Preset) else preset
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
+    require_for_run(progress=progress, plots=plots)
     distributed.init_from_env()
     distributed.check_divisible(cfg.batch, "the preset's batch")
     main = distributed.is_main()
@@ -327,8 +331,8 @@ def run_teacher_hacking(
         }
     table = summary_table(curves)
     if main:
-        (out / "curves.json").write_text(json.dumps(curves, indent=1))
-        (out / "summary.md").write_text(table + "\n")
+        write_atomic(out / "curves.json", json.dumps(curves, indent=1))
+        write_atomic(out / "summary.md", table + "\n")
     log(table)
     if plots:
         from .plots import plot_curves

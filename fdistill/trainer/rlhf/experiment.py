@@ -69,8 +69,11 @@ import torch
 from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distill import SamplePool, sequence_kl, sft_loss
-from ..loop import claim_out_dir, jsonable, run_loop, slug
+from ..extras import require_for_run
+from ..files import write_atomic
+from ..loop import run_loop
 from ..model import LMConfig, TinyLM
+from ..rundir import claim_out_dir, jsonable, slug
 from . import merge
 from .bond import best_of_n, jbond_reward, jeffreys_loss
 from .irl import extracted_rewards, td_regularised_mle_loss
@@ -1223,6 +1226,7 @@ def run_rlhf(
     cfg = _complete(preset) if isinstance(preset, RLHFPreset) else preset_config(preset)
     preset_name = "custom" if isinstance(preset, RLHFPreset) else preset
     _check_config(method, cfg)
+    require_for_run(progress=progress, plots=plots)
     if reward_fn is not None:  # fail fast, before any training
         probe = torch.Generator().manual_seed(0)
         x = cfg.task.prompts(4, probe)
@@ -1258,8 +1262,8 @@ def run_rlhf(
         )
     table = summary_table(curves)
     if main:
-        (out / "curves.json").write_text(json.dumps(jsonable(curves), indent=1))
-        (out / "summary.md").write_text(table + "\n")
+        write_atomic(out / "curves.json", json.dumps(jsonable(curves), indent=1))
+        write_atomic(out / "summary.md", table + "\n")
     log(table)
     if plots:
         for path in plot_curves(curves, out):
