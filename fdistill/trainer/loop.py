@@ -1,5 +1,6 @@
-"""What the experiments share: a resumable training loop with progress bars and checkpoints (the run
-directory's bookkeeping is :mod:`.rundir`)."""
+"""What the experiments' training shares: a resumable loop with progress bars and checkpoints,
+checkpoint writes under ``torchrun``, and the random oracle both experiments start from (the run
+directory's bookkeeping is :mod:`.rundir`, the outputs :mod:`.report`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
+from .model import LMConfig, TinyLM
+from .rundir import checkpoint_path
+
+HELDOUT_SEED = 10_000  # the held-out prompts' generator is seeded run seed + this: a stream of its own
+ORACLE_POOL = 512  # fresh oracle samples drawn at a time (batched sampling is cheaper per sequence)
 
 
 class Progress:
@@ -95,3 +103,28 @@ def run_loop(
     record["done"] = True
     save(True)
     return record
+
+
+def save_on_main(path: Path, **kwargs) -> None:
+    """Rank 0 writes the checkpoint (:func:`~.checkpoint.save_checkpoint`'s arguments), after every rank
+    has looked for it and before any reads it."""
+    distributed.barrier()
+    if distributed.is_main():
+        save_checkpoint(path, **kwargs)
+    distributed.barrier()
+
+
+def oracle_stage(config: LMConfig, out: Path, seed: int) -> TinyLM:
+    """The oracle: a random TinyLM drawn from ``seed``, saved by a run's first start and restored by
+    every rerun (so a resumed run never depends on the initialisation code), frozen."""
+    torch.manual_seed(seed)
+    oracle = TinyLM(config)
+    path = checkpoint_path(out, "oracle")
+    if path.exists():
+        load_checkpoint(path, models={"oracle": oracle})
+    else:
+        save_on_main(path, models={"oracle": oracle}, meta={"stage": "oracle"})
+    oracle.eval()
+    for p in oracle.parameters():
+        p.requires_grad_(False)
+    return oracle
