@@ -18,7 +18,7 @@ from fdistill.trainer import CheckpointError, LMConfig, TinyLM, load_checkpoint,
 from fdistill.trainer.extras import EXTRA, MissingExtraError, require_for_run
 from fdistill.trainer.files import write_atomic
 from fdistill.trainer.rlhf.experiment import run_rlhf
-from fdistill.trainer.rundir import RUN_JSON, checkpoint_path
+from fdistill.trainer.rundir import CHECKPOINTS, RUN_JSON, checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = LMConfig(vocab=17, width=32, depth=1, heads=4, context=20)
@@ -189,6 +189,16 @@ def test_read_only_out_is_refused(tmp_path, capsys):
     finally:
         parent.chmod(0o700)
     assert not (parent / "run").exists()
+
+
+def test_unwritable_checkpoint_directory_mid_run_is_one_line(tmp_path, capsys):
+    """A write that fails after the checks (here: ``checkpoints`` is a file, as root's chmod would not
+    stop a write) names the path too."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CHECKPOINTS).write_text("")
+    assert cli([*IRL, "--out", str(out)]) == 2
+    _one_line_error(capsys, "cannot write", out / CHECKPOINTS)
 
 
 @pytest.mark.parametrize("content", [b'{"method": "irl", "pre', b"", b"\xff\xfe\x00binary"])
