@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +156,28 @@ def test_flipped_byte_in_a_run_checkpoint_stops_the_rerun(irl_run, tmp_path, cap
     path.unlink()
     assert cli([*IRL, "--out", str(out), "--threads", "1"]) == 0
     assert (out / "curves.json").read_bytes() == before
+
+
+def test_kill_9_mid_run_then_resume_gives_byte_identical_curves(tmp_path, capsys):
+    """A real SIGKILL (no cleanup, no exception handler) in the middle of an RL stage, right after its
+    first periodic checkpoint, and a rerun: the same curves.json, byte for byte."""
+    rl = ["rlhf", "--method", "rl", "--preset", "smoke", "--no-progress", "--no-plots", "--threads", "1"]
+    assert cli([*rl, "--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "fdistill", *rl, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first_rl = checkpoint_path(out, "true_reward_beta_0_01")
+    deadline = time.monotonic() + 60
+    while not first_rl.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "curves.json").exists(), "the run finished before it was killed"
+    capsys.readouterr()
+    assert cli([*rl, "--out", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert (out / "curves.json").read_bytes() == (tmp_path / "full" / "curves.json").read_bytes()
 
 
 # ----------------------------------------------------------------------------- --out and run.json
