@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import shutil
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -46,19 +47,27 @@ def main(argv=None) -> int:
 
     from .trainer import distributed
     from .trainer.checkpoint import CheckpointError
+    from .trainer.extras import MissingExtraError, require_for_run
+    from .trainer.rundir import check_out_dir
 
     try:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         plan = _teacher_hacking if args.experiment == "teacher-hacking" else _rlhf
-        out, run = plan(args)  # validated before --fresh deletes anything
+        out, run = plan(args)  # everything is validated before --fresh deletes anything
+        require_for_run(progress=not args.no_progress, plots=not args.no_plots)
+        check_out_dir(out)
         distributed.init_from_env()
-        if args.fresh and distributed.is_main():
-            shutil.rmtree(out, ignore_errors=True)
+        if args.fresh and distributed.is_main() and Path(out).is_dir():
+            shutil.rmtree(out)
         with _threads(args.threads):
             run()
-    except (ValueError, CheckpointError) as exc:
+    except (ValueError, CheckpointError, MissingExtraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up, or the directory became read-only, mid-run
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
 

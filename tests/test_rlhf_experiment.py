@@ -11,7 +11,7 @@ import torch
 
 from fdistill.__main__ import main as cli
 from fdistill.trainer import LMConfig, TinyLM
-from fdistill.trainer.rlhf import experiment
+from fdistill.trainer.rlhf import experiment, stages
 from fdistill.trainer.rlhf.experiment import METHODS, RLHFPreset, preset_config, run_rlhf
 from fdistill.trainer.rlhf.task import RewardTask
 
@@ -127,7 +127,7 @@ def test_resume_after_an_interruption_gives_identical_outputs(tmp_path, monkeypa
     full = run_rlhf(method, "smoke", tmp_path / "full", plots=False, **QUIET)
     # stop at the k-th training step overall: mid-way through a stage after a periodic checkpoint
     stop_at = {"rl": 22, "warp": 38, "bond": 22, "warm": 30, "irl": 7}[method]
-    real_loop, calls = experiment.run_loop, [0]
+    real_loop, calls = stages.run_loop, [0]  # every RLHF training loop runs through Context.train
 
     def interrupted_loop(name, ckpt, steps, step_fn, **kwargs):
         def step():
@@ -138,18 +138,18 @@ def test_resume_after_an_interruption_gives_identical_outputs(tmp_path, monkeypa
 
         return real_loop(name, ckpt, steps, step, **kwargs)
 
-    monkeypatch.setattr(experiment, "run_loop", interrupted_loop)
+    monkeypatch.setattr(stages, "run_loop", interrupted_loop)
     with pytest.raises(_Interrupt):
         run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, **QUIET)
     assert not (tmp_path / "resumed" / "curves.json").exists()
-    monkeypatch.setattr(experiment, "run_loop", real_loop)
+    monkeypatch.setattr(stages, "run_loop", real_loop)
     logged = []
     resumed = run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, progress=False, log=logged.append)
     assert any("resuming" in line for line in logged)
     assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(full))
     # and a finished run reruns from its checkpoints to the same curves without training
     calls[0] = 0
-    monkeypatch.setattr(experiment, "run_loop", interrupted_loop)
+    monkeypatch.setattr(stages, "run_loop", interrupted_loop)
     stop_at = 1
     assert run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, **QUIET) == resumed
 

@@ -1,14 +1,27 @@
-"""Checkpoints in safetensors: models, optimizers, random generators and JSON metadata, written
-atomically (a temporary file, then ``os.replace``), so an interruption never leaves a half file."""
+"""Checkpoints in safetensors: models, optimizers, random generators and JSON metadata in one file,
+written atomically (:func:`~.files.write_atomic`) and self-verifying.
+
+Every file carries the sha256 of its own bytes in its safetensors metadata (under ``fdistill_sha256``,
+hashed with that value's 64 characters set to ``0``), so the digest covers the tensors, their header
+and the JSON metadata, and is written in the same atomic step as they are: a changed byte anywhere,
+e.g. a flipped bit in a weight or an edited number in the metadata, fails the load with a
+:class:`CheckpointError` instead of silently changing (or NaN-ing) the curves of a resumed run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import write_atomic
+
+DIGEST_KEY = "fdistill_sha256"
+_PLACEHOLDER = b"0" * 64  # the digest's slot while hashing: a sha256 in hex is 64 characters
+_DIGEST_FIELD = f'"{DIGEST_KEY}":"'.encode()  # as safetensors writes it (compact JSON)
+_RECOVER = "delete the file to recompute its stage on the next run, or rerun with --fresh to start over"
 
 
 class CheckpointError(RuntimeError):
@@ -17,8 +30,8 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path, *, models=None, optimizers=None, generators=None, meta=None) -> None:
     """Write ``{name: module}``, ``{name: optimizer}``, ``{name: torch.Generator}`` and a JSON-able
-    ``meta`` dict to ``path``."""
-    from safetensors.torch import save_file
+    ``meta`` dict to ``path``, with its checksum."""
+    from safetensors.torch import save
 
     tensors, optim_groups = {}, {}
     for name, model in (models or {}).items():
@@ -33,31 +46,24 @@ def save_checkpoint(path, *, models=None, optimizers=None, generators=None, meta
     for name, gen in (generators or {}).items():
         tensors[f"rng/{name}"] = gen.get_state()
     header = {"meta": meta or {}, "optim_groups": optim_groups}
+    metadata = {"fdistill": json.dumps(header), DIGEST_KEY: _PLACEHOLDER.decode()}
+    data = bytearray(save(tensors, metadata=metadata))
+    slot = _digest_slot(data)
+    data[slot] = hashlib.sha256(data).hexdigest().encode()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"fdistill": json.dumps(header)})
-    os.replace(tmp, path)
+    write_atomic(path, bytes(data))
 
 
 def load_checkpoint(path, *, models=None, optimizers=None, generators=None) -> dict:
     """Restore what :func:`save_checkpoint` wrote into the given objects; returns ``meta``.
 
-    Raises :class:`CheckpointError` naming the file when it is missing, unreadable, or does not
-    match the objects (other keys or shapes)."""
-    from safetensors import safe_open
-
+    Raises :class:`CheckpointError` naming the file and how to recover when it is missing,
+    unreadable, fails its checksum, or does not match the objects (other keys or shapes)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads(f.metadata()["fdistill"])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or unreadable ({exc}); delete it to redo that stage"
-        ) from exc
+    header, tensors = _read_verified(path)
     try:
         for name, model in (models or {}).items():
             prefix = f"model/{name}/"
@@ -76,6 +82,49 @@ def load_checkpoint(path, *, models=None, optimizers=None, generators=None) -> d
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} does not match the models being restored: {exc}") from exc
     return header["meta"]
+
+
+def _read_verified(path: Path) -> tuple[dict, dict]:
+    """The checkpoint's fdistill header and tensors, after its checksum has been verified."""
+    from safetensors.torch import load
+
+    try:
+        data = bytearray(path.read_bytes())
+        size = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, JSON header, tensor bytes
+        metadata = json.loads(data[8 : 8 + size])["__metadata__"]
+        stored = metadata.get(DIGEST_KEY)
+        if stored is None:
+            raise CheckpointError(
+                f"checkpoint {path} carries no checksum (an older fdistill wrote it); {_RECOVER}"
+            )
+        slot = _digest_slot(data)
+        if data[slot] != stored.encode():
+            raise ValueError("the checksum field is damaged")
+        data[slot] = _PLACEHOLDER
+        if hashlib.sha256(data).hexdigest() != stored:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its bytes do not match the sha256 checksum stored in it "
+                f"(a changed byte in its tensors or metadata); {_RECOVER}"
+            )
+        data[slot] = stored.encode()
+        tensors = load(bytes(data))
+        header = json.loads(metadata["fdistill"])
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged header: json, safetensors and bytes raise several types
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); {_RECOVER}") from exc
+    return header, tensors
+
+
+def _digest_slot(data: bytearray) -> slice:
+    """Where the 64 hex digits of the digest lie in a checkpoint's bytes: in its JSON header, where the
+    field appears once (inside the metadata's JSON-encoded values every quote is escaped)."""
+    end = 8 + int.from_bytes(data[:8], "little")
+    start = data.find(_DIGEST_FIELD, 0, end)
+    if start < 0 or data.find(_DIGEST_FIELD, start + 1, end) >= 0:
+        raise ValueError(f"no single {DIGEST_KEY} field in the header")
+    start += len(_DIGEST_FIELD)
+    return slice(start, start + len(_PLACEHOLDER))
 
 
 def _load_module(model: nn.Module, state: dict) -> None:

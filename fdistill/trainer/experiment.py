@@ -35,14 +35,14 @@ up to floating-point summation order and resumes on any world size.
 from __future__ import annotations
 
 import copy
-import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
 from .distill import (
     LOSSES,
     OfflineData,
@@ -54,9 +54,12 @@ from .distill import (
     sequence_kl,
     sft_loss,
 )
-from .loop import claim_out_dir, jsonable, run_loop, slug
+from .extras import require_for_run
+from .loop import HELDOUT_SEED, ORACLE_POOL, oracle_stage, run_loop
 from .model import LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
+from .report import TEACHER_HACKING_DPI, argmin, markdown_table, publish, pyplot, save_figure
+from .rundir import checkpoint_path, claim_out_dir, jsonable, slug
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def _train(
 def _train_on_oracle(oracle, model, name, ckpt, steps, loss_fn, task, cfg, seed, progress, log):
     """A cached stage: ``loss_fn`` on fresh oracle samples, checkpointed at ``ckpt``."""
     gen = torch.Generator().manual_seed(seed)
-    pool = SamplePool(oracle, task, 512)
+    pool = SamplePool(oracle, task, ORACLE_POOL)
     _train(model, name, ckpt, steps, lambda: pool.take(cfg.batch, gen), loss_fn, cfg.lr, gen, data=pool,
            progress=progress, log=log)  # fmt: skip
 
@@ -208,6 +211,7 @@ def run_teacher_hacking(
     preset = "custom" if isinstance(preset, Preset) else preset
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
+    require_for_run(progress=progress, plots=plots)
     distributed.init_from_env()
     distributed.check_divisible(cfg.batch, "the preset's batch")
     main = distributed.is_main()
@@ -222,22 +226,10 @@ def run_teacher_hacking(
         "config": jsonable(cfg),
     }
     claim_out_dir(out, run_config, "preset/seed/divergence/sizes")
-    ckpts = out / "checkpoints"
     task = Task(cfg.vocab, cfg.prompt_len, cfg.length)
-    torch.manual_seed(seed)
+    oracle = oracle_stage(cfg.oracle, out, seed)
 
-    oracle = TinyLM(cfg.oracle).eval()
-    if (ckpts / "oracle.safetensors").exists():
-        load_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle})
-    else:
-        distributed.barrier()  # every rank has looked for the file before rank 0 writes it
-        if main:
-            save_checkpoint(ckpts / "oracle.safetensors", models={"oracle": oracle}, meta={"stage": "oracle"})
-        distributed.barrier()
-    for p in oracle.parameters():
-        p.requires_grad_(False)
-
-    gen_eval = torch.Generator().manual_seed(seed + 10_000)  # held-out prompts: their own stream
+    gen_eval = torch.Generator().manual_seed(seed + HELDOUT_SEED)  # held-out prompts: their own stream
     eval_prompts = task.prompts(cfg.eval_prompts, gen_eval)
     golden_seqs = oracle.sample(eval_prompts, task.length, generator=gen_eval)
 
@@ -248,7 +240,7 @@ def run_teacher_hacking(
     target = TiltedLM(oracle, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7))
     log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g})")
     distill_from_oracle = lambda seqs: distillation_loss(teacher, target, seqs, task.prompt_len)  # noqa: E731
-    _train_on_oracle(oracle, teacher, "teacher", ckpts / "teacher.safetensors", cfg.teacher_steps,
+    _train_on_oracle(oracle, teacher, "teacher", checkpoint_path(out, "teacher"), cfg.teacher_steps,
                      distill_from_oracle, task, cfg, seed + 1, progress, log)  # fmt: skip
     teacher.eval()
     for p in teacher.parameters():
@@ -261,7 +253,7 @@ def run_teacher_hacking(
     check_compatible(teacher, student0, task)
     log("stage 2: student SFT on oracle samples")
     sft_on_oracle = lambda seqs: sft_loss(student0, seqs, task.prompt_len)  # noqa: E731
-    _train_on_oracle(oracle, student0, "student", ckpts / "student_sft.safetensors", cfg.sft_steps,
+    _train_on_oracle(oracle, student0, "student", checkpoint_path(out, "student_sft"), cfg.sft_steps,
                      sft_on_oracle, task, cfg, seed + 2, progress, log)  # fmt: skip
 
     # each rank scores its part of the held-out set; count-weighted means over ranks
@@ -299,7 +291,7 @@ def run_teacher_hacking(
         record = _train(
             student,
             "student",
-            ckpts / f"distill_{slug(source.name)}.safetensors",
+            checkpoint_path(out, f"distill_{slug(source.name)}"),
             cfg.distill_steps,
             lambda d=data, g=gen: d.batch(cfg.batch, g),
             lambda seqs, s=student: distillation_loss(s, teacher, seqs, task.prompt_len, divergence, fused),
@@ -325,20 +317,12 @@ def run_teacher_hacking(
             "monitor": monitor.summary(),
             "events": events,
         }
-    table = summary_table(curves)
-    if main:
-        (out / "curves.json").write_text(json.dumps(curves, indent=1))
-        (out / "summary.md").write_text(table + "\n")
-    log(table)
-    if plots:
-        from .plots import plot_curves
-
-        for path in plot_curves(curves, out):
-            log(f"wrote {path}")
+    publish(out, curves, summary_table(curves), plot_curves, main=main, plots=plots, log=log)
     return curves
 
 
 def summary_table(curves: dict) -> str:
+    """The Markdown summary: per data source, proxy and golden from start to end, and the flags."""
     head = [
         "data source",
         "proxy start → end",
@@ -346,17 +330,72 @@ def summary_table(curves: dict) -> str:
         "departure step",
         "hacking step",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows = []
     for name, c in curves["sources"].items():
-        best = min(range(len(c["golden"])), key=lambda i: c["golden"][i])
+        best = argmin(c["golden"])
         m = c["monitor"]
-        lines.append(
-            f"| {name} | {c['proxy'][0]:.4f} → {c['proxy'][-1]:.4f} | {c['golden'][0]:.4f} → "
-            f"{c['golden'][best]:.4f} ({c['steps'][best]}) → {c['golden'][-1]:.4f} | "
-            f"{m['departure_step'] if m['departure_step'] is not None else '-'} | "
-            f"{m['hacking_step'] if m['hacking_step'] is not None else '-'} |"
-        )
-    return "\n".join(lines)
+        rows.append([
+            name,
+            f"{c['proxy'][0]:.4f} → {c['proxy'][-1]:.4f}",
+            f"{c['golden'][0]:.4f} → {c['golden'][best]:.4f} ({c['steps'][best]}) → {c['golden'][-1]:.4f}",
+            m["departure_step"] if m["departure_step"] is not None else "-",
+            m["hacking_step"] if m["hacking_step"] is not None else "-",
+        ])  # fmt: skip
+    return markdown_table(head, rows)
+
+
+def plot_curves(curves: dict, out: Path) -> list[Path]:
+    """``curves.png`` (proxy and golden vs step, per data source) and ``golden_vs_proxy.png``
+    (log-log, with each run's fitted early power law and its flagged steps)."""
+    plt = pyplot()
+    sources = curves["sources"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in sources.items():
+        steps = [max(s, 1) for s in c["steps"]]
+        axes[0].plot(steps, c["proxy"], label=name)
+        axes[1].plot(steps, c["golden"], label=name)
+    axes[1].axhline(curves["teacher_golden"], color="k", ls=":", lw=1, label="teacher's golden")
+    for ax, title in zip(
+        axes, ("proxy: KL(teacher || student)", "golden: KL(oracle || student)"), strict=True
+    ):
+        ax.set(xscale="log", yscale="log", xlabel="step", title=title)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7)
+    first = save_figure(fig, out / "curves.png", TEACHER_HACKING_DPI)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, c in sources.items():
+        (line,) = ax.plot(c["proxy"], c["golden"], marker=".", label=name)
+        fit = c["monitor"]["fit"]
+        if fit is not None:
+            lo, hi = min(c["proxy"]), max(c["proxy"])
+            xs = [lo * (hi / lo) ** (i / 20) for i in range(21)] if lo > 0 else []
+            ax.plot(
+                xs,
+                [math.exp(fit["log_a"]) * x ** fit["exponent"] for x in xs],
+                ls="--",
+                lw=1,
+                color=line.get_color(),
+            )
+        for key, marker in (("departure_step", "o"), ("hacking_step", "x")):
+            step = c["monitor"][key]
+            if step is not None:
+                i = c["steps"].index(step)
+                ax.plot(
+                    c["proxy"][i], c["golden"][i], marker=marker, ms=10, mfc="none", color=line.get_color()
+                )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="proxy",
+        ylabel="golden",
+        title="golden vs proxy (dashed: early power-law fit; o departure, x hacking)",
+    )
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    second = save_figure(fig, out / "golden_vs_proxy.png", TEACHER_HACKING_DPI)
+    return [first, second]
 
 
 __all__ = [
@@ -364,6 +403,7 @@ __all__ = [
     "Preset",
     "Source",
     "CheckpointError",
+    "plot_curves",
     "preset_config",
     "run_teacher_hacking",
     "summary_table",

@@ -1,31 +1,35 @@
-"""What the experiments share: a resumable training loop with progress bars and checkpoints, and the
-run directory's bookkeeping (a config claim, JSON-able configs, file-name slugs)."""
+"""What the experiments' training shares: a resumable loop with progress bars and checkpoints,
+checkpoint writes under ``torchrun``, and the random oracle both experiments start from (the run
+directory's bookkeeping is :mod:`.rundir`, the outputs :mod:`.report`)."""
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
+from .model import LMConfig, TinyLM
+from .rundir import checkpoint_path
+
+HELDOUT_SEED = 10_000  # the held-out prompts' generator is seeded run seed + this: a stream of its own
+ORACLE_POOL = 512  # fresh oracle samples drawn at a time (batched sampling is cheaper per sequence)
 
 
 class Progress:
-    """tqdm progress bar when available, else a silent stand-in; off when stderr is not a terminal."""
+    """A tqdm progress bar, off when stderr is not a terminal; with ``enabled=False`` a silent stand-in
+    that needs no tqdm (the runs check for it up front: :func:`~.extras.require_for_run`)."""
 
     def __init__(self, total, desc, enabled=True):
-        try:
+        self.bar = None
+        if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=total, desc=desc, file=sys.stderr, disable=None if enabled else True, leave=False
-            )  # None: off when not a TTY
-        except ImportError:
-            self.bar = None
+            # disable=None: off when stderr is not a terminal
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
 
     def update(self, n=1, **postfix):
         if self.bar is not None:
@@ -101,36 +105,26 @@ def run_loop(
     return record
 
 
-def claim_out_dir(out: Path, run_config: dict, what: str) -> None:
-    """Refuse to resume into a directory that holds another configuration's run (``what`` names the
-    configuration's parts in the message). Under ``torchrun`` every rank checks (the same error on all of
-    them) and rank 0 writes the marker."""
-    marker = out / "run.json"
-    distributed.barrier()  # e.g. after rank 0's --fresh deletion
-    found = marker.exists()
-    if found and json.loads(marker.read_text()) != json.loads(json.dumps(run_config)):
-        raise ValueError(
-            f"{out} holds a run with another configuration ({what}); pass another --out, or --fresh "
-            "to delete it"
-        )
-    distributed.barrier()  # every rank has read the marker before rank 0 writes it
-    if not found and distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(run_config, indent=1))
+def save_on_main(path: Path, **kwargs) -> None:
+    """Rank 0 writes the checkpoint (:func:`~.checkpoint.save_checkpoint`'s arguments), after every rank
+    has looked for it and before any reads it."""
+    distributed.barrier()
+    if distributed.is_main():
+        save_checkpoint(path, **kwargs)
     distributed.barrier()
 
 
-def jsonable(x):
-    """Dataclasses, tuples and dicts as plain JSON values; non-finite floats as strings."""
-    if hasattr(x, "__dataclass_fields__"):
-        return {k: jsonable(v) for k, v in asdict(x).items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
-
-
-def slug(name: str) -> str:
-    """A file-name-safe form of a run's name."""
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+def oracle_stage(config: LMConfig, out: Path, seed: int) -> TinyLM:
+    """The oracle: a random TinyLM drawn from ``seed``, saved by a run's first start and restored by
+    every rerun (so a resumed run never depends on the initialisation code), frozen."""
+    torch.manual_seed(seed)
+    oracle = TinyLM(config)
+    path = checkpoint_path(out, "oracle")
+    if path.exists():
+        load_checkpoint(path, models={"oracle": oracle})
+    else:
+        save_on_main(path, models={"oracle": oracle}, meta={"stage": "oracle"})
+    oracle.eval()
+    for p in oracle.parameters():
+        p.requires_grad_(False)
+    return oracle
