@@ -70,10 +70,10 @@ def test_in_place_equals_out_of_place(backend, dtype, case, seed):
     # the out-of-place gradient comes from the one-pass op (unit upstream gradient, then scaled): one
     # more rounding than the in-place (two-pass) one, which applies the upstream factor per entry
     tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-7, "rtol": 1e-5}
-    if dtype == torch.bfloat16:
-        tol = {"atol": 1e-6, "rtol": 2**-7}
+    if dtype == torch.bfloat16:  # two bf16 roundings (the unit gradient, then its scaled value): 2 ulp
+        tol = {"atol": 1e-6, "rtol": 2**-6}
     assert grad_ip.dtype == dtype
-    torch.testing.assert_close(grad_ip, grad, **tol, msg="in-place gradient != out-of-place gradient")
+    torch.testing.assert_close(grad_ip, grad, **tol)  # in place (two passes) vs out of place (one pass)
     assert torch.equal(logits_ip, grad_ip), "the student logits must hold the gradient after the backward"
     assert not torch.equal(logits, grad), "the out-of-place backward must leave the logits alone"
     # dW = h^T dz sums entries that cancel: compare it on the scale of its largest entry
