@@ -19,6 +19,10 @@ TORCH_LIBRARY(fdistill, m) {
   m.def(
       "divergence_fwd_grad(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param,"
       " float temperature, int ignore_index, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // The same, with the gradient written over the student logits (for callers that own them).
+  m.def(
+      "divergence_fwd_grad_(Tensor(a!) student, Tensor teacher, Tensor? labels, str divergence, float param,"
+      " float temperature, int ignore_index, float grad_scale=1.0) -> (Tensor, Tensor)");
   // d(sum grad_loss * loss)/d(student) [rows, vocab] in the student's dtype.
   m.def(
       "divergence_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats,"

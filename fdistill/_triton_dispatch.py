@@ -30,10 +30,12 @@ def check_triton_device(device: torch.device, name: str = "student_logits") -> N
     )
 
 
-def triton_forward_op(with_grad: bool = False):
-    """torch.ops.fdistill.divergence_fwd_triton (or the one-pass divergence_fwd_grad_triton),
-    registering the Triton ops on first use."""
+def triton_forward_op(with_grad: bool = False, in_place: bool = False):
+    """torch.ops.fdistill.divergence_fwd_triton, or the one-pass divergence_fwd_grad_triton (its
+    in-place form with ``in_place``), registering the Triton ops on first use."""
     from .triton import divergence  # noqa: F401  (defines and registers the ops; a no-op once done)
 
     ops = torch.ops.fdistill
-    return ops.divergence_fwd_grad_triton if with_grad else ops.divergence_fwd_triton
+    if not with_grad:
+        return ops.divergence_fwd_triton
+    return ops.divergence_fwd_grad_triton_ if in_place else ops.divergence_fwd_grad_triton

@@ -40,6 +40,14 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.addmm(bias, h, weight.T, out=out)
 
 
+def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for the device, else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class LMHead:
     """``softcap(hidden @ weight.T + bias)`` for slices of rows: the matmul in ``dtype`` (bf16 / fp16 on
     CUDA, with a float32 result; upcast to float32 on other devices), the logits in float32 (float64
@@ -85,7 +93,10 @@ class LMHead:
 @dataclass
 class ChunkedLoss:
     """What to compute: ``rows_fn(z, rows)`` is the per-token loss of a chunk of logits ``z``
-    (differentiable in ``z``), plus ``hard_weight`` x cross-entropy of ``z`` on ``labels``."""
+    (differentiable in ``z``), plus ``hard_weight`` x cross-entropy of ``z`` on ``labels``. A
+    ``rows_fn`` with a ``loss_and_grad(z, rows)`` method (losses and their gradient in ``z``, written
+    over ``z``; None to decline) is used for the gradient instead of autograd, when there is no hard
+    loss."""
 
     head: LMHead
     rows_fn: Callable[[torch.Tensor, slice], torch.Tensor]
@@ -128,6 +139,13 @@ class ChunkedLoss:
         z, pre = self.head.logits(rows, buffer)
         if grad_rows is None:
             return self.token_losses(z, rows), None
+        direct = getattr(self.rows_fn, "loss_and_grad", None)
+        if direct is not None and not self.hard_weight:
+            # the row layer gives (losses, dz) in one pass over z, dz written over z: no autograd
+            out = direct(z, rows)
+            if out is not None:
+                loss, dz = out
+                return loss, self.head.softcap_backward(dz.mul_(grad_rows.to(dz.dtype).unsqueeze(1)), pre)
         with torch.enable_grad():
             z = z.detach().requires_grad_()
             loss = self.token_losses(z, rows)

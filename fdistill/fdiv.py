@@ -32,32 +32,22 @@ after ``n_iter`` sweeps. ``kl`` needs no iteration.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
 from . import fdiv_reference as ref
-from ._extension import has_cpu_kernels, has_cuda_kernels, require_extension
-from ._triton_dispatch import check_triton_device, triton_available
-from ._value_checks import ValueChecks, label_out_of_range, not_finite_or_negative, rows_off_simplex
+from ._value_checks import ValueChecks
+from .fdiv_call import DEFAULT_MAX_SWEEPS, F_NAMES, FDIV_BACKENDS, FDivCall, prepare  # noqa: F401  (re-exported)
 from .fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX
-from .losses import (
+from .rows import reduce_rows
+from .validation import (
     REDUCTIONS,
-    _check_choice,
-    _check_no_vocab_size,
-    _check_real,
-    _check_temperature,
-    reduce_rows,
+    check_choice,
+    check_ignore_index,
+    check_no_vocab_size,
+    check_target,
+    check_temperature,
 )
-from .ops import accumulate_dtype
-
-F_NAMES = ref.F_NAMES
-FDIV_BACKENDS = ("reference", "cpu", "cuda", "triton")
-REFERENCES = ("uniform", "unit")
-DEFAULT_MAX_SWEEPS = 100
-MAX_SWEEPS = 2**31 - 1  # the kernels' sweep counter is a 32-bit int
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def f_softargmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_iter=None, backend=None,
@@ -90,8 +80,8 @@ def f_softargmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n
             logits, f, alpha=alpha, reference=reference, dim=dim, n_iter=n_iter, backend=backend,
             group=vocab_parallel_group, vocab_size=vocab_size,
         )  # fmt: skip
-    _check_no_vocab_size(vocab_size)
-    call = _prepare(logits, f, alpha, reference, dim, n_iter, backend)
+    check_no_vocab_size(vocab_size)
+    call = prepare(logits, f, alpha, reference, dim, n_iter, backend)
     if call.backend == "reference":
         p = ref.f_softargmax_reference(call.rows.to(call.acc), call.family, alpha=call.alpha,
                                        reference=call.reference_arg(), n_iter=call.ref_iters)  # fmt: skip
@@ -117,8 +107,8 @@ def f_softmax(logits, f="alpha", *, alpha=1.5, reference="uniform", dim=-1, n_it
             logits, f, alpha=alpha, reference=reference, dim=dim, n_iter=n_iter, backend=backend,
             group=vocab_parallel_group, vocab_size=vocab_size,
         )  # fmt: skip
-    _check_no_vocab_size(vocab_size)
-    call = _prepare(logits, f, alpha, reference, dim, n_iter, backend)
+    check_no_vocab_size(vocab_size)
+    call = prepare(logits, f, alpha, reference, dim, n_iter, backend)
     if call.backend == "reference":
         theta = call.rows.to(call.acc)
         p = ref.f_softargmax_reference(theta, call.family, alpha=call.alpha, reference=call.reference_arg(),
@@ -166,14 +156,13 @@ def fy_loss(logits, target, f="alpha", *, alpha=1.5, reference="uniform", ignore
                                       ignore_index=ignore_index, reduction=reduction, temperature=temperature,
                                       n_iter=n_iter, backend=backend, group=vocab_parallel_group,
                                       vocab_size=vocab_size)  # fmt: skip
-    _check_no_vocab_size(vocab_size)
+    check_no_vocab_size(vocab_size)
     checks = ValueChecks()
-    call = _prepare(logits, f, alpha, reference, -1, n_iter, backend, checks)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_temperature(temperature)
-    if not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels, probs = _check_target(target, logits, ignore_index, checks=checks)
+    call = prepare(logits, f, alpha, reference, -1, n_iter, backend, checks)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    labels, probs = check_target(target, logits, ignore_index, checks=checks)
     checks.raise_first()  # every value check of this call at once: one host sync
 
     rows = fy_rows(call, labels, probs, ignore_index, temperature)
@@ -196,8 +185,8 @@ class FYLoss(nn.Module):
                  temperature=1.0, n_iter=None, backend=None, vocab_parallel_group=None,
                  vocab_size=None):  # fmt: skip
         super().__init__()
-        _check_choice("f", f, F_NAMES)
-        _check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("f", f, F_NAMES)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.f = f
         self.options = dict(alpha=alpha, reference=reference, ignore_index=ignore_index, reduction=reduction,
                             temperature=temperature, n_iter=n_iter, backend=backend)  # fmt: skip
@@ -214,204 +203,6 @@ class FYLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------- plumbing
-
-
-class _Call:
-    """A validated call: logits as [rows, V] rows, the reference, the backend and the op options."""
-
-    def __init__(self, logits, family, alpha, reference, dim, n_iter, backend):
-        self.family, self.alpha = family, alpha
-        moved = logits.movedim(dim, -1)
-        self.moved_shape = moved.shape
-        self.dim = dim
-        self.lead_shape = moved.shape[:-1]
-        self.vocab = moved.shape[-1]
-        rows = moved.reshape(-1, self.vocab)
-        self.rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-        self.acc = accumulate_dtype(logits.dtype)
-        self.backend = backend
-        self.max_sweeps = DEFAULT_MAX_SWEEPS if n_iter is None else int(n_iter)
-        self.ref_iters = 80 if n_iter is None else int(n_iter)
-        self.reference = reference
-        self.ref_tensor = None
-        self.reference_value = 1.0
-        if isinstance(reference, str):
-            self.reference_value = 1.0 / self.vocab if reference == "uniform" else 1.0
-        else:
-            q = reference.to(self.acc)
-            q = q.movedim(dim, -1) if q.dim() == logits.dim() else q
-            q = q.expand(self.moved_shape).reshape(-1, self.vocab)
-            self.ref_tensor = q if q.stride(-1) == 1 else q.contiguous()
-
-    def reference_arg(self):
-        return self.reference if self.ref_tensor is None else self.ref_tensor
-
-    def op(self):
-        if self.backend == "triton":
-            from .triton import fdiv as triton_fdiv
-
-            return triton_fdiv.fdiv_forward_op()
-        return torch.ops.fdistill.fdiv_fwd  # the C++ op; CPU or CUDA by the tensors' device
-
-    def options(self, temperature, mode, ignore_index=-100):
-        tol = 1e-12 if self.acc == torch.float64 else 1e-7
-        f = "alpha" if self.family == "alpha" else self.family
-        return (f, float(self.alpha), float(self.reference_value), float(temperature), int(ignore_index),
-                self.max_sweeps, tol, mode)  # fmt: skip
-
-    def restore(self, p):
-        return p.reshape(self.moved_shape).movedim(-1, self.dim)
-
-
-def _prepare(logits, f, alpha, reference, dim, n_iter, backend, checks: ValueChecks | None = None) -> _Call:
-    """The validated call; value checks are added to ``checks`` (raised by the caller, one sync for
-    all), or raised here when it is None."""
-    own = checks is None
-    checks = ValueChecks() if own else checks
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}")
-    if logits.dim() == 0 or logits.numel() == 0 and logits.shape[dim] == 0:
-        raise ValueError(f"logits need a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
-    if not isinstance(dim, numbers.Integral) or not -logits.dim() <= dim < logits.dim():
-        raise ValueError(f"dim must be an int in [-{logits.dim()}, {logits.dim()}), got {dim!r}")
-    _check_choice("f", f, F_NAMES)
-    _check_real("alpha", alpha)
-    family, alpha = ref.canonical_f(f, float(alpha))
-    if family == "alpha" and not (alpha > 0 and alpha != 1):
-        raise ValueError(f"alpha must be > 0 and != 1 (alpha -> 1 is f='kl'), got {alpha}")
-    if n_iter is not None and (
-        isinstance(n_iter, bool) or not isinstance(n_iter, numbers.Integral) or not 1 <= n_iter <= MAX_SWEEPS
-    ):
-        raise ValueError(f"n_iter must be None or an int in [1, {MAX_SWEEPS}], got {n_iter!r}")
-    _check_reference(reference, logits, dim, checks)
-    call = _Call(logits, family, alpha, reference, dim, n_iter, _pick_backend(backend, logits))
-    if own:
-        checks.raise_first()
-    return call
-
-
-def _check_reference(reference, logits, dim, checks: ValueChecks) -> None:
-    if isinstance(reference, str):
-        _check_choice("reference", reference, REFERENCES)
-        return
-    if not isinstance(reference, torch.Tensor):
-        raise TypeError(f"reference must be 'uniform', 'unit' or a tensor, got {type(reference).__name__}")
-    if not reference.dtype.is_floating_point:
-        raise TypeError(f"reference must be a floating tensor, got {reference.dtype}")
-    if reference.device != logits.device:
-        raise ValueError(
-            f"reference ({reference.device}) and logits ({logits.device}) are on different devices"
-        )
-    moved = logits.movedim(dim, -1).shape
-    candidate = reference.movedim(dim, -1) if reference.dim() == logits.dim() else reference
-    try:
-        torch.broadcast_shapes(candidate.shape, moved)
-        ok = torch.broadcast_shapes(candidate.shape, moved) == moved
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"reference of shape {tuple(reference.shape)} does not broadcast to the logits' shape "
-            f"{tuple(logits.shape)} (vocabulary dimension {dim})"
-        )
-    check_reference_values(reference, checks)
-
-
-def check_reference_values(reference: torch.Tensor, checks: ValueChecks) -> None:
-    """A reference measure tensor: positive and finite everywhere (added to ``checks``)."""
-    if checks.active():
-        checks.add(
-            not_finite_or_negative(reference, positive=True),
-            lambda: ValueError(
-                "reference must be positive and finite everywhere (a reference measure q_j > 0)"
-            ),
-        )
-
-
-def _check_target(target, logits, ignore_index, *, shard=False, checks: ValueChecks | None = None):
-    """(labels [rows] int64 or None, probabilities [rows, V] or None), validated: the value checks go
-    to ``checks`` (raised by the caller, one sync for all) or are raised here when it is None. With
-    ``shard`` the logits are one rank's vocabulary shard: the label range and the probability rows'
-    sums concern the whole vocabulary and are checked by the caller (:mod:`fdistill.vocab_parallel`)."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(
-            f"target must be a torch.Tensor (labels or probabilities), got {type(target).__name__}"
-        )
-    if target.device != logits.device:
-        raise ValueError(f"target ({target.device}) and logits ({logits.device}) are on different devices")
-    own = checks is None
-    checks = ValueChecks() if own else checks
-    vocab = logits.shape[-1]
-    labels = probs = None
-    if target.dtype.is_floating_point:
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"probability target {tuple(target.shape)} must have the logits' shape {tuple(logits.shape)}"
-            )
-        if target.requires_grad:
-            raise ValueError("target requires grad, but the FY loss gives it none: pass target.detach()")
-        probs = target.reshape(-1, vocab)
-        probs = probs if probs.stride(-1) == 1 else probs.contiguous()
-        if checks.active():
-            check_probabilities(probs, checks, sums=not shard)
-    else:
-        if target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must be integer labels or floating probabilities, got {target.dtype}")
-        if target.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"labels {tuple(target.shape)} must have the logits' shape without the vocabulary "
-                f"dimension, {tuple(logits.shape[:-1])}"
-            )
-        labels = target.reshape(-1).long().contiguous()
-        if not shard and checks.active():  # (out-of-range labels still give a NaN loss in the kernels)
-            checks.add(
-                label_out_of_range(labels, vocab, ignore_index),
-                lambda: ValueError(f"labels must be in [0, {vocab}) or ignore_index ({ignore_index})"),
-            )
-    if own:
-        checks.raise_first()
-    return labels, probs
-
-
-def check_probabilities(probs: torch.Tensor, checks: ValueChecks, *, sums: bool = True) -> None:
-    """Probability-target rows ``[rows, V]``: finite, non-negative and (``sums``) summing to 1 within
-    1e-4 (2e-2 for fp16 / bf16 targets), added to ``checks``."""
-    checks.add(
-        not_finite_or_negative(probs),
-        lambda: ValueError("probability target must be finite and non-negative"),
-    )
-    if sums:
-        tol = 1e-4 if probs.dtype in (torch.float32, torch.float64) else 2e-2
-
-        def error():
-            count = int(((probs.sum(-1, dtype=torch.float64) - 1).abs() > tol).sum())
-            return ValueError(f"probability target rows must sum to 1 (within {tol}); {count} do not")
-
-        checks.add(rows_off_simplex(probs, tol), error)
-
-
-def _pick_backend(backend, logits) -> str:
-    device = logits.device.type
-    if backend is None:
-        if device == "cpu":
-            return "cpu" if has_cpu_kernels() else "reference"
-        if device == "cuda" and has_cuda_kernels():
-            return "cuda"
-        return "triton" if device == "cuda" and triton_available() else "reference"
-    _check_choice("backend", backend, FDIV_BACKENDS)
-    if backend == "cpu":
-        if device != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got logits on {logits.device}")
-        require_extension()
-    if backend == "cuda" and (device != "cuda" or not has_cuda_kernels()):
-        raise ValueError(
-            f"backend='cuda' needs CUDA tensors and the CUDA build of fdistill (logits on {device})"
-        )
-    if backend == "triton":
-        check_triton_device(logits.device)
-    return backend
 
 
 def _fy_reference_rows(call, labels, probs, ignore_index, temperature):

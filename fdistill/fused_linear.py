@@ -9,31 +9,36 @@ stored top-k log-probabilities.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._value_checks import ValueChecks, label_out_of_range
-from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size
-from .fdiv import _prepare, check_probabilities, check_reference_values, fy_rows
-from .losses import (
-    DIVERGENCES,
-    REDUCTIONS,
-    _check_choice,
-    _check_no_vocab_size,
-    _check_real,
-    _check_temperature,
-    _divergence_param,
-    _pick_backend,
-    divergence_loss,
-)
+from ._value_checks import ValueChecks
+from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size, head_dtype
+from .fdiv import fy_rows
+from .fdiv_call import prepare
+from .losses import DIVERGENCES, REDUCTIONS, _pick_backend
 from .ops import accumulate_dtype
+from .rows import DivergenceRows
+from .validation import (
+    check_choice,
+    check_chunk_size,
+    check_float,
+    check_head,
+    check_no_vocab_size,
+    check_probabilities,
+    check_real,
+    check_reference_values,
+    check_temperature,
+    check_token_ids,
+    check_topk,
+    check_topk_values,
+    divergence_param,
+)
 
 TOPK_TAILS = ("renormalize", "bucket")
 VOCAB_MISMATCH = ("error", "mask")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
 
 
@@ -143,34 +148,34 @@ def fused_linear_divergence_loss(
             reduction=reduction, chunk_size=chunk_size, backend=backend, group=vocab_parallel_group,
             vocab_size=vocab_size,
         )  # fmt: skip
-    _check_no_vocab_size(vocab_size)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
-    _check_temperature(temperature)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("topk_tail", topk_tail, TOPK_TAILS)
-    _check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
-    _check_real("hard_loss_weight", hard_loss_weight)
+    check_no_vocab_size(vocab_size)
+    check_choice("divergence", divergence, DIVERGENCES)
+    divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+    check_temperature(temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("topk_tail", topk_tail, TOPK_TAILS)
+    check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+    check_real("hard_loss_weight", hard_loss_weight)
     if hard_loss_weight < 0:
         raise ValueError(f"hard_loss_weight must be >= 0, got {hard_loss_weight}")
     if hard_loss_weight > 0 and labels is None:
         raise ValueError("hard_loss_weight > 0 needs labels (the cross-entropy targets)")
-    head_args = _check_head("student", student_hidden, student_weight, student_bias, softcap)
+    head_args = check_head("student", student_hidden, student_weight, student_bias, softcap)
     lead, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     checks = ValueChecks()  # every value check of the call, read with one host sync
-    flat_labels = _check_token_ids(labels, lead, vocab, ignore_index, student_hidden.device, checks)
+    flat_labels = check_token_ids(labels, lead, vocab, ignore_index, student_hidden.device, checks)
     backend = _pick_backend(backend, student_hidden, False, name="student_hidden")
-    student = LMHead(*head_args, softcap, _compute_dtype(student_hidden, student_weight))
+    student = LMHead(*head_args, softcap, head_dtype(student_hidden, student_weight))
 
     keep = None if flat_labels is None else flat_labels != ignore_index
     teacher = _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
                        teacher_hidden, teacher_weight, teacher_bias, teacher_softcap,
                        teacher_logits, teacher_topk, checks)  # fmt: skip
     checks.raise_first()
-    options = dict(divergence=divergence, beta=beta, skew=skew, alpha=alpha, temperature=temperature,
-                   ignore_index=ignore_index, scale_by_temperature_squared=scale_by_temperature_squared,
-                   grad_in_place=backend != "reference", backend=backend, reduction="none")  # fmt: skip
-    rows_fn = (_bucket_rows if teacher.bucket else _dense_rows)(teacher, options, flat_labels)
+    param = divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+    factor = temperature * temperature if scale_by_temperature_squared else 1.0
+    spec = DivergenceRows(divergence, param, temperature, int(ignore_index), backend, factor)
+    rows_fn = (_bucket_rows if teacher.bucket else _DenseRows)(teacher, spec, flat_labels)
     loss = ChunkedLoss(student, rows_fn, _chunk_size(chunk_size, student), reduction, flat_labels,
                        int(ignore_index), float(hard_loss_weight))  # fmt: skip
     out = chunked_head_loss(loss, *head_args)
@@ -218,8 +223,8 @@ def fused_linear_fy_loss(
             ignore_index=ignore_index, softcap=softcap, reduction=reduction, n_iter=n_iter,
             chunk_size=chunk_size, backend=backend, group=vocab_parallel_group, vocab_size=vocab_size,
         )  # fmt: skip
-    _check_no_vocab_size(vocab_size)
-    head_args = _check_head("", hidden, weight, bias, softcap)
+    check_no_vocab_size(vocab_size)
+    head_args = check_head("", hidden, weight, bias, softcap)
     lead, vocab = hidden.shape[:-1], weight.shape[0]
     if not isinstance(target, torch.Tensor):
         raise TypeError(
@@ -234,7 +239,7 @@ def fused_linear_fy_loss(
         probs = probs if probs.stride(-1) == 1 else probs.contiguous()
         check_probabilities(probs, checks)
     else:
-        labels = _check_token_ids(target, lead, vocab, ignore_index, hidden.device, checks, name="target")
+        labels = check_token_ids(target, lead, vocab, ignore_index, hidden.device, checks, name="target")
     per_token_reference = isinstance(reference, torch.Tensor) and reference.dim() > 1
     if per_token_reference:
         if reference.shape != (*lead, vocab):
@@ -242,13 +247,13 @@ def fused_linear_fy_loss(
                 f"reference {tuple(reference.shape)} must be (V,) or (..., V) = {(*lead, vocab)}"
             )
         reference = reference.reshape(-1, vocab)
-    _check_temperature(temperature)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    head = LMHead(*head_args, softcap, _compute_dtype(hidden, weight))
+    check_temperature(temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    head = LMHead(*head_args, softcap, head_dtype(hidden, weight))
     # f, alpha, reference, n_iter and backend are checked as fy_loss checks them, on zero tokens;
     # a tensor reference's values once for the batch
     empty = head_args[0].new_empty((0, vocab), dtype=head.logits_dtype)
-    backend = _prepare(empty, f, alpha, reference[:0] if per_token_reference else reference, -1, n_iter,
+    backend = prepare(empty, f, alpha, reference[:0] if per_token_reference else reference, -1, n_iter,
                        backend, checks).backend  # fmt: skip
     if per_token_reference:
         check_reference_values(reference, checks)
@@ -257,7 +262,7 @@ def fused_linear_fy_loss(
 
     def rows_fn(z, rows):
         q = reference[rows] if per_token_reference else reference
-        call = _prepare(z, f, alpha, q, -1, n_iter, backend, checked)
+        call = prepare(z, f, alpha, q, -1, n_iter, backend, checked)
         y = probs[rows].to(z.dtype) if probs is not None else None
         return fy_rows(call, None if labels is None else labels[rows], y, ignore_index, temperature)
 
@@ -279,7 +284,7 @@ class FusedLinearDivergenceLoss(nn.Module):
 
     def __init__(self, divergence: str = "forward_kl", **options):
         super().__init__()
-        _check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("divergence", divergence, DIVERGENCES)
         allowed = set(fused_linear_divergence_loss.__kwdefaults__) - set(self._TENSORS) - {"divergence"}
         unknown = set(options) - allowed
         if unknown:
@@ -358,7 +363,7 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
         return min(vocab, teacher_vocab)
 
     if logits is not None:
-        _check_float("teacher_logits", logits, student.hidden.device)
+        check_float("teacher_logits", logits, student.hidden.device)
         if logits.dim() < 1 or logits.shape[:-1] != lead:
             raise ValueError(
                 f"teacher_logits {tuple(logits.shape)} must be (..., V_t) with ... = {tuple(lead)}"
@@ -368,14 +373,14 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
         return _Teacher(shared, chunk_logits=lambda r: rows[r])
 
     if topk is not None:
-        indices, logprobs = _check_topk(topk, lead, student.hidden.device)
+        indices, logprobs = check_topk(topk, lead, student.hidden.device)
         if topk_tail == "bucket" and temperature != 1:
             raise ValueError(
                 f"topk_tail='bucket' needs temperature=1 (got {temperature}): the teacher's tempered "
                 "tail mass cannot be known from its top-k"
             )
         flat_idx, flat_lp = _placeholder_for_ignored(indices, logprobs.detach(), keep)
-        _check_topk_values(flat_idx, flat_lp, vocab, vocab_mismatch, topk_tail, checks)
+        check_topk_values(flat_idx, flat_lp, vocab, vocab_mismatch, topk_tail, checks)
         # ids beyond the student's vocabulary (allowed by vocab_mismatch="mask") go to a dump column
         flat_idx = torch.where(flat_idx < vocab, flat_idx, vocab).long()
         if topk_tail == "bucket":
@@ -388,7 +393,7 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
 
         return _Teacher(vocab, chunk_logits=scatter)
 
-    hidden_t, weight_t, bias_t = _check_head("teacher", hidden, weight, bias, softcap)
+    hidden_t, weight_t, bias_t = check_head("teacher", hidden, weight, bias, softcap)
     if hidden.shape[:-1] != lead:
         raise ValueError(
             f"teacher_hidden {tuple(hidden_t.shape)} must have the student's token dimensions {tuple(lead)}"
@@ -399,22 +404,37 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
     shared = shared_vocab(weight_t.shape[0], "teacher_weight")
     head = LMHead(hidden_t.detach(), weight_t.detach()[:shared],
                   None if bias_t is None else bias_t.detach()[:shared], softcap,
-                  _compute_dtype(hidden_t, weight_t))  # fmt: skip
+                  head_dtype(hidden_t, weight_t))  # fmt: skip
     return _Teacher(shared, chunk_logits=lambda r: head.logits(r)[0])
 
 
-def _dense_rows(teacher: _Teacher, options: dict, labels):
-    """Per-token divergence of a chunk against the teacher's dense logits on the shared vocabulary."""
+class _DenseRows:
+    """Per-token divergence of a chunk against the teacher's dense logits on the shared vocabulary:
+    differentiable in the chunk's logits (``__call__``), or the losses and their gradient at once from
+    the row layer (:meth:`loss_and_grad`: one pass over the logits, the gradient written over them)."""
 
-    def rows_fn(z, rows):
-        t = teacher.chunk_logits(rows).to(z.dtype)
-        s = z if z.shape[1] == teacher.vocab else z[:, : teacher.vocab]
-        return divergence_loss(s, t, labels=None if labels is None else labels[rows], **options)
+    def __init__(self, teacher: _Teacher, spec: DivergenceRows, labels):
+        self.teacher, self.spec, self.labels = teacher, spec, labels
 
-    return rows_fn
+    def _parts(self, z, rows):
+        t = self.teacher.chunk_logits(rows).to(z.dtype)
+        return t, None if self.labels is None else self.labels[rows]
+
+    def __call__(self, z, rows):
+        t, labels = self._parts(z, rows)
+        s = z if z.shape[1] == self.teacher.vocab else z[:, : self.teacher.vocab]
+        return self.spec.loss(s, t, labels, grad_in_place=self.spec.backend != "reference")
+
+    def loss_and_grad(self, z, rows):
+        """(losses, d losses / d z) with z overwritten, or None where z is wider than the teacher's
+        vocabulary (vocab_mismatch="mask": the autograd path pads the gradient)."""
+        if z.shape[1] != self.teacher.vocab:
+            return None
+        t, labels = self._parts(z, rows)
+        return self.spec.loss_and_grad(z, t, labels)
 
 
-def _bucket_rows(teacher: _Teacher, options: dict, labels):
+def _bucket_rows(teacher: _Teacher, spec: DivergenceRows, labels):
     """Per-token divergence between the (k + 1)-outcome distributions (top-k ids, everything else):
     the student's outcomes have logits ``z_i`` (top-k) and ``logsumexp(z_j, j not in top-k)``, the
     teacher's log-probabilities ``logp_i`` and ``log(1 - sum exp(logp_i))``."""
@@ -429,7 +449,7 @@ def _bucket_rows(teacher: _Teacher, options: dict, labels):
         teacher_tail = torch.log(_tail_mass(logprobs[rows])).to(acc)
         lp = lp.masked_fill(idx == zf.shape[1] - 1, _NEG_INF)  # dropped ids: no mass on either side
         student, teacher = torch.cat([top, tail], 1), torch.cat([lp, teacher_tail], 1)
-        return divergence_loss(student, teacher, labels=None if labels is None else labels[rows], **options)
+        return spec.loss(student, teacher, None if labels is None else labels[rows])
 
     return rows_fn
 
@@ -458,137 +478,10 @@ def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- validation
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's when it is on for the device, else the weight's."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
-
-
-def _check_float(name, x, device=None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device}, the hidden states on {device}")
-
-
-def _check_head(who, hidden, weight, bias, softcap):
-    """(hidden as [N, H], weight, bias) of one LM head, validated."""
-    p = f"{who}_" if who else ""
-    if hidden is None or weight is None:
-        raise ValueError(f"{p}hidden and {p}weight go together (the {who or 'LM'} head)".replace("  ", " "))
-    _check_float(f"{p}hidden", hidden)
-    _check_float(f"{p}weight", weight, hidden.device)
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
-        raise ValueError(
-            f"{p}weight must be (V, H) with V >= 1 and H = {p}hidden.shape[-1]; got {p}hidden "
-            f"{tuple(hidden.shape)} and {p}weight {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-        raise TypeError(
-            f"{p}hidden ({hidden.dtype}) and {p}weight ({weight.dtype}) must have the same dtype "
-            "(or run under torch.autocast)"
-        )
-    if bias is not None:
-        _check_float(f"{p}bias", bias, hidden.device)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{p}bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{p}bias ({bias.dtype}) and {p}weight ({weight.dtype}) must have the same dtype")
-    if softcap is not None:
-        name = "teacher_softcap" if who == "teacher" else "softcap"
-        _check_real(name, softcap)
-        if not softcap > 0:
-            raise ValueError(f"{name} must be None or > 0, got {softcap}")
-    return hidden.reshape(-1, hidden.shape[-1]), weight, bias
-
-
-def _check_token_ids(labels, lead, vocab, ignore_index, device, checks: ValueChecks | None = None,
-                     name="labels"):  # fmt: skip
-    """``labels`` flattened to int64 ``[N]`` (or None), each in [0, vocab) or ``ignore_index`` (a value
-    check added to ``checks``; made at once when it is None)."""
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if labels is None:
-        return None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if labels.shape != lead:
-        raise ValueError(
-            f"{name} {tuple(labels.shape)} must have the hidden states' token shape {tuple(lead)}"
-        )
-    if labels.device != device:
-        raise ValueError(
-            f"{name} ({labels.device}) and the hidden states ({device}) are on different devices"
-        )
-    flat = labels.reshape(-1).long().contiguous()
-    own = checks is None
-    checks = ValueChecks() if own else checks
-    if checks.active():
-        message = f"{name} must be in [0, {vocab}) or ignore_index ({ignore_index})"
-        checks.add(label_out_of_range(flat, vocab, ignore_index), lambda: ValueError(message))
-    if own:
-        checks.raise_first()
-    return flat
-
-
-def _check_topk(topk, lead, device):
-    if not (isinstance(topk, (tuple, list)) and len(topk) == 2):
-        raise TypeError("teacher_topk must be a pair (indices, logprobs)")
-    indices, logprobs = topk
-    if (
-        not isinstance(indices, torch.Tensor)
-        or indices.dtype.is_floating_point
-        or indices.dtype == torch.bool
-    ):
-        raise TypeError("teacher_topk indices must be an integer tensor")
-    _check_float("teacher_topk logprobs", logprobs, device)
-    if indices.device != device:
-        raise ValueError(f"teacher_topk indices are on {indices.device}, the hidden states on {device}")
-    if (
-        indices.shape != logprobs.shape
-        or indices.dim() < 1
-        or indices.shape[:-1] != lead
-        or indices.shape[-1] < 1
-    ):
-        raise ValueError(
-            f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} must both be "
-            f"(..., k) with ... = {tuple(lead)} and k >= 1"
-        )
-    return indices, logprobs
-
-
-def _check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail, checks: ValueChecks) -> None:
-    if not checks.active():
-        return
-    checks.add((indices < 0).any(), lambda: ValueError("teacher_topk indices must be >= 0"))
-    if vocab_mismatch == "error":
-        message = f"teacher_topk indices must be < V = {vocab} (or vocab_mismatch='mask' to drop larger ids)"
-        checks.add((indices >= vocab).any(), lambda: ValueError(message))
-    flat = indices.reshape(-1, indices.shape[-1])
-    if flat.shape[-1] > 1:
-        checks.add((flat.sort(-1).values.diff(dim=-1) == 0).any(),
-                   lambda: ValueError("teacher_topk indices must be distinct within each token"))  # fmt: skip
-    if logprobs.numel():
-        hi = logprobs.amax()  # NaN propagates
-        checks.add(~(hi <= 1e-4), lambda: ValueError(
-            "teacher_topk logprobs must be log-probabilities (<= 0, or -inf), without NaN"))  # fmt: skip
-    if topk_tail == "bucket":
-        mass = logprobs.exp().sum(-1, dtype=torch.float64)
-        checks.add((mass > 1 + 1e-3).any(), lambda: ValueError(
-            "teacher_topk probabilities must sum to at most 1 for topk_tail='bucket'"))  # fmt: skip
-
-
 def _chunk_size(chunk_size, head: LMHead) -> int:
     if chunk_size is None:
         return default_chunk_size(head.vocab, head.hidden.shape[-1], head.hidden.device)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     return int(chunk_size)
 
 

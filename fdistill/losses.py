@@ -1,21 +1,29 @@
-"""Public token-level divergence losses: validation, backend choice and reduction."""
+"""Public token-level divergence losses: validation (:mod:`fdistill.validation`), backend choice, the
+row layer (:mod:`fdistill.rows`) and reduction."""
 
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers fake and autograd for the compiled ops)
 from ._extension import BUILD_HINT, has_cpu_kernels, require_extension
-from ._triton_dispatch import check_triton_device, triton_available, triton_forward_op
-from .reference import DIVERGENCES, divergence_rows_reference
+from ._triton_dispatch import check_triton_device, triton_available
+from .reference import DIVERGENCES
+from .rows import DivergenceRows, as_rows, reduce_rows
+from .validation import (
+    REDUCTIONS,
+    check_choice,
+    check_ignore_index,
+    check_labels,
+    check_logits,
+    check_no_vocab_size,
+    check_teacher_grad,
+    check_temperature,
+    divergence_param,
+)
 
 BACKENDS = ("reference", "cpu", "triton")
-REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def divergence_loss(
@@ -109,51 +117,32 @@ def divergence_loss(
             scale_by_temperature_squared=scale_by_temperature_squared, grad_teacher=grad_teacher,
             grad_in_place=grad_in_place, backend=backend, group=vocab_parallel_group, vocab_size=vocab_size,
         )  # fmt: skip
-    _check_no_vocab_size(vocab_size)
-    _check_logits(student_logits, teacher_logits)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    param = _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
-    _check_temperature(temperature)
-    if not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if teacher_logits.requires_grad and not grad_teacher:
-        raise ValueError(
-            "teacher_logits requires grad, but fdistill does not backpropagate into the teacher by "
-            "default: pass teacher_logits.detach(), or grad_teacher=True to differentiate through it"
-        )
+    check_no_vocab_size(vocab_size)
+    check_logits(student_logits, teacher_logits)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    param = divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    check_teacher_grad(teacher_logits, grad_teacher)
     backend = _pick_backend(backend, student_logits, grad_teacher)
     if grad_in_place and backend == "reference":
         raise ValueError("grad_in_place=True needs a fused backend ('cpu' or 'triton'), not 'reference'")
 
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
-    student = _as_rows(student_logits, vocab)
+    student = as_rows(student_logits, vocab)
     if grad_in_place and student.shape[0] > 1 and student.stride(0) < vocab:
         student = student.contiguous()  # rows share memory (e.g. expand): each needs its own gradient
-    teacher = _as_rows(teacher_logits, vocab)
+    teacher = as_rows(teacher_logits, vocab)
     flat_labels = None
     if labels is not None:
-        flat_labels = _check_labels(labels, student_logits).reshape(-1).long().contiguous()
+        flat_labels = check_labels(labels, student_logits).reshape(-1).long().contiguous()
 
     factor = temperature * temperature if scale_by_temperature_squared else 1.0
-    if backend == "reference":
-        rows = _reference_rows(student, teacher, flat_labels, divergence, param, temperature, ignore_index)
-    else:
-        options = (divergence, float(param), float(temperature), int(ignore_index))
-        # float16 keeps the two-pass path: a gradient stored before the upstream factor is known (a
-        # loss scale of 2**16, a weight < 1) could leave float16's range where the final one does not
-        one_pass = student.requires_grad and torch.is_grad_enabled() and student.dtype != torch.float16
-        if grad_in_place or not one_pass:
-            fwd = torch.ops.fdistill.divergence_fwd if backend == "cpu" else triton_forward_op()
-            rows, _ = fwd(student, teacher, flat_labels, *options, bool(grad_in_place))
-        else:  # one pass: the gradient is formed with the loss, pre-scaled by what the reduction applies
-            fwd = torch.ops.fdistill.divergence_fwd_grad if backend == "cpu" else triton_forward_op(True)
-            scale = factor * _reduction_scale(reduction, student, flat_labels, ignore_index)
-            rows, _, _ = fwd(student, teacher, flat_labels, *options, scale)
-
-    if scale_by_temperature_squared:
-        rows = rows * factor
+    spec = DivergenceRows(divergence, param, temperature, int(ignore_index), backend, factor)
+    scale = _reduction_scale(reduction, student, flat_labels, ignore_index)
+    rows = spec.loss(student, teacher, flat_labels, grad_in_place=grad_in_place, grad_scale=scale)
     return reduce_rows(rows, reduction, lead_shape, flat_labels, ignore_index)
 
 
@@ -170,19 +159,6 @@ def _reduction_scale(reduction, student, labels, ignore_index) -> float:
     return 1.0 / max(int((labels != ignore_index).sum()), 1)
 
 
-def reduce_rows(rows, reduction, lead_shape, labels=None, ignore_index=-100):
-    """Per-token losses -> the loss: ``none`` (shape ``lead_shape``), ``sum``, or ``mean`` over the
-    tokens whose label is not ``ignore_index`` (all tokens without labels; 0 when all are ignored)."""
-    if reduction == "none":
-        return rows.reshape(lead_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if labels is None:
-        return total / max(rows.numel(), 1)
-    return total / (labels != ignore_index).sum().clamp_min(1)
-
-
 class DivergenceLoss(nn.Module):
     """``nn.Module`` form of :func:`divergence_loss`; keyword options are fixed at construction.
 
@@ -191,7 +167,7 @@ class DivergenceLoss(nn.Module):
 
     def __init__(self, divergence: str = "forward_kl", **options):
         super().__init__()
-        _check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("divergence", divergence, DIVERGENCES)
         if "labels" in options:
             raise TypeError("labels are passed to forward(), not to the constructor")
         allowed = set(divergence_loss.__kwdefaults__) - {"labels"}
@@ -211,22 +187,6 @@ class DivergenceLoss(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _reference_rows(student, teacher, labels, divergence, param, temperature, ignore_index):
-    if labels is not None:  # ignored rows are replaced so that garbage there cannot leak NaN
-        keep = (labels != ignore_index).unsqueeze(-1)
-        student = torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))
-        teacher = torch.where(keep, teacher, torch.zeros((), dtype=teacher.dtype, device=teacher.device))
-    rows = divergence_rows_reference(student, teacher, divergence, param, temperature)
-    if labels is not None:
-        rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
-    return rows
-
-
-def _as_rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
-    rows = x.reshape(-1, vocab)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 def _pick_backend(
     backend: str | None, student: torch.Tensor, grad_teacher: bool, name="student_logits"
 ) -> str:
@@ -237,7 +197,7 @@ def _pick_backend(
         if device == "cpu":
             return "cpu" if has_cpu_kernels() else "reference"
         return "triton" if device == "cuda" and triton_available() else "reference"
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, BACKENDS)
     if backend != "reference" and grad_teacher:
         raise ValueError(f"grad_teacher=True needs backend='reference' ({backend!r} skips the teacher)")
     if backend == "cpu":
@@ -247,104 +207,6 @@ def _pick_backend(
     if backend == "triton":
         check_triton_device(student.device, name)
     return backend
-
-
-def _check_logits_tensor(name: str, x, vocab: str = "V") -> None:
-    """A floating tensor of shape ``(..., vocab)`` with at least one vocabulary entry."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape (..., {vocab}) with {vocab} >= 1, got {tuple(x.shape)}")
-
-
-def _check_logits(student, teacher) -> None:
-    _check_logits_tensor("student_logits", student)
-    _check_logits_tensor("teacher_logits", teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} "
-            "must have the same shape"
-        )
-    if student.dtype != teacher.dtype:
-        raise TypeError(
-            f"student_logits ({student.dtype}) and teacher_logits ({teacher.dtype}) must have the same dtype"
-        )
-    if student.device != teacher.device:
-        raise ValueError(
-            f"student_logits ({student.device}) and teacher_logits ({teacher.device}) "
-            "are on different devices"
-        )
-
-
-def _check_labels(labels, student) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must have the logits' shape without the vocabulary "
-            f"dimension, {tuple(student.shape[:-1])}"
-        )
-    if labels.device != student.device:
-        raise ValueError(f"labels ({labels.device}) and logits ({student.device}) are on different devices")
-    return labels
-
-
-def _check_no_vocab_size(vocab_size) -> None:
-    if vocab_size is not None:
-        raise ValueError(
-            "vocab_size is only used with vocab_parallel_group (the sum of the vocabulary shards)"
-        )
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-
-
-# The kernels divide by T as a multiplication by 1/T in float32 (the accumulation dtype of every
-# input dtype but float64): a smaller T would make 1/T infinite and every loss NaN.
-MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
-
-
-def _check_temperature(temperature) -> None:
-    _check_real("temperature", temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not temperature >= MIN_TEMPERATURE:
-        raise ValueError(
-            f"temperature must be >= {MIN_TEMPERATURE:.3g} (1/T must be finite in float32), got {temperature}"
-        )
-
-
-def _divergence_param(divergence: str, *, beta, skew, alpha) -> float:
-    """The one scalar the divergence uses, validated."""
-    for name, value in (("beta", beta), ("skew", skew), ("alpha", alpha)):
-        _check_real(name, value)
-    for name, value in (("beta", beta), ("skew", skew)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {value}")
-    if alpha in (0, 1):
-        raise ValueError(
-            f"alpha must not be 0 or 1 (those limits are reverse_kl and forward_kl), got {alpha}"
-        )
-    if divergence in ("jeffreys", "jsd"):
-        return float(beta)
-    if divergence in ("skew_kl", "skew_reverse_kl"):
-        return float(skew)
-    if divergence == "alpha":
-        return float(alpha)
-    return 0.0
 
 
 __all__ = ["BACKENDS", "BUILD_HINT", "DIVERGENCES", "REDUCTIONS", "DivergenceLoss", "divergence_loss"]

@@ -10,6 +10,8 @@ logits and returns a per-row loss plus per-row statistics (``NUM_STATS`` numbers
   statistics, so forward+backward reads the logits once. Its backward scales that saved gradient in
   place by ``grad_loss / grad_scale`` (nothing at all when they are equal, e.g. the mean's ``1/N``),
   so any upstream gradient (``reduction="none"``) is exact.
+- ``divergence_fwd_grad_`` is the same kernel writing the gradient over the student logits, for
+  callers that own them and differentiate themselves (the fused-linear chunks): no autograd.
 - ``divergence_fwd`` computes no gradient (no-grad forwards, and ``grad_in_place=True``); its
   backward recomputes the probabilities from the statistics (nothing of size ``[rows, V]`` saved),
   into a new tensor (``divergence_bwd``) or over the student logits (``divergence_bwd_``).
@@ -32,6 +34,10 @@ FWD_SCHEMA = (
 FWD_GRAD_SCHEMA = (
     "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param, float temperature,"
     " int ignore_index, float grad_scale=1.0) -> (Tensor, Tensor, Tensor)"
+)
+FWD_GRAD_INPLACE_SCHEMA = (
+    "(Tensor(a!) student, Tensor teacher, Tensor? labels, str divergence, float param, float temperature,"
+    " int ignore_index, float grad_scale=1.0) -> (Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? labels, Tensor stats, str divergence,"
@@ -142,8 +148,10 @@ def _fwd_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
 
 def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str, fwd_grad: str) -> None:
     """Fake kernels and autograd for one backend's (forward, backward, in-place backward, one-pass
-    forward) ops."""
+    forward) ops, and the fake of the in-place one-pass forward ``fwd_grad + "_"`` (no autograd: it
+    is called on logits that need none, by callers that differentiate themselves)."""
     torch.library.register_fake(f"fdistill::{fwd}")(_fwd_fake)
+    torch.library.register_fake(f"fdistill::{fwd_grad}_")(_fwd_fake)
     torch.library.register_fake(f"fdistill::{fwd_grad}")(_fwd_grad_fake)
     bwd_op_for_grad = getattr(torch.ops.fdistill, bwd)
 

@@ -17,6 +17,7 @@ import torch
 from ._value_checks import ValueChecks, label_out_of_range, not_finite_or_negative, rows_off_simplex
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
 REFERENCES = ("uniform", "unit")
 MAX_SWEEPS = 2**31 - 1  # the f-divergence kernels' sweep counter is a 32-bit int
 

@@ -66,22 +66,23 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import fdiv_reference as fref
-from .losses import (
-    DIVERGENCES,
-    REDUCTIONS,
-    _as_rows,
-    _check_choice,
-    _check_labels,
-    _check_logits_tensor,
-    _check_real,
-    _check_temperature,
-    _divergence_param,
-    reduce_rows,
-)
 from .ops import accumulate_dtype
-from .reference import alpha_mixture_logits, divergence_terms, resolve_divergence
+from .reference import DIVERGENCES, alpha_mixture_logits, divergence_terms, resolve_divergence
+from .rows import as_rows, reduce_rows
+from .validation import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    check_choice,
+    check_float,
+    check_head,
+    check_labels,
+    check_logits_tensor,
+    check_real,
+    check_temperature,
+    check_token_ids,
+    divergence_param,
+)
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NEG_INF = -math.inf
 
 # ----------------------------------------------------------------------------- layout and agreement
@@ -179,7 +180,7 @@ def _agree(group, what: str, device, check: Callable[[], _Local], options, vocab
     row[7] = zlib.crc32(repr(options).encode())
     if local is not None:
         row[1:7] = [local.vocab, local.teacher_vocab, local.rows, local.teacher_rows,
-                    _FLOAT_DTYPES.index(local.dtype), local.grads]  # fmt: skip
+                    FLOAT_DTYPES.index(local.dtype), local.grads]  # fmt: skip
         if local.labels is not None:
             row[8:12] = _labels_summary(local.labels, local.ignore_index)
     table = _all_gather(torch.tensor(row, dtype=torch.int64, device=device), group).cpu().tolist()
@@ -199,7 +200,7 @@ def _agree(group, what: str, device, check: Callable[[], _Local], options, vocab
             "must pass the same options (divergence, parameters, temperature, reduction, ...)"
         )
     if len(set(column[5])) > 1:
-        names = [str(_FLOAT_DTYPES[c]).removeprefix("torch.") for c in column[5]]
+        names = [str(FLOAT_DTYPES[c]).removeprefix("torch.") for c in column[5]]
         raise TypeError(f"{what}: the ranks hold tensors of different dtypes (by rank: {names})")
     if len(set(column[3])) > 1:
         raise ValueError(
@@ -436,8 +437,8 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
     found = {}
 
     def check() -> _Local:
-        _check_logits_tensor("student_logits", student_logits, "V_local")
-        _check_logits_tensor("teacher_logits", teacher_logits, "V_local")
+        check_logits_tensor("student_logits", student_logits, "V_local")
+        check_logits_tensor("teacher_logits", teacher_logits, "V_local")
         if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
             raise ValueError(
                 f"student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -448,10 +449,10 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
                             f"({teacher_logits.dtype}) must have the same dtype")  # fmt: skip
         if student_logits.device != teacher_logits.device:
             raise ValueError("student_logits and teacher_logits are on different devices")
-        _check_choice("divergence", divergence, DIVERGENCES)
-        _check_choice("reduction", reduction, REDUCTIONS)
-        found["param"] = _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
-        _check_temperature(temperature)
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("reduction", reduction, REDUCTIONS)
+        found["param"] = divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+        check_temperature(temperature)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if teacher_logits.requires_grad and not grad_teacher:
@@ -464,7 +465,7 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
         _check_backend(backend)
         _check_vocab_size(vocab_size)
         if labels is not None:
-            found["labels"] = _check_labels(labels, student_logits).reshape(-1).long()
+            found["labels"] = check_labels(labels, student_logits).reshape(-1).long()
         vocab = student_logits.shape[-1]
         rows = student_logits.numel() // vocab
         return _Local(vocab, rows, student_logits.dtype, teacher_logits.shape[-1],
@@ -475,8 +476,8 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
                scale_by_temperature_squared, grad_teacher, labels is None, vocab_size)  # fmt: skip
     layout = _agree(group, what, _device_of(student_logits), check, options, vocab_size)
     lead = student_logits.shape[:-1]
-    student = _as_rows(student_logits, layout.local)
-    teacher = _as_rows(teacher_logits, layout.local)
+    student = as_rows(student_logits, layout.local)
+    teacher = as_rows(teacher_logits, layout.local)
     flat_labels = found.get("labels")
     keep = None if flat_labels is None else flat_labels != ignore_index
     rows = divergence_rows(student, teacher, layout, divergence, found["param"], temperature, keep)
@@ -731,7 +732,7 @@ class _FSoftmax(torch.autograd.Function):
 
 
 def _f_spec(family, alpha, temperature, ignore_index, n_iter, acc, layout) -> _FSpec:
-    from .fdiv import DEFAULT_MAX_SWEEPS
+    from .fdiv_call import DEFAULT_MAX_SWEEPS
 
     sweeps = DEFAULT_MAX_SWEEPS if n_iter is None else int(n_iter)
     tol = 1e-12 if acc == torch.float64 else 1e-7
@@ -747,7 +748,7 @@ def _reference_value(reference, layout: ShardLayout, acc, device) -> torch.Tenso
 def _prepare_f(what, logits, f, alpha, reference, dim, n_iter, backend, group, vocab_size, options,
                extra_check=None, grads=0):  # fmt: skip
     """Checks (collective) of an f-divergence call: (the fdiv call plumbing, layout, spec, q rows)."""
-    from .fdiv import _prepare
+    from .fdiv_call import prepare as _prepare
 
     found = {}
 
@@ -776,14 +777,14 @@ def _prepare_f(what, logits, f, alpha, reference, dim, n_iter, backend, group, v
 def fy_loss(logits, target, f, *, alpha, reference, ignore_index, reduction, temperature, n_iter, backend,
             group, vocab_size):  # fmt: skip
     """:func:`fdistill.fy_loss` on vocabulary shards (its ``vocab_parallel_group`` path)."""
-    from .fdiv import _check_target
+    from .validation import check_target as _check_target
 
     what = "fy_loss"
     found = {}
 
     def check_target(local: _Local) -> None:
-        _check_choice("reduction", reduction, REDUCTIONS)
-        _check_temperature(temperature)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_temperature(temperature)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         found["labels"], found["probs"] = _check_target(target, logits, ignore_index, shard=True)
@@ -863,8 +864,7 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
                                  scale_by_temperature_squared, reduction, chunk_size, backend, group,
                                  vocab_size):  # fmt: skip
     """:func:`fdistill.fused_linear_divergence_loss` with LM heads sharded over the vocabulary."""
-    from . import fused_linear as fl
-    from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size
+    from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size, head_dtype
 
     what = "fused_linear_divergence_loss"
     found = {}
@@ -876,19 +876,19 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
             raise _not_supported("vocab_mismatch='mask'", "the teacher must be sharded as the student")
         _check_backend(backend)
         _check_vocab_size(vocab_size)
-        _check_choice("divergence", divergence, DIVERGENCES)
-        found["param"] = _divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
-        _check_temperature(temperature)
-        _check_choice("reduction", reduction, REDUCTIONS)
-        _check_real("hard_loss_weight", hard_loss_weight)
+        check_choice("divergence", divergence, DIVERGENCES)
+        found["param"] = divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+        check_temperature(temperature)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_real("hard_loss_weight", hard_loss_weight)
         if hard_loss_weight < 0:
             raise ValueError(f"hard_loss_weight must be >= 0, got {hard_loss_weight}")
         if hard_loss_weight > 0 and labels is None:
             raise ValueError("hard_loss_weight > 0 needs labels (the cross-entropy targets)")
-        found["head"] = head_args = fl._check_head("student", student_hidden, student_weight, student_bias,
+        found["head"] = head_args = check_head("student", student_hidden, student_weight, student_bias,
                                                    softcap)  # fmt: skip
         lead = student_hidden.shape[:-1]
-        found["labels"] = fl._check_token_ids(labels, lead, 1 << 62, ignore_index, student_hidden.device)
+        found["labels"] = check_token_ids(labels, lead, 1 << 62, ignore_index, student_hidden.device)
         _check_chunk_size(chunk_size)
         rows = head_args[0].shape[0]
         t_head = teacher_weight if teacher_weight is not None else teacher_hidden
@@ -903,14 +903,14 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
         if teacher_logits is not None:
             if teacher_bias is not None or teacher_softcap is not None:
                 raise ValueError("teacher_bias and teacher_softcap apply only to a teacher given by its head")
-            fl._check_float("teacher_logits", teacher_logits, student_hidden.device)
+            check_float("teacher_logits", teacher_logits, student_hidden.device)
             if teacher_logits.dim() < 1 or teacher_logits.shape[:-1] != lead or teacher_logits.shape[-1] < 1:
                 raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must be (..., V_local) with "
                                  f"... = {tuple(lead)}")  # fmt: skip
             found["teacher"] = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
             t_vocab, t_rows = teacher_logits.shape[-1], found["teacher"].shape[0]
         else:
-            t_head = fl._check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
+            t_head = check_head("teacher", teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
             found["teacher"] = t_head
             if teacher_hidden.device != student_hidden.device:
                 raise ValueError("teacher_hidden and student_hidden are on different devices")
@@ -933,7 +933,7 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
     hidden, weight, bias = found["head"]
     flat_labels = found["labels"]
     lead = student_hidden.shape[:-1]
-    head = LMHead(hidden, weight, bias, softcap, fl._compute_dtype(student_hidden, student_weight))
+    head = LMHead(hidden, weight, bias, softcap, head_dtype(student_hidden, student_weight))
     if teacher_logits is not None:
         t_rows = found["teacher"]
 
@@ -942,7 +942,7 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
     else:
         t_hidden, t_weight, t_bias = found["teacher"]
         t_head = LMHead(t_hidden.detach(), t_weight.detach(), None if t_bias is None else t_bias.detach(),
-                        teacher_softcap, fl._compute_dtype(teacher_hidden, teacher_weight))  # fmt: skip
+                        teacher_softcap, head_dtype(teacher_hidden, teacher_weight))  # fmt: skip
 
         def teacher_chunk(r):
             return t_head.logits(r)[0]
@@ -971,9 +971,8 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
 def fused_linear_fy_loss(hidden, weight, target, f, *, bias, alpha, reference, temperature, ignore_index,
                          softcap, reduction, n_iter, chunk_size, backend, group, vocab_size):  # fmt: skip
     """:func:`fdistill.fused_linear_fy_loss` with the LM head sharded over the vocabulary."""
-    from . import fused_linear as fl
-    from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size
-    from .fdiv import _prepare
+    from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size, head_dtype
+    from .fdiv_call import prepare as _prepare
 
     what = "fused_linear_fy_loss"
     found = {}
@@ -981,10 +980,10 @@ def fused_linear_fy_loss(hidden, weight, target, f, *, bias, alpha, reference, t
     def check() -> _Local:
         _check_backend(backend)
         _check_vocab_size(vocab_size)
-        found["head"] = head_args = fl._check_head("", hidden, weight, bias, softcap)
+        found["head"] = head_args = check_head("", hidden, weight, bias, softcap)
         lead, vocab = hidden.shape[:-1], weight.shape[0]
-        _check_temperature(temperature)
-        _check_choice("reduction", reduction, REDUCTIONS)
+        check_temperature(temperature)
+        check_choice("reduction", reduction, REDUCTIONS)
         _check_chunk_size(chunk_size)
         if not isinstance(target, torch.Tensor):
             raise TypeError(
@@ -1000,7 +999,7 @@ def fused_linear_fy_loss(hidden, weight, target, f, *, bias, alpha, reference, t
             if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
                 raise ValueError("probability target must be finite and non-negative")
         else:
-            found["labels"] = fl._check_token_ids(
+            found["labels"] = check_token_ids(
                 target, lead, 1 << 62, ignore_index, hidden.device, name="target"
             )
         q = reference
@@ -1023,7 +1022,7 @@ def fused_linear_fy_loss(hidden, weight, target, f, *, bias, alpha, reference, t
     layout = _agree(group, what, _device_of(hidden), check, options, vocab_size, label_range=by_labels)
     head_args = found["head"]
     call, labels, probs, q = found["call"], found["labels"], found["probs"], found["q"]
-    head = LMHead(*head_args, softcap, fl._compute_dtype(hidden, weight))
+    head = LMHead(*head_args, softcap, head_dtype(hidden, weight))
     acc = accumulate_dtype(head.dtype)
     per_token = isinstance(q, torch.Tensor) and q.dim() > 1
     q = _reference_value(q, layout, acc, hidden.device) if isinstance(q, str) else q.to(acc)

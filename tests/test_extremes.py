@@ -10,7 +10,7 @@ from utils import generator
 
 import fdistill
 from fdistill._triton_dispatch import interpreter_enabled, triton_available
-from fdistill.losses import MIN_TEMPERATURE
+from fdistill.validation import MIN_TEMPERATURE
 
 BACKENDS = ["cpu", "reference"] + (["triton"] if triton_available() and interpreter_enabled() else [])
 

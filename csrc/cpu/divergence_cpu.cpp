@@ -75,23 +75,45 @@ std::tuple<at::Tensor, at::Tensor> divergence_fwd_cpu(const at::Tensor& student,
 
 // The one-pass forward: loss, statistics and grad_scale * d(loss_row)/d(student) [rows, vocab] in the
 // student's dtype, each row's gradient written while the row is in cache.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    c10::string_view divergence, double param, double temperature, int64_t ignore_index, double grad_scale) {
+// Loss and statistics into new tensors, grad_scale * the gradient into `grad` (a new tensor, or the
+// student itself: each row is read into the kernel's buffers before its gradient is stored).
+static std::tuple<at::Tensor, at::Tensor> run_forward_grad(const at::Tensor& student, const at::Tensor& teacher,
+                                                           const std::optional<at::Tensor>& labels,
+                                                           c10::string_view divergence, double param,
+                                                           double temperature, int64_t ignore_index,
+                                                           double grad_scale, const at::Tensor& grad) {
   RowArgs a = make_row_args(student, teacher, labels, std::string(divergence), param, temperature, ignore_index);
   TORCH_CHECK_VALUE(std::isfinite(grad_scale), "fdistill: grad_scale must be finite, got ", grad_scale);
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   at::Tensor loss = at::empty({a.rows}, acc);
   at::Tensor stats = at::empty({a.rows, kNumStats}, acc);
-  at::Tensor grad = at::empty(student.sizes(), student.options());
-  advise_huge_pages(grad);
   a.loss = loss.data_ptr();
   a.stats = stats.data_ptr();
   a.grad_student = grad.data_ptr();
   a.grad_stride = grad.stride(0);
   a.grad_scale = grad_scale;
   run_rows(a, /*backward=*/false);
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_grad_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, double param, double temperature, int64_t ignore_index, double grad_scale) {
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  advise_huge_pages(grad);
+  auto [loss, stats] = run_forward_grad(student, teacher, labels, divergence, param, temperature, ignore_index,
+                                        grad_scale, grad);
   return {loss, stats, grad};
+}
+
+// The one-pass op writing the gradient over the student logits (a caller that owns them).
+std::tuple<at::Tensor, at::Tensor> divergence_fwd_grad_inplace_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    c10::string_view divergence, double param, double temperature, int64_t ignore_index, double grad_scale) {
+  auto out = run_forward_grad(student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale,
+                              student);
+  student.unsafeGetTensorImpl()->bump_version();  // see divergence_bwd_inplace_cpu
+  return out;
 }
 
 // Writes d(sum grad_loss * loss)/d(student) into `out` (a new tensor, or `student` itself).
@@ -138,6 +160,7 @@ void divergence_bwd_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& s
 TORCH_LIBRARY_IMPL(fdistill, CPU, m) {
   m.impl("divergence_fwd", &divergence_fwd_cpu);
   m.impl("divergence_fwd_grad", &divergence_fwd_grad_cpu);
+  m.impl("divergence_fwd_grad_", &divergence_fwd_grad_inplace_cpu);
   m.impl("divergence_bwd", &divergence_bwd_cpu);
   m.impl("divergence_bwd_", &divergence_bwd_inplace_cpu);
 }

@@ -8,14 +8,13 @@ import numbers
 import torch
 
 from ..losses import divergence_loss
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from ..validation import FLOAT_DTYPES
 
 
 def check_float(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
 
 

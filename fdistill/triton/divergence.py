@@ -22,6 +22,7 @@ import triton.language as tl
 from ..ops import (
     BWD_INPLACE_SCHEMA,
     BWD_SCHEMA,
+    FWD_GRAD_INPLACE_SCHEMA,
     FWD_GRAD_SCHEMA,
     FWD_SCHEMA,
     accumulate_dtype,
@@ -315,10 +316,25 @@ def divergence_fwd_triton(
     return _forward(student, teacher, labels, divergence, param, temperature, ignore_index, None)
 
 
-def divergence_fwd_grad_triton(student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0):
+def divergence_fwd_grad_triton(
+    student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0
+):
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    loss, stats = _forward(student, teacher, labels, divergence, param, temperature, ignore_index, grad, grad_scale)
+    loss, stats = _forward(
+        student, teacher, labels, divergence, param, temperature, ignore_index, grad, grad_scale
+    )
     return loss, stats, grad
+
+
+def divergence_fwd_grad_triton_(
+    student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0
+):
+    # each tile of a row is loaded before its gradient is stored over it (one program per row)
+    out = _forward(
+        student, teacher, labels, divergence, param, temperature, ignore_index, student, grad_scale
+    )
+    torch.autograd.graph.increment_version(student)
+    return out
 
 
 def _backward_into(
@@ -355,6 +371,7 @@ for _name, _schema, _impl in (
     ("divergence_bwd_triton", BWD_SCHEMA, divergence_bwd_triton),
     ("divergence_bwd_triton_", BWD_INPLACE_SCHEMA, divergence_bwd_triton_),
     ("divergence_fwd_grad_triton", FWD_GRAD_SCHEMA, divergence_fwd_grad_triton),
+    ("divergence_fwd_grad_triton_", FWD_GRAD_INPLACE_SCHEMA, divergence_fwd_grad_triton_),
 ):
     _lib.define(_name + _schema)
     for _key in ("CPU", "CUDA"):  # CPU tensors only under TRITON_INTERPRET=1 (checked by the caller)
