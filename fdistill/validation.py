@@ -25,21 +25,34 @@ MAX_SWEEPS = 2**31 - 1  # the f-divergence kernels' sweep counter is a 32-bit in
 # ----------------------------------------------------------------------------- scalars and options
 
 
-def check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices):
+    """``value`` if it is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
-def check_real(name: str, value) -> None:
+def check_real(name: str, value, low=None, high=None) -> float:
+    """``value`` as a float: a finite real number (not a bool), in ``[low, high]`` where given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if (low is not None and not value >= low) or (high is not None and not value <= high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+    return float(value)
 
 
-def check_ignore_index(ignore_index) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+def check_int(name: str, value) -> int:
+    """``value`` as an int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_ignore_index(ignore_index) -> int:
+    return check_int("ignore_index", ignore_index)
 
 
 def check_n_iter(n_iter) -> None:

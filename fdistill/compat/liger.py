@@ -39,7 +39,8 @@ from torch import nn
 from ..chunked_head import default_chunk_size
 from ..fused_linear import fused_linear_divergence_loss, fused_linear_fy_loss
 from ..losses import divergence_loss
-from ._common import check_choice, check_int, check_real, count_kept, promoted_pair, row_labels, safe_div
+from ..validation import check_choice, check_int, check_real
+from ._common import count_kept, promoted_pair, row_labels, safe_div
 
 __all__ = [
     "LigerFusedLinearJSD",

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..losses import divergence_loss
-from ._common import check_int, check_real, promoted_pair, row_labels, safe_div, teacher_entropy_rows
+from ..validation import check_int, check_real
+from ._common import promoted_pair, row_labels, safe_div, teacher_entropy_rows
 
 __all__ = [
     "ForwardKLLoss",

@@ -29,7 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from ..losses import divergence_loss
-from ._common import check_choice, check_real, promoted_pair, row_labels, safe_div
+from ..validation import check_choice, check_real
+from ._common import promoted_pair, row_labels, safe_div
 
 __all__ = ["TRL_REDUCTIONS", "generalized_jsd_loss"]
 
