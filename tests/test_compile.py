@@ -247,6 +247,32 @@ def test_eager_validation_still_raises():
                                               teacher_weight=teacher_weight, labels=labels)  # fmt: skip
 
 
+def test_what_compile_does_with_bad_values(fresh_dynamo, seed):
+    """Under torch.compile the value checks are skipped (values cannot be read while tracing), as the
+    README states: a label >= V gives that token a NaN FY loss (the kernels' rule, never a silent
+    finite value), and an unnormalised probability target is used as given (the same loss as eager
+    on the same target with the sums check off). Eager raises for both."""
+    logits = randn((5, VOCAB), seed)
+    labels = torch.randint(0, VOCAB, (5,), generator=generator(seed + 1))
+    labels[2] = VOCAB
+    with pytest.raises(ValueError, match="labels must be in"):
+        fdistill.fy_loss(logits, labels, "alpha", alpha=1.5, reduction="none")
+    compiled = torch.compile(lambda x, y: fdistill.fy_loss(x, y, "alpha", alpha=1.5, reduction="none"),
+                             backend="aot_eager", fullgraph=True)  # fmt: skip
+    rows = compiled(logits, labels)
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[torch.arange(5) != 2]).all()
+
+    target = torch.softmax(randn((5, VOCAB), seed + 2), -1) * 1.5  # rows sum to 1.5
+    with pytest.raises(ValueError, match="sum to 1"):
+        fdistill.fy_loss(logits, target, "kl", reduction="none")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: fdistill.fy_loss(x, y, "kl", reduction="none"),
+                             backend="aot_eager", fullgraph=True)  # fmt: skip
+    got = compiled(logits, target)
+    normalised = fdistill.fy_loss(logits, target / 1.5, "kl", reduction="none")
+    assert torch.isfinite(got).all() and not torch.allclose(got, normalised)  # used as given
+
+
 # ----------------------------------------------------------------------------- inductor
 
 

