@@ -94,6 +94,40 @@ def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float
     raise ValueError(f"no per-entry terms for divergence {kind!r}; expected one of {TERM_DIVERGENCES}")
 
 
+def alpha_form(alpha: float) -> str:
+    """How the alpha divergence forms ``A = sum p^alpha q^(1 - alpha)`` (docs/divergences.md, "Amari alpha"),
+    ``X = lt - ls``: ``"student"`` (``|alpha| <= 1/2``): ``A - 1 = sum q expm1(alpha X)``; ``"teacher"``
+    (``|1 - alpha| <= 1/2``): ``A - 1 = sum p expm1(-(1 - alpha) X)`` (no ``1 - A`` cancellation near 0 and
+    1); ``"log"`` (elsewhere): ``log A`` from log-sum-exps and the loss in log space (a term can overflow
+    there while the loss does not). The kernels switch at the same points."""
+    if -0.5 <= alpha <= 0.5:
+        return "student"
+    return "teacher" if 0.5 < alpha <= 1.5 else "log"
+
+
+def _weighted_expm1(w: torch.Tensor, lw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w expm1(x) for w = exp(lw), exactly 0 where w == 0; from x = 1/2 up as exp(lw + x) - w (finite
+    wherever the term is). Unselected branches see 0, so their gradients are never NaN."""
+    small = (w > 0) & (x < 0.5)
+    large = (w > 0) & ~small
+    zero = torch.zeros_like(x)
+    term_small = w * torch.expm1(torch.where(small, x, zero))
+    term_large = torch.exp(torch.where(large, lw + x, zero)) - w
+    return torch.where(small, term_small, torch.where(large, term_large, zero))
+
+
+def alpha_rows(s: torch.Tensor, t: torch.Tensor, ls: torch.Tensor, lt: torch.Tensor, alpha: float):
+    """``(1 - A) / (alpha (1 - alpha))`` per row, in the form :func:`alpha_form` picks."""
+    form = alpha_form(alpha)
+    if form != "log":
+        x = lt - ls  # NaN only where both are -inf, where the weight is 0
+        w, lw, e = (ls.exp(), ls, alpha * x) if form == "student" else (lt.exp(), lt, (alpha - 1) * x)
+        return -_weighted_expm1(w, lw, e).sum(-1) / (alpha * (1 - alpha))
+    # alpha outside [0, 1]: A >= 1, loss = exp(log A - log(alpha (alpha - 1))) (1 - 1/A)
+    log_a = _lse(alpha_mixture_logits(s, t, alpha)) - alpha * _lse(t) - (1 - alpha) * _lse(s)
+    return torch.exp(log_a - math.log(alpha * (alpha - 1))) * -torch.expm1(-log_a)
+
+
 def alpha_mixture_logits(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha t + (1 - alpha) s``, ``-inf`` where both are ``-inf`` (a masked entry). The alpha
     divergence's ``log sum p^alpha q^(1 - alpha)`` is its log-sum-exp minus ``alpha LSE(t)`` and
@@ -122,9 +156,7 @@ def divergence_rows_reference(
     if kind in TERM_DIVERGENCES:
         loss = divergence_terms(ls, lt, kind, param).sum(-1)
     elif kind == "alpha":
-        # log A = LSE(alpha t + (1-alpha) s) - alpha LSE(t) - (1-alpha) LSE(s); loss = (1 - A)/(a(1-a))
-        log_a = _lse(alpha_mixture_logits(s, t, param)) - param * _lse(t) - (1 - param) * _lse(s)
-        loss = -torch.expm1(log_a) / (param * (1 - param))
+        loss = alpha_rows(s, t, ls, lt, param)
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     return _apply_row_conventions(loss, s, t)
