@@ -72,9 +72,9 @@ def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float
 
     ``ls`` and ``lt`` are the student's and the teacher's log-probabilities (normalised over the
     whole vocabulary: the terms of a vocabulary shard are the shard's partial sum); ``kind`` is one
-    of :data:`TERM_DIVERGENCES` after :func:`resolve_divergence` (``alpha`` is not a sum of entries:
-    it is ``1 - sum exp(alpha lt + (1 - alpha) ls)``, formed from log-sum-exps). Differentiable in
-    both, with finite gradients where a probability is 0.
+    of :data:`TERM_DIVERGENCES` after :func:`resolve_divergence`, or ``alpha`` where
+    :func:`alpha_form` is not ``"log"`` (there it is no sum of entries: see :func:`alpha_loss_from_log`).
+    Differentiable in both, with finite gradients where a probability is 0.
     """
     if kind in ("forward_kl", "reverse_kl", "jeffreys"):
         fwd = _weighted(lt.exp(), lt, ls) if kind != "reverse_kl" else None
@@ -91,6 +91,11 @@ def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float
         return _weighted(ls.exp(), ls, _log_mixture(lt, ls, 1 - param, param))
     if kind == "tv":
         return 0.5 * (lt.exp() - ls.exp()).abs()
+    if kind == "alpha" and alpha_form(param) != "log":  # -(terms of A - 1) / (alpha (1 - alpha))
+        x = lt - ls  # NaN only where both are -inf, where the weight is 0
+        if alpha_form(param) == "student":
+            return _weighted_expm1(ls.exp(), ls, param * x) / (param * (param - 1))
+        return _weighted_expm1(lt.exp(), lt, (param - 1) * x) / (param * (param - 1))
     raise ValueError(f"no per-entry terms for divergence {kind!r}; expected one of {TERM_DIVERGENCES}")
 
 
@@ -116,15 +121,10 @@ def _weighted_expm1(w: torch.Tensor, lw: torch.Tensor, x: torch.Tensor) -> torch
     return torch.where(small, term_small, torch.where(large, term_large, zero))
 
 
-def alpha_rows(s: torch.Tensor, t: torch.Tensor, ls: torch.Tensor, lt: torch.Tensor, alpha: float):
-    """``(1 - A) / (alpha (1 - alpha))`` per row, in the form :func:`alpha_form` picks."""
-    form = alpha_form(alpha)
-    if form != "log":
-        x = lt - ls  # NaN only where both are -inf, where the weight is 0
-        w, lw, e = (ls.exp(), ls, alpha * x) if form == "student" else (lt.exp(), lt, (alpha - 1) * x)
-        return -_weighted_expm1(w, lw, e).sum(-1) / (alpha * (1 - alpha))
-    # alpha outside [0, 1]: A >= 1, loss = exp(log A - log(alpha (alpha - 1))) (1 - 1/A)
-    log_a = _lse(alpha_mixture_logits(s, t, alpha)) - alpha * _lse(t) - (1 - alpha) * _lse(s)
+def alpha_loss_from_log(log_a: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The alpha loss in the Log form (alpha outside [0, 1], where A >= 1) from ``log A``:
+    ``(A - 1) / (alpha (alpha - 1)) = exp(log A - log(alpha (alpha - 1))) (1 - 1/A)``, finite wherever the
+    loss is, even where A is not."""
     return torch.exp(log_a - math.log(alpha * (alpha - 1))) * -torch.expm1(-log_a)
 
 
@@ -153,10 +153,11 @@ def divergence_rows_reference(
     t = teacher.to(compute) / temperature
     kind = resolve_divergence(divergence, param)
     ls, lt = _log_softmax(s), _log_softmax(t)
-    if kind in TERM_DIVERGENCES:
+    if kind in TERM_DIVERGENCES or (kind == "alpha" and alpha_form(param) != "log"):
         loss = divergence_terms(ls, lt, kind, param).sum(-1)
     elif kind == "alpha":
-        loss = alpha_rows(s, t, ls, lt, param)
+        log_a = _lse(alpha_mixture_logits(s, t, param)) - param * _lse(t) - (1 - param) * _lse(s)
+        loss = alpha_loss_from_log(log_a, param)
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     return _apply_row_conventions(loss, s, t)
