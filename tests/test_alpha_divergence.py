@@ -24,7 +24,7 @@ import math
 import mpmath as mp
 import pytest
 import torch
-from utils import generator, seed_from
+from utils import cpu_capability, generator, hardware_capabilities, seed_from
 
 import fdistill
 from fdistill._triton_dispatch import interpreter_enabled, triton_available
@@ -115,6 +115,18 @@ def test_alpha_against_mpmath(alpha, dtype_name, vocab, backend):
     loss, grad = loss_and_grad(s, t, alpha, backend)
     what = f"{backend} {dtype_name} V={vocab} alpha={alpha!r}"
     assert_matches_mp(loss, grad, want_loss, want_grad, tolerance(alpha, s, t, dtype_name), what)
+
+
+@pytest.mark.parametrize("isa", hardware_capabilities())
+@pytest.mark.parametrize("alpha", [1e-7, 1 - 1e-7, -0.5, 1.5, -50.0], ids=repr)
+def test_alpha_cpu_instruction_sets(alpha, isa):
+    """The CPU kernels' vector paths (default, AVX2, AVX-512: each its own copy of the header's formulas)."""
+    for dtype_name in DTYPES:
+        s, t, want_loss, want_grad = case(dtype_name, 1271, alpha)
+        with cpu_capability(isa):
+            loss, grad = loss_and_grad(s, t, alpha, "cpu")
+        what = f"cpu/{isa} {dtype_name} alpha={alpha!r}"
+        assert_matches_mp(loss, grad, want_loss, want_grad, tolerance(alpha, s, t, dtype_name), what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
