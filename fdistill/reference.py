@@ -92,10 +92,7 @@ def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float
     if kind == "tv":
         return 0.5 * (lt.exp() - ls.exp()).abs()
     if kind == "alpha" and alpha_form(param) != "log":  # -(terms of A - 1) / (alpha (1 - alpha))
-        x = lt - ls  # NaN only where both are -inf, where the weight is 0
-        if alpha_form(param) == "student":
-            return _weighted_expm1(ls.exp(), ls, param * x) / (param * (param - 1))
-        return _weighted_expm1(lt.exp(), lt, (param - 1) * x) / (param * (param - 1))
+        return alpha_terms(ls, lt, param) / (param * (param - 1))
     raise ValueError(f"no per-entry terms for divergence {kind!r}; expected one of {TERM_DIVERGENCES}")
 
 
@@ -119,6 +116,14 @@ def _weighted_expm1(w: torch.Tensor, lw: torch.Tensor, x: torch.Tensor) -> torch
     term_small = w * torch.expm1(torch.where(small, x, zero))
     term_large = torch.exp(torch.where(large, lw + x, zero)) - w
     return torch.where(small, term_small, torch.where(large, term_large, zero))
+
+
+def alpha_terms(ls: torch.Tensor, lt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The terms of ``A - 1``: ``q expm1(alpha X)`` (Student form), ``p expm1(-(1 - alpha) X)`` (Teacher)."""
+    x = lt - ls  # NaN only where both are -inf, where the weight is 0
+    if alpha_form(alpha) == "student":
+        return _weighted_expm1(ls.exp(), ls, alpha * x)
+    return _weighted_expm1(lt.exp(), lt, (alpha - 1) * x)
 
 
 def alpha_loss_from_log(log_a: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -153,11 +158,18 @@ def divergence_rows_reference(
     t = teacher.to(compute) / temperature
     kind = resolve_divergence(divergence, param)
     ls, lt = _log_softmax(s), _log_softmax(t)
-    if kind in TERM_DIVERGENCES or (kind == "alpha" and alpha_form(param) != "log"):
+    if kind in TERM_DIVERGENCES:
         loss = divergence_terms(ls, lt, kind, param).sum(-1)
     elif kind == "alpha":
         log_a = _lse(alpha_mixture_logits(s, t, param)) - param * _lse(t) - (1 - param) * _lse(s)
-        loss = alpha_loss_from_log(log_a, param)
+        if alpha_form(param) == "log":
+            loss = alpha_loss_from_log(log_a, param)
+        else:  # the sum of A - 1 where A >= 1/2, log A below (A = 1 + (A - 1) would lose A's low bits, and
+            # autograd's gradient, proportional to A, with them): the kernels' choice for their gradient
+            a_minus_1 = alpha_terms(ls, lt, param).sum(-1)
+            not_small = a_minus_1 >= -0.5
+            small = -torch.expm1(torch.where(not_small, torch.zeros_like(log_a), log_a))
+            loss = torch.where(not_small, -a_minus_1, small) / (param * (1 - param))
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     return _apply_row_conventions(loss, s, t)

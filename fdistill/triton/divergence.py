@@ -188,15 +188,20 @@ def _divergence_fwd_kernel(
         lse_z = m_z.to(F64) + tl.log(z_z)
         lse_z = lse_z - param * (m_t.to(F64) - ref_t.to(F64)) - (1.0 - param) * (m_s.to(F64) - ref_s.to(F64))
         a = alpha64
+        log_a = lse_z - param * lsum_t - (1.0 - param) * lsum_s
+        c0 = lse_z
         if form == ALPHA_LOG:  # A >= 1: loss = exp(log A - log(a (a - 1))) (1 - 1/A), c1 = A / a
-            log_a = lse_z - param * lsum_t - (1.0 - param) * lsum_s
             c1 = tl.exp(log_a - tl.log(tl.abs(a))) * tl.where(a < 0, -1.0, 1.0)
             loss = tl.exp(log_a - tl.log(a * (a - 1.0))) * -expm1(-log_a)
-        else:  # loss2 = A - 1; c1 = A - 1 (Student) or A / a (Teacher)
-            c1 = tl.where(form == ALPHA_STUDENT, loss2, (1.0 + loss2) / a)
+        else:  # loss2 = A - 1; the gradient's scalars as the C++ finish_row chooses them
             loss = -loss2 / (a * (1.0 - a))
+            # A = 1 + (A - 1) to its last bits where A >= 1/2, exp(log A) below
+            ratio = (tl.where(loss2 >= -0.5, 1.0 + loss2, tl.exp(log_a)) / a).to(ACC).to(F64)
+            student = (form == ALPHA_STUDENT) & ((tl.abs(loss2) <= 0.5) | ~(ratio * a > 0))
+            c0 = tl.where(student, log_sum_t.to(F64) - log_sum_s.to(F64), c0)  # X = (dt - ds) - c0
+            c1 = tl.where(student, loss2, ratio)  # A - 1 (sign never that of a), or A / a
         infinite = m_z == float("inf")  # alpha outside (0, 1), disjoint supports: A = +inf
-        c0 = tl.where(infinite, float("inf"), lse_z)
+        c0 = tl.where(infinite, float("inf"), c0)
         c1 = tl.where(infinite, float("inf"), c1)
         loss = tl.where(infinite, float("inf"), loss)
     else:

@@ -177,8 +177,9 @@ def grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, 
         sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
         g = 0.5 * q * (sigma - c0)
     else:  # alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s) = q exp(alpha X) / A
-        if alpha_form(param) == ALPHA_STUDENT:  # (q (A - 1) - q expm1(alpha X)) / alpha, c1 = A - 1
-            g = (q * c1 - alpha_term(ls, lt, q, p, param, 1.0 - param, ALPHA_STUDENT)) / param
+        if (alpha_form(param) == ALPHA_STUDENT) & ~(c1 * param > 0):  # c1 = A - 1 (C++ alpha_grad_form)
+            x = (dt - ds) - c0  # c0 = log-sum t - log-sum s: X exact where ds, dt are small
+            g = (q * c1 - weighted_expm1(q, ls, param * x)) / param  # (q (A - 1) - q expm1(alpha X)) / alpha
         else:  # c1 = A / alpha
             g = c1 * (q - tl.exp(alpha_logit(ds, dt, param) - c0))
     return g

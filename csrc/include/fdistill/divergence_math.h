@@ -56,6 +56,15 @@ FDISTILL_HD AlphaForm alpha_form(double a) {
   return a > 0.5 && a <= 1.5 ? AlphaForm::Teacher : AlphaForm::Log;
 }
 
+// The gradient's form of a row, from its c1: the Student form's (q (A - 1) - q expm1(a X)) / a where
+// A - 1 is stored (c1 a <= 0: A <= 1 iff a > 0), the ratio form (A / a)(q - r) where A / a is (c1 a > 0:
+// a Student row whose A is not near 1: q - r does not cancel there, while T = q expm1(a X) carries
+// the rounding of log(A r) in its exponent).
+FDISTILL_HD AlphaForm alpha_grad_form(double a, double c1) {
+  const AlphaForm f = alpha_form(a);
+  return f == AlphaForm::Student && c1 * a > 0 ? AlphaForm::Teacher : f;
+}
+
 // Per-row statistics saved by the forward for the backward: O(1) per token.
 // [0] max(s), [1] log sum exp(s - max(s)), [2] max(t), [3] log sum exp(t - max(t)),
 // [4] c0, [5] c1. The log-sum-exp is kept as (max, log-sum) so that
@@ -70,8 +79,9 @@ FDISTILL_HD AlphaForm alpha_form(double a) {
 //   skew_kl:              c0 = sum q p / m
 //   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
 //   tv:                   c0 = sum q sign(q - p)
-//   alpha:                c0 = LSE(alpha (t - max t) + (1-alpha) (s - max s)); c1 = A - 1 in the Student
-//                         form (A = sum p^a q^(1-a), see alpha_form), c1 = A / alpha in the others
+//   alpha:                Student form (see alpha_form) where |A - 1| <= 1/2: c0 = log-sum_t - log-sum_s,
+//                         c1 = A - 1 (A = sum p^a q^(1-a)); else: c0 = LSE(alpha (t - max t) + (1-alpha) (s - max s)),
+//                         c1 = A / alpha (alpha_grad_form tells them apart)
 constexpr int kNumStats = 6;
 
 // Scalar coefficients of a divergence, fixed for a call.
@@ -254,14 +264,14 @@ template <class V>
 struct RowCoef {
   V param, one_minus, log_wt, log_ws;
   V c0, c1;  // row statistics c0, c1 (see kNumStats)
-  AlphaForm alpha_form;
+  AlphaForm alpha_form;  // alpha's gradient form of the row (alpha_grad_form; the sum's form when c1 = 0)
 };
 
 template <class V>
 FDISTILL_HD RowCoef<V> make_row_coef(const DivCoef& c, double c0, double c1) {
   using O = Ops<V>;
   return RowCoef<V>{O::splat(c.param), O::splat(1 - c.param), O::splat(c.log_w_teacher),
-                    O::splat(c.log_w_student), O::splat(c0), O::splat(c1), alpha_form(c.param)};
+                    O::splat(c.log_w_student), O::splat(c0), O::splat(c1), alpha_grad_form(c.param, c1)};
 }
 
 // An entry's term of A - 1 in the alpha divergence's Student / Teacher form (see alpha_form):
@@ -338,8 +348,12 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
     const V sigma = O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
     return O::splat(0.5) * e.q * (sigma - k.c0);
   } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s) = q exp(alpha X) / A
-    // Student form: = (q (A - 1) - q expm1(alpha X)) / alpha, c1 = A - 1: no O(alpha) cancellation in q - r
-    if (k.alpha_form == AlphaForm::Student) return (e.q * k.c1 - alpha_term(e, k)) / k.param;
+    // Student form: = (q (A - 1) - q expm1(alpha X)) / alpha, c1 = A - 1: no O(alpha) cancellation in q - r;
+    // X = (dt - ds) - c0, c0 = log-sum_t - log-sum_s: exact where ds, dt are small (ls, lt carry the log-sums)
+    if (k.alpha_form == AlphaForm::Student) {
+      const V x = (e.dt - e.ds) - k.c0;
+      return (e.q * k.c1 - weighted_expm1(e.q, e.ls, k.param * x)) / k.param;
+    }
     const V r = O::exp(alpha_logit(e.ds, e.dt, k.param, k.one_minus) - k.c0);
     return k.c1 * (e.q - r);  // c1 = A / alpha
   }
@@ -445,18 +459,28 @@ FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
     }
     const double a = c.param;
     const double lse_z = r.z.lse() - a * (r.t.max - r.t.ref) - (1 - a) * (r.s.max - r.s.ref);
-    stats[4] = static_cast<acc_t>(lse_z);
+    const double log_a = lse_z - a * log_sum_t - (1 - a) * log_sum_s;
     const AlphaForm form = alpha_form(a);
+    stats[4] = static_cast<acc_t>(lse_z);
     if (form == AlphaForm::Log) {
       // a outside [0, 1]: A >= 1 and (1 - A) / (a (1 - a)) = exp(log A - log(a (a - 1))) (1 - 1/A),
       // finite wherever the loss is, even where A (or A / a) is not
-      const double log_a = lse_z - a * log_sum_t - (1 - a) * log_sum_s;
       stats[5] = static_cast<acc_t>(std::copysign(std::exp(log_a - std::log(std::fabs(a))), a));
       loss = std::exp(log_a - std::log(a * (a - 1))) * -std::expm1(-log_a);
     } else {
       const double a_minus_1 = r.loss2;  // sum of alpha_term over the row
-      stats[5] = static_cast<acc_t>(form == AlphaForm::Student ? a_minus_1 : (1 + a_minus_1) / a);
       loss = -a_minus_1 / (a * (1 - a));
+      // The gradient's scalars. A is good to its last bits as 1 + (A - 1) where A >= 1/2, as exp(log A)
+      // below. The Student form needs A - 1 (q - r is O(a) where A is near 1) and the stored log-sums'
+      // gap (its X = (dt - ds) - c0 is exact where ds, dt are small); a row whose A is not near 1 (but
+      // not 0) takes the ratio form instead, marked by the sign of c1 = A / a.
+      const acc_t ratio = static_cast<acc_t>((a_minus_1 >= -0.5 ? 1 + a_minus_1 : std::exp(log_a)) / a);
+      if (form == AlphaForm::Student && (std::fabs(a_minus_1) <= 0.5 || !(ratio * a > 0))) {
+        stats[4] = static_cast<acc_t>(static_cast<double>(stats[3]) - static_cast<double>(stats[1]));
+        stats[5] = static_cast<acc_t>(a_minus_1);
+      } else {
+        stats[5] = ratio;
+      }
     }
   } else {
     loss = r.loss2;
