@@ -36,7 +36,6 @@ RTOL = {name: 2**7 * u for name, u in U.items()}  # 7.6e-6 (float32), 1.4e-14 (f
 # near the ends of (0, 1), at the switch points (+-1/2, 3/2) of the forms, and far outside
 ALPHAS = [1e-7, 1e-5, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-5, 1 - 1e-7, -50.0, 20.0, 3.0, -1.0]
 SWITCHES = [-0.5, -0.5 - 2**-20, 0.5 + 2**-20, 1.5, 1.5 + 2**-20, -1e-6, 1 + 1e-6]
-mp.mp.dps = 50
 
 
 def logit_scale(alpha: float) -> float:
@@ -44,6 +43,7 @@ def logit_scale(alpha: float) -> float:
     return min(2.0, 8.0 / abs(alpha))
 
 
+@mp.workdps(50)
 def mp_alpha(s: torch.Tensor, t: torch.Tensor, alpha: float):
     """(loss [rows], gradient in s [rows][V]) at 50 digits, from the exact values of s and t."""
     a = mp.mpf(alpha)
