@@ -72,9 +72,9 @@ def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float
 
     ``ls`` and ``lt`` are the student's and the teacher's log-probabilities (normalised over the
     whole vocabulary: the terms of a vocabulary shard are the shard's partial sum); ``kind`` is one
-    of :data:`TERM_DIVERGENCES` after :func:`resolve_divergence` (``alpha`` is not a sum of entries:
-    it is ``1 - sum exp(alpha lt + (1 - alpha) ls)``, formed from log-sum-exps). Differentiable in
-    both, with finite gradients where a probability is 0.
+    of :data:`TERM_DIVERGENCES` after :func:`resolve_divergence`, or ``alpha`` where
+    :func:`alpha_form` is not ``"log"`` (there it is no sum of entries: see :func:`alpha_loss_from_log`).
+    Differentiable in both, with finite gradients where a probability is 0.
     """
     if kind in ("forward_kl", "reverse_kl", "jeffreys"):
         fwd = _weighted(lt.exp(), lt, ls) if kind != "reverse_kl" else None
@@ -91,7 +91,46 @@ def divergence_terms(ls: torch.Tensor, lt: torch.Tensor, kind: str, param: float
         return _weighted(ls.exp(), ls, _log_mixture(lt, ls, 1 - param, param))
     if kind == "tv":
         return 0.5 * (lt.exp() - ls.exp()).abs()
+    if kind == "alpha" and alpha_form(param) != "log":  # -(terms of A - 1) / (alpha (1 - alpha))
+        return alpha_terms(ls, lt, param) / (param * (param - 1))
     raise ValueError(f"no per-entry terms for divergence {kind!r}; expected one of {TERM_DIVERGENCES}")
+
+
+def alpha_form(alpha: float) -> str:
+    """How the alpha divergence forms ``A = sum p^alpha q^(1 - alpha)`` (docs/divergences.md, "Amari alpha"),
+    ``X = lt - ls``: ``"student"`` (``|alpha| <= 1/2``): ``A - 1 = sum q expm1(alpha X)``; ``"teacher"``
+    (``|1 - alpha| <= 1/2``): ``A - 1 = sum p expm1(-(1 - alpha) X)`` (no ``1 - A`` cancellation near 0 and
+    1); ``"log"`` (elsewhere): ``log A`` from log-sum-exps and the loss in log space (a term can overflow
+    there while the loss does not). The kernels switch at the same points."""
+    if -0.5 <= alpha <= 0.5:
+        return "student"
+    return "teacher" if 0.5 < alpha <= 1.5 else "log"
+
+
+def _weighted_expm1(w: torch.Tensor, lw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w expm1(x) for w = exp(lw), exactly 0 where w == 0; from x = 1/2 up as exp(lw + x) - w (finite
+    wherever the term is). Unselected branches see 0, so their gradients are never NaN."""
+    small = (w > 0) & (x < 0.5)
+    large = (w > 0) & ~small
+    zero = torch.zeros_like(x)
+    term_small = w * torch.expm1(torch.where(small, x, zero))
+    term_large = torch.exp(torch.where(large, lw + x, zero)) - w
+    return torch.where(small, term_small, torch.where(large, term_large, zero))
+
+
+def alpha_terms(ls: torch.Tensor, lt: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The terms of ``A - 1``: ``q expm1(alpha X)`` (Student form), ``p expm1(-(1 - alpha) X)`` (Teacher)."""
+    x = lt - ls  # NaN only where both are -inf, where the weight is 0
+    if alpha_form(alpha) == "student":
+        return _weighted_expm1(ls.exp(), ls, alpha * x)
+    return _weighted_expm1(lt.exp(), lt, (alpha - 1) * x)
+
+
+def alpha_loss_from_log(log_a: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The alpha loss in the Log form (alpha outside [0, 1], where A >= 1) from ``log A``:
+    ``(A - 1) / (alpha (alpha - 1)) = exp(log A - log(alpha (alpha - 1))) (1 - 1/A)``, finite wherever the
+    loss is, even where A is not."""
+    return torch.exp(log_a - math.log(alpha * (alpha - 1))) * -torch.expm1(-log_a)
 
 
 def alpha_mixture_logits(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -122,9 +161,15 @@ def divergence_rows_reference(
     if kind in TERM_DIVERGENCES:
         loss = divergence_terms(ls, lt, kind, param).sum(-1)
     elif kind == "alpha":
-        # log A = LSE(alpha t + (1-alpha) s) - alpha LSE(t) - (1-alpha) LSE(s); loss = (1 - A)/(a(1-a))
         log_a = _lse(alpha_mixture_logits(s, t, param)) - param * _lse(t) - (1 - param) * _lse(s)
-        loss = -torch.expm1(log_a) / (param * (1 - param))
+        if alpha_form(param) == "log":
+            loss = alpha_loss_from_log(log_a, param)
+        else:  # the sum of A - 1 where A >= 1/2, log A below (A = 1 + (A - 1) would lose A's low bits, and
+            # autograd's gradient, proportional to A, with them): the kernels' choice for their gradient
+            a_minus_1 = alpha_terms(ls, lt, param).sum(-1)
+            not_small = a_minus_1 >= -0.5
+            small = -torch.expm1(torch.where(not_small, torch.zeros_like(log_a), log_a))
+            loss = torch.where(not_small, -a_minus_1, small) / (param * (1 - param))
     else:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     return _apply_row_conventions(loss, s, t)

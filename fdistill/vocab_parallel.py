@@ -67,7 +67,14 @@ from torch.autograd.function import once_differentiable
 
 from . import fdiv_reference as fref
 from .ops import accumulate_dtype
-from .reference import DIVERGENCES, alpha_mixture_logits, divergence_terms, resolve_divergence
+from .reference import (
+    DIVERGENCES,
+    alpha_form,
+    alpha_loss_from_log,
+    alpha_mixture_logits,
+    divergence_terms,
+    resolve_divergence,
+)
 from .rows import as_rows, reduce_rows
 from .validation import (
     FLOAT_DTYPES,
@@ -358,13 +365,18 @@ def _terms_and_grads(ls, lt, kind, param, need_s: bool, need_t: bool):
     return terms.detach(), grads[0] if need_s else None, grads[-1] if need_t else None
 
 
+def _alpha_log_form(spec) -> bool:
+    """alpha in its Log form (from log-sum-exps); in the others it is a sum of entries, as the rest."""
+    return spec.kind == "alpha" and alpha_form(spec.param) == "log"
+
+
 class _DivergenceRows(torch.autograd.Function):
     """Per-row divergence of ``[rows, V_local]`` shards of student and teacher logits."""
 
     @staticmethod
     def forward(ctx, student, teacher, keep, spec: _DivSpec):
         acc = accumulate_dtype(student.dtype)
-        group, alpha = spec.layout.group, spec.kind == "alpha"
+        group, alpha = spec.layout.group, _alpha_log_form(spec)
         s = _to_compute(student, acc, spec.temperature, keep)
         t = _to_compute(teacher, acc, spec.temperature, keep)
         cols = [_local_lse(s), _local_lse(t), (_nonfinite(s) | _nonfinite(t)).to(acc).unsqueeze(-1)]
@@ -382,7 +394,7 @@ class _DivergenceRows(torch.autograd.Function):
             lse_z = _global_lse(stats[..., 5:7])
             a = spec.param
             log_a = (lse_z - a * lse_t - (1 - a) * lse_s).sum(-1)  # shifts and log-sums apart
-            rows = -torch.expm1(log_a) / (a * (1 - a))
+            rows = alpha_loss_from_log(log_a, a)
             extra = torch.cat([lse_z, log_a.unsqueeze(-1)], -1)
         else:  # the value and sum_k dD/dls_k, sum_k dD/dlt_k (the backward's row sums) in one all-reduce
             ls, lt = _log_normalise(s, lse_s), _log_normalise(t, lse_t)
@@ -407,7 +419,7 @@ class _DivergenceRows(torch.autograd.Function):
         g = (grad_rows.to(acc) / spec.temperature).unsqueeze(-1)
         ls, lt = _log_normalise(s, lse_s), _log_normalise(t, lse_t)
         q, p = ls.exp(), lt.exp()
-        if spec.kind == "alpha":  # dL/ds = A/alpha (q - r), dL/dt = A/(1 - alpha) (p - r), r = softmax(z)
+        if _alpha_log_form(spec):  # dL/ds = A/alpha (q - r), dL/dt = A/(1 - alpha) (p - r), r = softmax(z)
             r = torch.exp(_log_normalise(alpha_mixture_logits(s, t, spec.param), extra[:, 0:2]))
             big_a = extra[:, 2:3].exp() * g
             ds = big_a / spec.param * (q - r) if need_s else None

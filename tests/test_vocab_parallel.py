@@ -425,6 +425,17 @@ def _bf16_cases():
     }
 
 
+def _alpha_end_cases():
+    """alpha next to 0 and 1 in float32: A - 1 as a sum of expm1 terms (1 - A formed from log-sum-exps
+    was 1e-2 off here)."""
+    return {
+        f"div:alpha{alpha!r}-f32": div_case(
+            "alpha", {"alpha": alpha}, 610 + i, dtype=torch.float32, reduction="none"
+        )
+        for i, alpha in enumerate((1e-6, 1 - 1e-6))
+    }
+
+
 def _special_cases():
     return {
         f"special:{d}": special_rows_case(d, o, 700 + i)
@@ -448,6 +459,7 @@ TWO_RANK_CASES = {
     **_special_cases(),
     **_large_cases(),
     **_bf16_cases(),
+    **_alpha_end_cases(),
     **_fy_cases(),
     **_softargmax_cases(),
     **_fused_cases(),

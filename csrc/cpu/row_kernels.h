@@ -298,7 +298,9 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       RowSums r;
       first_pass<D, scalar_t, acc_t>(a, view, r);
       if constexpr (needs_second_pass(D)) {
-        if (row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) second_pass<D, scalar_t, acc_t>(a, view, r);
+        // alpha's Log form (|alpha - 1/2| > 1) has its loss from the first pass's sums alone
+        const bool second = D != Divergence::Alpha || alpha_form(a.coef.param) != AlphaForm::Log;
+        if (second && row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) second_pass<D, scalar_t, acc_t>(a, view, r);
       }
       loss[row] = finish_row<D, acc_t>(r, a.coef, st);
     }

@@ -29,16 +29,20 @@ from ..ops import (
     register_divergence_ops,
 )
 from ..reference import resolve_divergence
-from .math import DIVERGENCE_CODES, NUM_STATS, alpha_logit, grad_entry, second_pass_terms, weighted
+from .math import (
+    ALPHA_LOG,
+    ALPHA_STUDENT,
+    DIVERGENCE_CODES,
+    NUM_STATS,
+    alpha_form,
+    alpha_logit,
+    alpha_term,
+    expm1,
+    grad_entry,
+    second_pass_terms,
+    weighted,
+)
 from .tiles import tiling
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation near 0 (third-order series below 1e-3)."""
-    small = tl.abs(x) < 1e-3
-    series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))
-    return tl.where(small, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -76,6 +80,7 @@ def _divergence_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = LOSS.dtype.element_ty
     NEG_INF = float("-inf")
+    alpha64 = tl.zeros([], tl.float64) + param  # DIV == 7: 1 - alpha and the loss need it unrounded
     inv_t, param, log_wt, log_ws = _scalars(inv_t, param, log_wt, log_ws, ACC)
     s_row = S + row * stride_s
     t_row = T + row * stride_t
@@ -157,6 +162,18 @@ def _divergence_fwd_kernel(
             term, aux = second_pass_terms(ls, lt, tl.exp(ls), tl.exp(lt), param, log_wt, log_ws, DIV)
             loss2 += tl.sum(term, axis=0).to(F64)
             aux2 += tl.sum(aux, axis=0).to(F64)
+    if DIV == 7:  # alpha in the Student / Teacher form: loss2 = A - 1, the sum of its expm1 terms
+        form = alpha_form(param)  # from the rounded alpha, as the backward decides it
+        one_minus = (1.0 - alpha64).to(ACC)
+        for start in range(0, tl.where(normal & (form != ALPHA_LOG), n_cols, 0), BLOCK):
+            cols = start + offs
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_t
+            t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_t
+            ls = (s - m_s) - log_sum_s
+            lt = (t - m_t) - log_sum_t
+            term = alpha_term(ls, lt, tl.exp(ls), tl.exp(lt), param, one_minus, form)
+            loss2 += tl.sum(term, axis=0).to(F64)
 
     # Row scalars in float64 (a handful of operations per row, as the C++ kernels do), so that
     # constants such as c0 = KL + LSE(s) - LSE(t) are rounded once.
@@ -176,14 +193,26 @@ def _divergence_fwd_kernel(
         c0 = rkl + lsum_s - lsum_t  # KL(q||p) + (LSE(s) - max s) - (LSE(t) - max t): no 1e20 - 1e20
         c1 = c0 - c0.to(ACC).to(F64)  # c0 + c1 as a float pair: the rounding error of c0
     elif DIV == 7:
-        # z was taken relative to the references; shift it to the row maxima
+        # z was taken relative to the references (and weighted by the rounded alpha): shift it to the maxima
         lse_z = m_z.to(F64) + tl.log(z_z)
         lse_z = lse_z - param * (m_t.to(F64) - ref_t.to(F64)) - (1.0 - param) * (m_s.to(F64) - ref_s.to(F64))
+        a = alpha64
         log_a = lse_z - param * lsum_t - (1.0 - param) * lsum_s
+        c0 = lse_z
+        if form == ALPHA_LOG:  # A >= 1: loss = exp(log A - log(a (a - 1))) (1 - 1/A), c1 = A / a
+            c1 = tl.exp(log_a - tl.log(tl.abs(a))) * tl.where(a < 0, -1.0, 1.0)
+            loss = tl.exp(log_a - tl.log(a * (a - 1.0))) * -expm1(-log_a)
+        else:  # loss2 = A - 1; the gradient's scalars as the C++ finish_row chooses them
+            loss = -loss2 / (a * (1.0 - a))
+            # A = 1 + (A - 1) to its last bits where A >= 1/2, exp(log A) below
+            ratio = (tl.where(loss2 >= -0.5, 1.0 + loss2, tl.exp(log_a)) / a).to(ACC).to(F64)
+            student = (form == ALPHA_STUDENT) & ((tl.abs(loss2) <= 0.5) | ~(ratio * a > 0))
+            c0 = tl.where(student, log_sum_t.to(F64) - log_sum_s.to(F64), c0)  # X = (dt - ds) - c0
+            c1 = tl.where(student, loss2, ratio)  # A - 1 (sign never that of a), or A / a
         infinite = m_z == float("inf")  # alpha outside (0, 1), disjoint supports: A = +inf
-        c0 = tl.where(infinite, float("inf"), lse_z)
-        c1 = tl.where(infinite, float("inf"), tl.exp(log_a))
-        loss = tl.where(infinite, float("inf"), -_expm1(log_a) / (param * (1.0 - param)))
+        c0 = tl.where(infinite, float("inf"), c0)
+        c1 = tl.where(infinite, float("inf"), c1)
+        loss = tl.where(infinite, float("inf"), loss)
     else:
         loss = loss2
         c0 = aux2

@@ -26,6 +26,10 @@ DIVERGENCE_CODES = {
     "alpha": 7,
 }
 NUM_STATS = 6
+# alpha_form codes, as the C++ AlphaForm
+ALPHA_STUDENT = tl.constexpr(0)
+ALPHA_TEACHER = tl.constexpr(1)
+ALPHA_LOG = tl.constexpr(2)
 
 
 @triton.jit
@@ -77,6 +81,45 @@ def log_mixture(ls, lt, log_wt, log_ws):
 def q_times_ratio(ls, lt, lm):
     """q p / m = exp(ls + lt - log m); 0 where the mixture is empty, never NaN."""
     return tl.where(lm > float("-inf"), tl.exp(ls + lt - lm), 0.0)
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 to about an ulp (as the C++ accurate_expm1): for |x| < 1/2 the degree-14 Taylor
+    polynomial x (1 + x/2 (1 + x/3 (... (1 + x/14)))), truncation < 5e-17 relative; exp(x) - 1 beyond."""
+    poly = 1.0 + x * (1.0 / 14.0)
+    for k in tl.static_range(13, 1, -1):
+        poly = 1.0 + x * (1.0 / k) * poly
+    return tl.where(tl.abs(x) < 0.5, x * poly, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def weighted_expm1(w, lw, x):
+    """w expm1(x) for w = exp(lw), exactly 0 where w == 0; from x = 1/2 up as exp(lw + x) - w (no
+    cancellation there), which overflows only where the term itself does."""
+    term = tl.where(x < 0.5, w * expm1(x), tl.exp(lw + x) - w)
+    return tl.where(w > 0, term, 0.0)
+
+
+@triton.jit
+def alpha_form(alpha):
+    """ALPHA_STUDENT for |alpha| <= 1/2, ALPHA_TEACHER for |1 - alpha| <= 1/2, else ALPHA_LOG (the
+    forms of A = sum p^alpha q^(1 - alpha): see the C++ alpha_form)."""
+    student = (alpha >= -0.5) & (alpha <= 0.5)
+    teacher = (alpha > 0.5) & (alpha <= 1.5)
+    return tl.where(student, ALPHA_STUDENT, tl.where(teacher, ALPHA_TEACHER, ALPHA_LOG))
+
+
+@triton.jit
+def alpha_term(ls, lt, q, p, alpha, one_minus, form):
+    """An entry's term of A - 1 in the Student / Teacher form: q expm1(alpha X) or p expm1(-(1 - alpha) X),
+    X = lt - ls; ``one_minus`` is 1 - alpha rounded from float64."""
+    x = lt - ls
+    if form == ALPHA_STUDENT:
+        term = weighted_expm1(q, ls, alpha * x)
+    else:
+        term = weighted_expm1(p, lt, -one_minus * x)
+    return term
 
 
 @triton.jit
@@ -133,7 +176,10 @@ def grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, 
         diff = q - p
         sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
         g = 0.5 * q * (sigma - c0)
-    else:  # alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s)
-        r = tl.exp(alpha_logit(ds, dt, param) - c0)
-        g = (c1 / param) * (q - r)
+    else:  # alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s) = q exp(alpha X) / A
+        if (alpha_form(param) == ALPHA_STUDENT) & ~(c1 * param > 0):  # c1 = A - 1 (C++ alpha_grad_form)
+            x = (dt - ds) - c0  # c0 = log-sum t - log-sum s: X exact where ds, dt are small
+            g = (q * c1 - weighted_expm1(q, ls, param * x)) / param  # (q (A - 1) - q expm1(alpha X)) / alpha
+        else:  # c1 = A / alpha
+            g = c1 * (q - tl.exp(alpha_logit(ds, dt, param) - c0))
     return g

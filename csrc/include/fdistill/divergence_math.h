@@ -37,10 +37,32 @@ enum class Divergence : int32_t {
 constexpr int kNumDivergences = 8;
 
 // Divergences whose loss needs the normalised log-probabilities of every entry
-// (a mixture or an absolute value), hence a second pass over the row.
+// (a mixture, an absolute value, alpha's expm1 terms), hence a second pass over the row.
 FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
   return d == Divergence::JSD || d == Divergence::SkewKL ||
-         d == Divergence::SkewReverseKL || d == Divergence::TV;
+         d == Divergence::SkewReverseKL || d == Divergence::TV || d == Divergence::Alpha;
+}
+
+// How the alpha divergence forms A = sum p^a q^(1-a) (docs/divergences.md, "Amari alpha"); X = lt - ls.
+//   Student (|a| <= 1/2):     A - 1 = sum q expm1(a X)         exact near a = 0, no 1 - A cancellation
+//   Teacher (|1 - a| <= 1/2): A - 1 = sum p expm1(-(1 - a) X)  exact near a = 1
+//   Log (elsewhere):          log A = LSE(a t + (1 - a) s) - a LSE(t) - (1 - a) LSE(s), and the loss in
+//                             log space: there a term can overflow while the loss (A - 1) / (a (a - 1)) does not.
+// In the first two |a (1 - a)| <= 3/4, so a term overflows only where the loss does too.
+enum class AlphaForm : int32_t { Student = 0, Teacher = 1, Log = 2 };
+
+FDISTILL_HD AlphaForm alpha_form(double a) {
+  if (a >= -0.5 && a <= 0.5) return AlphaForm::Student;
+  return a > 0.5 && a <= 1.5 ? AlphaForm::Teacher : AlphaForm::Log;
+}
+
+// The gradient's form of a row, from its c1: the Student form's (q (A - 1) - q expm1(a X)) / a where
+// A - 1 is stored (c1 a <= 0: A <= 1 iff a > 0), the ratio form (A / a)(q - r) where A / a is (c1 a > 0:
+// a Student row whose A is not near 1: q - r does not cancel there, while T = q expm1(a X) carries
+// the rounding of log(A r) in its exponent).
+FDISTILL_HD AlphaForm alpha_grad_form(double a, double c1) {
+  const AlphaForm f = alpha_form(a);
+  return f == AlphaForm::Student && c1 * a > 0 ? AlphaForm::Teacher : f;
 }
 
 // Per-row statistics saved by the forward for the backward: O(1) per token.
@@ -57,7 +79,9 @@ FDISTILL_HD constexpr bool needs_second_pass(Divergence d) {
 //   skew_kl:              c0 = sum q p / m
 //   skew_reverse_kl:      c0 = sum q (ls - log m - lambda q / m)
 //   tv:                   c0 = sum q sign(q - p)
-//   alpha:                c0 = LSE(alpha (t - max t) + (1-alpha) (s - max s)), c1 = A = sum p^a q^(1-a)
+//   alpha:                Student form (see alpha_form) where |A - 1| <= 1/2: c0 = log-sum_t - log-sum_s,
+//                         c1 = A - 1 (A = sum p^a q^(1-a)); else: c0 = LSE(alpha (t - max t) + (1-alpha) (s - max s)),
+//                         c1 = A / alpha (alpha_grad_form tells them apart)
 constexpr int kNumStats = 6;
 
 // Scalar coefficients of a divergence, fixed for a call.
@@ -197,6 +221,28 @@ FDISTILL_HD V log_mixture(const Entry<V>& e, V log_wt, V log_ws) {
   return log_add_exp(e.lt + log_wt, e.ls + log_ws);
 }
 
+// exp(x) - 1 to about an ulp from exp alone (no vector expm1): for |x| < 1/2 the degree-14 Taylor
+// polynomial x (1 + x/2 (1 + x/3 (... (1 + x/14)))), truncation |x|^14 / 15! < 5e-17 relative;
+// beyond, exp(x) - 1, which cancels nothing there (|exp(x) - 1| >= 0.39).
+template <class V>
+FDISTILL_HD V accurate_expm1(V x) {
+  using O = Ops<V>;
+  const V one = O::splat(1);
+  V poly = one;
+  for (int k = 14; k >= 2; --k) poly = one + x * O::splat(1.0 / k) * poly;
+  return O::where(O::lt(O::abs(x), O::splat(0.5)), x * poly, O::exp(x) - one);
+}
+
+// w expm1(x) for a weight w = exp(lw), exactly 0 where w == 0. From x = 1/2 up as exp(lw + x) - w
+// (no cancellation there), which overflows only where the term itself does.
+template <class V>
+FDISTILL_HD V weighted_expm1(V w, V lw, V x) {
+  using O = Ops<V>;
+  const V zero = O::splat(0);
+  const V term = O::where(O::lt(x, O::splat(0.5)), w * accurate_expm1(x), O::exp(lw + x) - w);
+  return O::where(O::gt(w, zero), term, zero);
+}
+
 // alpha t + (1 - alpha) s, -inf where both logits are -inf (masked entry).
 template <class V>
 FDISTILL_HD V alpha_logit(V s, V t, V alpha, V one_minus_alpha) {
@@ -218,13 +264,23 @@ template <class V>
 struct RowCoef {
   V param, one_minus, log_wt, log_ws;
   V c0, c1;  // row statistics c0, c1 (see kNumStats)
+  AlphaForm alpha_form;  // alpha's gradient form of the row (alpha_grad_form; the sum's form when c1 = 0)
 };
 
 template <class V>
 FDISTILL_HD RowCoef<V> make_row_coef(const DivCoef& c, double c0, double c1) {
   using O = Ops<V>;
   return RowCoef<V>{O::splat(c.param), O::splat(1 - c.param), O::splat(c.log_w_teacher),
-                    O::splat(c.log_w_student), O::splat(c0), O::splat(c1)};
+                    O::splat(c.log_w_student), O::splat(c0), O::splat(c1), alpha_grad_form(c.param, c1)};
+}
+
+// An entry's term of A - 1 in the alpha divergence's Student / Teacher form (see alpha_form):
+// q expm1(a X) or p expm1(-(1 - a) X), X = lt - ls; 1 - a as rounded from double (k.one_minus).
+template <class V>
+FDISTILL_HD V alpha_term(const Entry<V>& e, const RowCoef<V>& k) {
+  const V x = e.lt - e.ls;
+  if (k.alpha_form == AlphaForm::Student) return weighted_expm1(e.q, e.ls, k.param * x);
+  return weighted_expm1(e.p, e.lt, (Ops<V>::splat(0) - k.one_minus) * x);
 }
 
 // Second pass of the two-pass divergences: the loss integrand and the integrand
@@ -251,6 +307,9 @@ FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& lo
     const V diff = e.q - e.p;
     loss = O::splat(0.5) * O::abs(diff);
     aux = O::where(O::gt(diff, zero), e.q, O::where(O::lt(diff, zero), zero - e.q, zero));
+  } else if constexpr (D == Divergence::Alpha) {  // the terms of A - 1 (none in the Log form)
+    loss = k.alpha_form == AlphaForm::Log ? zero : alpha_term(e, k);
+    aux = zero;
   } else {
     loss = zero;
     aux = zero;
@@ -288,9 +347,15 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
     const V one = O::splat(1);
     const V sigma = O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
     return O::splat(0.5) * e.q * (sigma - k.c0);
-  } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s)
+  } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s) = q exp(alpha X) / A
+    // Student form: = (q (A - 1) - q expm1(alpha X)) / alpha, c1 = A - 1: no O(alpha) cancellation in q - r;
+    // X = (dt - ds) - c0, c0 = log-sum_t - log-sum_s: exact where ds, dt are small (ls, lt carry the log-sums)
+    if (k.alpha_form == AlphaForm::Student) {
+      const V x = (e.dt - e.ds) - k.c0;
+      return (e.q * k.c1 - weighted_expm1(e.q, e.ls, k.param * x)) / k.param;
+    }
     const V r = O::exp(alpha_logit(e.ds, e.dt, k.param, k.one_minus) - k.c0);
-    return (k.c1 / k.param) * (e.q - r);
+    return k.c1 * (e.q - r);  // c1 = A / alpha
   }
 }
 
@@ -392,11 +457,31 @@ FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
       stats[4] = stats[5] = static_cast<acc_t>(kInf);
       return static_cast<acc_t>(kInf);
     }
-    const double lse_z = r.z.lse() - c.param * (r.t.max - r.t.ref) - (1 - c.param) * (r.s.max - r.s.ref);
-    const double log_a = lse_z - c.param * log_sum_t - (1 - c.param) * log_sum_s;
+    const double a = c.param;
+    const double lse_z = r.z.lse() - a * (r.t.max - r.t.ref) - (1 - a) * (r.s.max - r.s.ref);
+    const double log_a = lse_z - a * log_sum_t - (1 - a) * log_sum_s;
+    const AlphaForm form = alpha_form(a);
     stats[4] = static_cast<acc_t>(lse_z);
-    stats[5] = static_cast<acc_t>(std::exp(log_a));
-    loss = -std::expm1(log_a) / (c.param * (1 - c.param));  // (1 - A) / (a (1 - a)), no cancellation
+    if (form == AlphaForm::Log) {
+      // a outside [0, 1]: A >= 1 and (1 - A) / (a (1 - a)) = exp(log A - log(a (a - 1))) (1 - 1/A),
+      // finite wherever the loss is, even where A (or A / a) is not
+      stats[5] = static_cast<acc_t>(std::copysign(std::exp(log_a - std::log(std::fabs(a))), a));
+      loss = std::exp(log_a - std::log(a * (a - 1))) * -std::expm1(-log_a);
+    } else {
+      const double a_minus_1 = r.loss2;  // sum of alpha_term over the row
+      loss = -a_minus_1 / (a * (1 - a));
+      // The gradient's scalars. A is good to its last bits as 1 + (A - 1) where A >= 1/2, as exp(log A)
+      // below. The Student form needs A - 1 (q - r is O(a) where A is near 1) and the stored log-sums'
+      // gap (its X = (dt - ds) - c0 is exact where ds, dt are small); a row whose A is not near 1 (but
+      // not 0) takes the ratio form instead, marked by the sign of c1 = A / a.
+      const acc_t ratio = static_cast<acc_t>((a_minus_1 >= -0.5 ? 1 + a_minus_1 : std::exp(log_a)) / a);
+      if (form == AlphaForm::Student && (std::fabs(a_minus_1) <= 0.5 || !(ratio * a > 0))) {
+        stats[4] = static_cast<acc_t>(static_cast<double>(stats[3]) - static_cast<double>(stats[1]));
+        stats[5] = static_cast<acc_t>(a_minus_1);
+      } else {
+        stats[5] = ratio;
+      }
+    }
   } else {
     loss = r.loss2;
     stats[4] = static_cast<acc_t>(r.aux2);
