@@ -506,8 +506,8 @@ def test_one_pass_kernel_matches_cpu_one_pass(divergence, param, seed):
     got = torch.ops.fdistill.divergence_fwd_grad_triton(*args)
     want = torch.ops.fdistill.divergence_fwd_grad(student, teacher, labels, *args[3:])
     kept = labels != -100  # ignored rows' statistics differ by design (Triton: -inf log-sums, C++: 0)
-    for i, (g, w) in enumerate(zip(got, want)):
-        g, w = g.cpu(), w
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        g = g.cpu()
         if i == 1:
             g, w = g[kept], w[kept]
         torch.testing.assert_close(g, w, atol=1e-13, rtol=1e-11, equal_nan=True)
