@@ -497,8 +497,10 @@ def _error_cases():
                             options=dict(fused["options"], teacher_topk=(torch.zeros(*LEAD, 2).long(),
                                                                          torch.zeros(*LEAD, 2)))),
                        ValueError, "teacher_topk cannot be combined with vocab_parallel_group"),
-        "backend_cpu": (dict(base, options=dict(base["options"], backend="cpu")), ValueError,
-                        "cannot be combined with vocab_parallel_group"),
+        "backend_unknown": (dict(base, options=dict(base["options"], backend="fused")), ValueError,
+                            "backend must be one of"),
+        "fy_backend_cpu": (dict(fy, options=dict(fy["options"], backend="cpu")), ValueError,
+                           "cannot be combined with vocab_parallel_group"),
     }  # fmt: skip
 
 
@@ -609,7 +611,8 @@ def test_bfloat16(two_ranks, name):
 
 @pytest.mark.parametrize("name", [n for n in TWO_RANK_CASES if n.startswith("large:")])
 def test_large_logits_as_accurate_as_eager_float32(two_ranks, name):
-    """Logits ~1e4 in float32: the sharded error vs float64 is at most 2x eager float32 PyTorch's."""
+    """Logits ~1e4 in float32: the sharded error vs float64 is at most 2x that of eager float32 PyTorch
+    or of the unsharded loss in float32 (the same kernels; the merged sums round differently)."""
     case = TWO_RANK_CASES[name]
     want = _expected(case)
     s, t = case["student"], case["teacher"]
@@ -617,15 +620,17 @@ def test_large_logits_as_accurate_as_eager_float32(two_ranks, name):
     s32 = s.clone().requires_grad_()
     eager = divergence_rows_reference(s32, t, case["divergence"], param)
     (eager_grad,) = torch.autograd.grad((eager * case["weight"].float()).sum(), s32)
+    plain = _expected(case, torch.float32)
     eps = torch.finfo(torch.float32).eps
     for rank, sl in enumerate(_slices(SIZES2)):
         got = _ok(two_ranks, name, rank)
         for key, ours, theirs, truth in (
-            ("loss", got["loss"], eager, want["loss"]),
-            ("grad", got["grad_student"], eager_grad[..., sl], want["grad_student"][..., sl]),
-        ):
+            ("loss", got["loss"], (eager, plain["loss"]), want["loss"]),
+            ("grad", got["grad_student"], (eager_grad[..., sl], plain["grad_student"][..., sl]),
+             want["grad_student"][..., sl]),
+        ):  # fmt: skip
             err = (ours.double() - truth).abs().max().item()
-            base = (theirs.double() - truth).abs().max().item()
+            base = max((x.double() - truth).abs().max().item() for x in theirs)
             floor = 8 * eps * max(truth.abs().max().item(), 1e-3)
             assert err <= 2 * base + floor, f"{name} rank {rank} {key}: {err=:.3g} eager {base=:.3g}"
 
