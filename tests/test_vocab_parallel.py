@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from utils import DIVERGENCE_CASES, assert_close_verbose, case_id, generator, make_labels, make_logits
 
 import fdistill
+from fdistill._triton_dispatch import interpreter_enabled, triton_available
 from fdistill.reference import divergence_rows_reference
 
 V = 1271
@@ -211,7 +212,9 @@ def _as64(case):
 
 
 def _expected(case, dtype=torch.float64):
-    c = _as64(case) if dtype == torch.float64 else case
+    """The unsharded results (the default backend: a case's ``backend`` is the sharded call's)."""
+    c = _as64(case) if dtype == torch.float64 else dict(case)
+    c["options"] = {k: v for k, v in c["options"].items() if k != "backend"}
     return RUNNERS[case["kind"]](c, None)
 
 
@@ -443,8 +446,65 @@ def _softargmax_cases():
     }
 
 
+def _backend_cases():
+    """Every divergence with each fused backend named explicitly (Triton: under the interpreter on
+    CPU tensors, see conftest.py), and the reference backend, plus special rows, logits ~1e4 and
+    bf16 on Triton."""
+    cases = {}
+    triton = triton_available() and interpreter_enabled()
+    backends = ("cpu", "reference") + (("triton",) if triton else ())
+    for i, (divergence, options) in enumerate(DIVERGENCE_CASES):
+        for backend in backends:
+            if backend == "reference" and i % 3:
+                continue  # (the reference also runs for every grad_teacher case above)
+            p = _param_cycle(i)
+            opts = dict(options, temperature=p["temperature"], backend=backend)
+            if p["labels"]:
+                opts["labels"] = make_labels(LEAD, seed=i, vocab=V)
+            cases[f"{backend}:" + case_id((divergence, options))] = div_case(
+                divergence, opts, seed=1300 + i, reduction=p["reduction"], neg_inf_frac=p["neg_inf_frac"]
+            )
+    if triton:
+        cases["triton-special:jsd"] = special_rows_case("jsd", {"beta": 0.3, "backend": "triton"}, 1350)
+        cases["triton-special:alpha"] = special_rows_case("alpha", {"alpha": 0.5, "backend": "triton"}, 1351)
+        cases["large:triton-reverse_kl"] = div_case(
+            "reverse_kl", {"backend": "triton"}, 1352, dtype=torch.float32, shape=(6, V), reduction="none",
+            scale=5.0, offset=1e4,
+        )  # fmt: skip
+        cases["bf16:triton-forward_kl"] = div_case(
+            "forward_kl", {"temperature": 2.0, "backend": "triton"}, 1353, dtype=torch.bfloat16
+        )
+    return cases
+
+
+# Against an independent float64 formula (fdistill.reference on the unsharded float64 logits): fresh
+# seeds, -inf entries, logits ~1e4 and a tiny temperature (logits / T ~ 2e5), labels.
+INDEPENDENT = [("forward_kl", 0.0), ("reverse_kl", 0.0), ("jeffreys", 0.3), ("jsd", 0.3), ("skew_kl", 0.1),
+               ("skew_reverse_kl", 0.1), ("tv", 0.0), ("alpha", 0.5), ("alpha", -1.5)]  # fmt: skip
+PARAM_NAME = {"jeffreys": "beta", "jsd": "beta", "skew_kl": "skew", "skew_reverse_kl": "skew",
+              "alpha": "alpha"}  # fmt: skip
+
+
+def _independent_cases():
+    cases = {}
+    triton = triton_available() and interpreter_enabled()
+    for i, (divergence, param) in enumerate(INDEPENDENT):
+        for backend in ("cpu", "triton") if triton and i % 2 == 0 else ("cpu",):
+            opts = {"temperature": 0.05 if i % 2 else 1.0, "backend": backend,
+                    "labels": make_labels((7,), seed=1400 + i, vocab=V)}  # fmt: skip
+            if divergence in PARAM_NAME:
+                opts[PARAM_NAME[divergence]] = param
+            c = div_case(divergence, opts, seed=1400 + 17 * i, shape=(7, V), reduction="none",
+                         neg_inf_frac=0.05, offset=1e4)  # fmt: skip
+            c["param"] = param
+            cases[f"f64-{backend}:{divergence}-{param}"] = c
+    return cases
+
+
 TWO_RANK_CASES = {
     **_divergence_cases(),
+    **_backend_cases(),
+    **_independent_cases(),
     **_special_cases(),
     **_large_cases(),
     **_bf16_cases(),
@@ -633,6 +693,46 @@ def test_large_logits_as_accurate_as_eager_float32(two_ranks, name):
             base = max((x.double() - truth).abs().max().item() for x in theirs)
             floor = 8 * eps * max(truth.abs().max().item(), 1e-3)
             assert err <= 2 * base + floor, f"{name} rank {rank} {key}: {err=:.3g} eager {base=:.3g}"
+
+
+@pytest.mark.parametrize("name", [n for n in TWO_RANK_CASES if n.startswith("f64-")])
+def test_against_independent_float64(two_ranks, name):
+    """Loss rows and gradient shards against fdistill.reference's formulas in float64 on the whole
+    logits (autograd for the gradient), ignored rows 0."""
+    case = TWO_RANK_CASES[name]
+    opts = case["options"]
+    keep = opts["labels"] != -100
+    s = case["student"].clone().requires_grad_()
+    rows = divergence_rows_reference(
+        s, case["teacher"], case["divergence"], case["param"], opts["temperature"]
+    )
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    (grad,) = torch.autograd.grad((rows * case["weight"]).sum(), s)
+    for rank, sl in enumerate(_slices(SIZES2)):
+        got = _ok(two_ranks, name, rank)
+        pairs = (("loss", got["loss"], rows.detach()), ("grad", got["grad_student"], grad[..., sl]))
+        for key, actual, expected in pairs:
+            scale = expected[torch.isfinite(expected)].abs().max().item()
+            assert_close_verbose(actual, expected, 1e-9 * max(scale, 1e-3), 1e-8, f"{name} rank {rank} {key}")
+
+
+def test_fused_ops_run(single_process_group):
+    """The default backend on CPU tensors runs the C++ vocabulary-parallel ops and the backward kernel
+    (and backend="triton" their Triton twins, under the interpreter)."""
+    s, t = make_logits((4, 300), torch.float32, seed=1500)
+    backends = [None] + (["triton"] if triton_available() and interpreter_enabled() else [])
+    for backend in backends:
+        x = s.clone().requires_grad_()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss = fdistill.divergence_loss(
+                x, t, "jsd", backend=backend, vocab_parallel_group=single_process_group
+            )
+            loss.backward()
+        names = {e.name for e in prof.events()}
+        suffix = "_triton" if backend == "triton" else ""
+        for op in ("partial", "finish", "second", "bwd"):
+            ours = sorted(n for n in names if "fdistill" in n)
+            assert f"fdistill::divergence_{op}{suffix}" in names, (backend, ours)
 
 
 def test_special_rows_flags(two_ranks):

@@ -7,7 +7,8 @@ accumulation dtype. ``DIV`` is a ``tl.constexpr`` code from :data:`DIVERGENCE_CO
 divergence compiles to its own specialised kernel from one source.
 
 Row statistics (``ROW_STATS`` = ``fdistill.ops.NUM_STATS`` per row, as the C++ kernels):
-``[max s, log-sum s, max t, log-sum t, c0, c1]`` with ``c0``, ``c1`` as documented for ``kNumStats`` in the C++ header.
+``[max s, log-sum s, max t, log-sum t, c0, c1]`` with ``c0``, ``c1`` as documented for ``kNumStats``
+in the C++ header.
 """
 
 from __future__ import annotations
