@@ -86,9 +86,8 @@ def divergence_loss(
             The loss (the same on every rank) is computed from all-reduced row statistics, and each
             rank gets the gradient of its own shard; ``(tokens x V)`` is never gathered. Everything
             above is supported (every divergence and parameter, temperature, labels, reductions,
-            ``grad_teacher``), except ``grad_in_place`` and the fused backends (``backend`` must be
-            None or ``"reference"``: the computation is pure PyTorch). Bad layouts raise the same
-            error on every rank.
+            ``grad_teacher``, every backend: the fused kernels merge the shards' per-row partial
+            statistics), except ``grad_in_place``. Bad layouts raise the same error on every rank.
         vocab_size: with ``vocab_parallel_group``, the full V, checked against the sum of the shards.
 
     Returns:

@@ -20,9 +20,13 @@ Collectives after the agreement (``rows`` = tokens; every message is ``O(rows)``
 ==================== ======================================================= ======================
 call                 forward                                                 backward
 ==================== ======================================================= ======================
-divergence_loss      1 all-gather (each rank's max and sum-exp of s and t;   none
-                     ``alpha``: also of ``alpha t + (1 - alpha) s``), then
-                     1 all-reduce of the partial sums (none for ``alpha``)
+divergence_loss      fused backends: 1 all-gather of each rank's row         none
+                     partials (``NUM_PARTIALS`` float64 numbers per row),
+                     then 1 all-reduce of the second-pass sums (``jsd``,
+                     ``skew_kl``, ``skew_reverse_kl``, ``tv`` only);
+                     reference: 1 all-gather (max and sum-exp of s and t;
+                     ``alpha``: also of ``alpha t + (1 - alpha) s``), 1
+                     all-reduce of the partial sums (none for ``alpha``)
 fy_loss              1 all-gather (max, bracket; ``kl``: sum-exp), 1         none
                      all-reduce per Newton sweep (none for ``kl``; the last
                      sweep confirms that every rank has settled), 1
@@ -39,18 +43,30 @@ backward recomputes the chunks, and with them the chunks' forward collectives. T
 accumulated and all-reduced in float64 (the row statistics of the first all-gather in the compute
 dtype).
 
-The divergence's gradient needs per-row sums over the whole vocabulary (``sum_k dD/dls_k``, the
-softmax's chain rule); they are computed in the forward pass, in the same all-reduce as the value,
-so the backward is local. For the fused-linear losses, each rank's ``dh = dz_shard @ W_shard`` is a
-partial sum over its vocabulary shard: it is all-reduced (SUM) over the group in the backward; the
-weight and bias gradients of a shard stay on their rank.
+The divergences run on the fused kernels (``backend`` None: the C++ kernels for CPU tensors, Triton for
+CUDA tensors; or ``"cpu"`` / ``"triton"``) as partial -> merge -> finish (``_KernelRows``; the ops and
+their statistics: ``fdistill/ops.py`` and docs/divergences.md, "Partials"): each rank's partial op reduces
+its shard to mergeable per-row statistics (max and sum-exp of s and t relative to the shard's own
+references, the divergence's weighted sums, the alpha mixture's log-sum-exp), the all-gather brings every
+rank's, and the finish op (the same C++ / Triton code as the unsharded forward) re-bases and merges them
+in float64 into the loss and the row statistics the unsharded forward would write; the two-pass
+divergences then all-reduce their second pass over the shards and finish again. The backward is the
+unsharded backward kernel on the rank's shard with those statistics: local. ``backend="reference"`` (and
+``grad_teacher=True``, which the fused kernels do not differentiate) is pure PyTorch (``_ReferenceRows``):
+the per-entry terms of :func:`fdistill.reference.divergence_terms` on log-probabilities normalised by the
+all-gathered log-sum-exps, with the backward's row sums (``sum_k dD/dls_k``, the softmax's chain rule)
+computed in the forward, in the same all-reduce as the value, so that its backward is local too.
 
-The math is the one of the unsharded losses: the per-entry terms of a divergence are
-:func:`fdistill.reference.divergence_terms` (differentiated by autograd, entry by entry), the
-generators of the f-divergences and the bracket of the root finding are those of
-:mod:`fdistill.fdiv_reference`. Everything is computed in float32 (float64 for float64 inputs) in
-pure PyTorch on the tensors' device; any ``torch.distributed`` backend whose collectives accept that
-device works (gloo for CPU tensors, NCCL for CUDA tensors). Eager mode only (no ``torch.compile``).
+For the fused-linear losses, each rank's ``dh = dz_shard @ W_shard`` is a partial sum over its
+vocabulary shard: it is all-reduced (SUM) over the group in the backward; the weight and bias gradients
+of a shard stay on their rank. Their divergence rows run as ``divergence_loss``'s (fused kernels where the
+device has them).
+
+The f-divergence math is the one of the unsharded losses: the generators of the f-divergences and the
+bracket of the root finding are those of :mod:`fdistill.fdiv_reference`, in pure PyTorch on the tensors'
+device. Everything is computed in float32 (float64 for float64 inputs); any ``torch.distributed``
+backend whose collectives accept that device works (gloo for CPU tensors, NCCL for CUDA tensors). Eager
+mode only (no ``torch.compile``).
 """
 
 from __future__ import annotations

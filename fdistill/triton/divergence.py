@@ -536,8 +536,8 @@ def divergence_partial_triton(student, teacher, labels, divergence, param, tempe
     if rows > 0:
         _divergence_partial_kernel[(rows,)](
             student, teacher, labels, parts, scalars[0], scalars[1], vocab, student.stride(0),
-            teacher.stride(0), ignore_index, DIV=code, HAS_LABELS=labels is not None, BLOCK=block, ACC=acc, num_warps=warps,
-            enable_fp_fusion=FP_FUSION,
+            teacher.stride(0), ignore_index, DIV=code, HAS_LABELS=labels is not None, BLOCK=block, ACC=acc,
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return parts
 
