@@ -523,7 +523,15 @@ THREE_RANK_CASES = {
     "fy:alpha1.5-labels": fy_case("alpha", {"alpha": 1.5, "temperature": 1.3}, 904),
     "softargmax:js": softargmax_case("js", {}, 905),
     "fused_div:forward_kl": fused_div_case(906, {"divergence": "forward_kl", "chunk_size": 5}),
+    "div:skew_reverse_kl-cpu": div_case(
+        "skew_reverse_kl", {"skew": 0.1, "backend": "cpu", "labels": make_labels(LEAD, 2, vocab=V)}, 907,
+        reduction="none", neg_inf_frac=0.1,
+    ),  # fmt: skip
 }
+if triton_available() and interpreter_enabled():
+    THREE_RANK_CASES["div:alpha-triton"] = div_case(
+        "alpha", {"alpha": 1.5, "backend": "triton", "temperature": 0.8}, 908, reduction="sum"
+    )
 
 
 # --- errors
@@ -714,6 +722,59 @@ def test_against_independent_float64(two_ranks, name):
         for key, actual, expected in pairs:
             scale = expected[torch.isfinite(expected)].abs().max().item()
             assert_close_verbose(actual, expected, 1e-9 * max(scale, 1e-3), 1e-8, f"{name} rank {rank} {key}")
+
+
+def _row_ops(backend):
+    """(forward, partial, finish, second) ops of a fused backend."""
+    suffix = ""
+    if backend == "triton":
+        from fdistill._triton_dispatch import triton_forward_op
+
+        triton_forward_op()  # registers the Triton ops
+        suffix = "_triton"
+    ns = torch.ops.fdistill
+    return [getattr(ns, f"divergence_{op}{suffix}") for op in ("fwd", "partial", "finish", "second")]
+
+
+FUSED_BACKENDS = ["cpu"] + (["triton"] if triton_available() and interpreter_enabled() else [])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_merged_partials_equal_one_pass(backend, dtype):
+    """In one process: the partials of three slices of each row, merged and finished (and the second
+    pass summed over the slices), give the unsharded forward's loss and statistics, special rows,
+    logits ~1e4 and ignored rows included; opcheck of the three ops (schema, fake)."""
+    fwd, partial, finish, second = _row_ops(backend)
+    vocab, sizes = 700, _slices((300, 100, 300))
+    for i, (divergence, param) in enumerate(INDEPENDENT):
+        s, t = make_logits((7, vocab), dtype, seed=1600 + i, neg_inf_frac=0.05)
+        s[0], t[0] = -math.inf, -math.inf
+        s[1, 500] = math.nan
+        t[2] = -math.inf
+        s[3, :300], t[3, :300] = -math.inf, -math.inf
+        s[4, :300] = -math.inf
+        s[5], t[5] = s[5] + 1e4, t[5] - 1e4
+        labels = torch.tensor([1, 2, 3, 4, -100, 6, 7])
+        options = (divergence, param, 0.7, -100)
+        want, want_stats = fwd(s, t, labels, *options)
+        shards = [(s[:, sl].contiguous(), t[:, sl].contiguous()) for sl in sizes]
+        parts = torch.stack([partial(a, b, labels, *options) for a, b in shards])
+        merge = (labels, divergence, param, -100, dtype)
+        loss, stats = finish(parts, None, *merge)
+        sums = sum(second(a, b, labels, stats, *options) for a, b in shards)
+        if divergence in ("jsd", "skew_kl", "skew_reverse_kl", "tv"):
+            loss, stats = finish(parts, sums, *merge)
+        else:
+            assert (sums == 0).all()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_close_verbose(loss, want, tol, tol, f"{divergence} loss")
+        assert_close_verbose(stats, want_stats, 1e-4, tol, f"{divergence} stats")
+        if i == 3:
+            opts = ("test_schema", "test_faketensor")
+            torch.library.opcheck(partial, (*shards[0], labels, *options), test_utils=opts)
+            torch.library.opcheck(finish, (parts, sums, *merge), test_utils=opts)
+            torch.library.opcheck(second, (*shards[0], labels, stats, *options), test_utils=opts)
 
 
 def test_fused_ops_run(single_process_group):
