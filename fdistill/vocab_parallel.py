@@ -40,8 +40,8 @@ fused-linear losses  the rows above, per chunk of tokens (and the            1 a
 
 The fused-linear losses agree once per call, not per chunk; with ``reduction="none"`` their
 backward recomputes the chunks, and with them the chunks' forward collectives. The partial sums are
-accumulated and all-reduced in float64 (the row statistics of the first all-gather in the compute
-dtype).
+accumulated and all-reduced in float64 (the kernels' partials too; the reference path's first
+all-gather is in the compute dtype).
 
 The divergences run on the fused kernels (``backend`` None: the C++ kernels for CPU tensors, Triton for
 CUDA tensors; or ``"cpu"`` / ``"triton"``) as partial -> merge -> finish (``_KernelRows``; the ops and
