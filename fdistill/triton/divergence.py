@@ -252,8 +252,7 @@ def _divergence_fwd_kernel(
         LOSS, STATS, row, m_s, z_s, w_s, ref_s, m_t, z_t, w_t, ref_t, m_z, z_z, loss2, aux2, param, DIV, ACC
     )
     if WRITE_GRAD:  # the one-pass op: the row's gradient right after its statistics
-        F64: tl.constexpr = tl.float64
-        g = ((tl.zeros([], F64) + grad_scale) * inv_t.to(F64)).to(ACC)
+        g = ((tl.zeros([], tl.float64) + grad_scale) * inv_t.to(tl.float64)).to(ACC)
         _write_grad(
             s_row, t_row, GRAD + row * stride_grad, m_s, log_sum_s, m_t, log_sum_t,
             c0, c1, g, n_cols == 0,
