@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_capability.h"
+#include "divergence_op.h"
 #include "fdistill/divergence_math.h"
 #include "fdistill/fdiv_math.h"
 
@@ -32,6 +33,21 @@ TORCH_LIBRARY(fdistill, m) {
       "divergence_bwd_(Tensor grad_loss, Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor stats,"
       " str divergence, float param, float temperature, int ignore_index) -> ()");
 
+  // Vocabulary parallelism, partial -> merge -> finish (each rank holds a vocabulary slice of every row):
+  // the first-pass partials [rows, kNumPartials] (float64) of the slice; the loss and statistics from the
+  // partials of every slice [parts, rows, kNumPartials] (and, for the two-pass divergences, `second`:
+  // the whole rows' second-pass sums; dtype: the logits'); the second-pass sums [rows, 2] (float64) of a
+  // slice from the whole rows' statistics. The backward is divergence_bwd with those statistics.
+  m.def(
+      "divergence_partial(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param,"
+      " float temperature, int ignore_index) -> Tensor");
+  m.def(
+      "divergence_finish(Tensor partials, Tensor? second, Tensor? labels, str divergence, float param,"
+      " int ignore_index, ScalarType dtype) -> (Tensor, Tensor)");
+  m.def(
+      "divergence_second(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, str divergence,"
+      " float param, float temperature, int ignore_index) -> Tensor");
+
   // f-divergence operators and Fenchel-Young losses (fdiv_args.h): solves for tau per row, then
   // mode 0 -> (p* [rows, vocab] in the logits' dtype, stats), mode 1 -> (FY loss [rows], stats),
   // mode 2 -> (f-softmax value [rows], stats); stats [rows, 3] = [max theta, tau - max, S0].
@@ -53,6 +69,11 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("with_cuda") = false;
 #endif
   mod.attr("num_stats") = fdistill::kNumStats;
+  mod.attr("num_partials") = fdistill::kNumPartials;
+  mod.def(
+      "needs_second_pass",
+      [](const std::string& name) { return fdistill::needs_second_pass(fdistill::resolve_divergence(name, 0.5)); },
+      "Whether a divergence's kernel makes a second pass over each row (jsd, skew_kl, skew_reverse_kl, tv).");
   mod.attr("num_fdiv_stats") = fdistill::kFDivStats;
   mod.def(
       "cpu_capability", [](bool refresh) { return fdistill::cpu::capability_name(fdistill::cpu::cpu_capability(refresh)); },

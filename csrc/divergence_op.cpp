@@ -31,13 +31,13 @@ Divergence resolve_divergence(const std::string& name, double param) {
   return d;
 }
 
-DType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
     case at::kFloat: return DType::Float32;
     case at::kDouble: return DType::Float64;
     case at::kBFloat16: return DType::BFloat16;
     case at::kHalf: return DType::Float16;
-    default: TORCH_CHECK_TYPE(false, "fdistill: logits must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+    default: TORCH_CHECK_TYPE(false, "fdistill: logits must be float32, float64, bfloat16 or float16, got ", t);
   }
 }
 
@@ -68,16 +68,19 @@ RowArgs make_row_args(const at::Tensor& student, const at::Tensor& teacher,
   a.student_stride = student.stride(0);
   a.teacher_stride = teacher.stride(0);
   a.ignore_index = ignore_index;
-  if (labels.has_value()) {
-    const at::Tensor& l = *labels;
-    TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == a.rows, "fdistill: labels must be [rows] = [", a.rows,
-                      "], got ", l.sizes());
-    TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "fdistill: labels must be int64, got ", l.scalar_type());
-    TORCH_CHECK_VALUE(l.is_contiguous(), "fdistill: labels must be contiguous");
-    TORCH_CHECK(l.device() == student.device(), "fdistill: labels on a different device than the logits");
-    a.labels = l.data_ptr<int64_t>();
-  }
+  set_labels(a, labels, student.device());
   return a;
+}
+
+void set_labels(RowArgs& a, const std::optional<at::Tensor>& labels, const at::Device& device) {
+  if (!labels.has_value()) return;
+  const at::Tensor& l = *labels;
+  TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == a.rows, "fdistill: labels must be [rows] = [", a.rows,
+                    "], got ", l.sizes());
+  TORCH_CHECK_TYPE(l.scalar_type() == at::kLong, "fdistill: labels must be int64, got ", l.scalar_type());
+  TORCH_CHECK_VALUE(l.is_contiguous(), "fdistill: labels must be contiguous");
+  TORCH_CHECK(l.device() == device, "fdistill: labels on a different device than the logits");
+  a.labels = l.data_ptr<int64_t>();
 }
 
 }  // namespace fdistill

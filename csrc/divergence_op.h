@@ -16,10 +16,14 @@ namespace fdistill {
 // beta = 0 / 1 likewise, skew lambda = 0 is the plain KL.
 Divergence resolve_divergence(const std::string& name, double param);
 
-DType dtype_of(const at::Tensor& x);
+DType dtype_of(at::ScalarType t);
+inline DType dtype_of(const at::Tensor& x) { return dtype_of(x.scalar_type()); }
 
 // Statistics and loss are kept in fp32 (fp64 for fp64 inputs).
 at::ScalarType accumulate_type(at::ScalarType t);
+
+// Checks labels ([rows] int64, contiguous, on `device`) and points a.labels at them.
+void set_labels(RowArgs& a, const std::optional<at::Tensor>& labels, const at::Device& device);
 
 // Checks shapes, dtypes and devices of a forward call and fills the pointers.
 RowArgs make_row_args(const at::Tensor& student, const at::Tensor& teacher,

@@ -18,7 +18,7 @@ from ._value_checks import ValueChecks
 from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size, head_dtype
 from .fdiv import fy_rows
 from .fdiv_call import prepare
-from .losses import DIVERGENCES, REDUCTIONS, _pick_backend
+from .losses import DIVERGENCES, REDUCTIONS, pick_backend
 from .ops import accumulate_dtype
 from .rows import DivergenceRows
 from .validation import (
@@ -164,7 +164,7 @@ def fused_linear_divergence_loss(
     lead, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     checks = ValueChecks()  # every value check of the call, read with one host sync
     flat_labels = check_token_ids(labels, lead, vocab, ignore_index, student_hidden.device, checks)
-    backend = _pick_backend(backend, student_hidden, False, name="student_hidden")
+    backend = pick_backend(backend, student_hidden, False, name="student_hidden")
     student = LMHead(*head_args, softcap, head_dtype(student_hidden, student_weight))
 
     keep = None if flat_labels is None else flat_labels != ignore_index

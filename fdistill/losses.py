@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers fake and autograd for the compiled ops)
-from ._extension import BUILD_HINT, has_cpu_kernels, require_extension
-from ._triton_dispatch import check_triton_device, triton_available
+from ._extension import BUILD_HINT
 from .reference import DIVERGENCES
-from .rows import DivergenceRows, as_rows, reduce_rows
+from .rows import BACKENDS, DivergenceRows, as_rows, pick_backend, reduce_rows
 from .validation import (
     REDUCTIONS,
     check_choice,
@@ -22,8 +21,6 @@ from .validation import (
     check_temperature,
     divergence_param,
 )
-
-BACKENDS = ("reference", "cpu", "triton")
 
 
 def divergence_loss(
@@ -94,9 +91,8 @@ def divergence_loss(
             The loss (the same on every rank) is computed from all-reduced row statistics, and each
             rank gets the gradient of its own shard; ``(tokens x V)`` is never gathered. Everything
             above is supported (every divergence and parameter, temperature, labels, reductions,
-            ``grad_teacher``), except ``grad_in_place`` and the fused backends (``backend`` must be
-            None or ``"reference"``: the computation is pure PyTorch). Bad layouts raise the same
-            error on every rank.
+            ``grad_teacher``, every backend: the fused kernels merge the shards' per-row partial
+            statistics), except ``grad_in_place``. Bad layouts raise the same error on every rank.
         vocab_size: with ``vocab_parallel_group``, the full V, checked against the sum of the shards.
 
     Returns:
@@ -125,7 +121,7 @@ def divergence_loss(
     check_temperature(temperature)
     check_ignore_index(ignore_index)
     check_teacher_grad(teacher_logits, grad_teacher)
-    backend = _pick_backend(backend, student_logits, grad_teacher)
+    backend = pick_backend(backend, student_logits, grad_teacher)
     if grad_in_place and backend == "reference":
         raise ValueError("grad_in_place=True needs a fused backend ('cpu' or 'triton'), not 'reference'")
 
@@ -185,28 +181,6 @@ class DivergenceLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _pick_backend(
-    backend: str | None, student: torch.Tensor, grad_teacher: bool, name="student_logits"
-) -> str:
-    device = student.device.type
-    if backend is None:
-        if grad_teacher:
-            return "reference"
-        if device == "cpu":
-            return "cpu" if has_cpu_kernels() else "reference"
-        return "triton" if device == "cuda" and triton_available() else "reference"
-    check_choice("backend", backend, BACKENDS)
-    if backend != "reference" and grad_teacher:
-        raise ValueError(f"grad_teacher=True needs backend='reference' ({backend!r} skips the teacher)")
-    if backend == "cpu":
-        if device != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {student.device}")
-        require_extension()
-    if backend == "triton":
-        check_triton_device(student.device, name)
-    return backend
 
 
 __all__ = ["BACKENDS", "BUILD_HINT", "DIVERGENCES", "REDUCTIONS", "DivergenceLoss", "divergence_loss"]

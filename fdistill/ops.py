@@ -16,6 +16,16 @@ logits and returns a per-row loss plus per-row statistics (``NUM_STATS`` numbers
   backward recomputes the probabilities from the statistics (nothing of size ``[rows, V]`` saved),
   into a new tensor (``divergence_bwd``) or over the student logits (``divergence_bwd_``).
 
+Vocabulary parallelism (``fdistill/vocab_parallel.py``) runs partial -> merge -> finish on three more
+ops per backend, ``divergence_partial`` / ``_finish`` / ``_second`` (``*_triton``): the partial op
+reduces each row of a vocabulary slice to ``NUM_PARTIALS`` mergeable float64 numbers (max and
+sum-exp of s and t, the weighted sums, the alpha mixture's log-sum-exp; ``kNumPartials`` in
+``csrc/include/fdistill/divergence_math.h``); the finish op merges the partials of every slice
+``[parts, rows, NUM_PARTIALS]`` and returns the loss and ``NUM_STATS`` statistics exactly as the
+unsharded forward writes them; for the divergences of ``TWO_PASS_DIVERGENCES`` the second op sums the
+second pass over a slice from those statistics (``[rows, 2]``, float64), and the finish op, given the
+sums of every slice, completes the loss. The backward is ``divergence_bwd`` with the statistics.
+
 Reductions happen in Python.
 """
 
@@ -24,8 +34,12 @@ from __future__ import annotations
 import torch
 
 from ._extension import _C
+from .reference import DIVERGENCES
 
 NUM_STATS = 6  # must match kNumStats in csrc/include/fdistill/divergence_math.h
+NUM_PARTIALS = 12  # must match kNumPartials there
+# the divergences (after resolve_divergence) with a second pass: needs_second_pass there
+TWO_PASS_DIVERGENCES = ("jsd", "skew_kl", "skew_reverse_kl", "tv", "alpha")
 
 FWD_SCHEMA = (
     "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param, float temperature,"
@@ -46,6 +60,19 @@ BWD_SCHEMA = (
 BWD_INPLACE_SCHEMA = (
     "(Tensor grad_loss, Tensor(a!) student, Tensor teacher, Tensor? labels, Tensor stats, str divergence,"
     " float param, float temperature, int ignore_index) -> ()"
+)
+
+PARTIAL_SCHEMA = (
+    "(Tensor student, Tensor teacher, Tensor? labels, str divergence, float param, float temperature,"
+    " int ignore_index) -> Tensor"
+)
+FINISH_SCHEMA = (
+    "(Tensor partials, Tensor? second, Tensor? labels, str divergence, float param, int ignore_index,"
+    " ScalarType dtype) -> (Tensor, Tensor)"
+)
+SECOND_SCHEMA = (
+    "(Tensor student, Tensor teacher, Tensor? labels, Tensor stats, str divergence, float param,"
+    " float temperature, int ignore_index) -> Tensor"
 )
 
 
@@ -186,6 +213,32 @@ def register_divergence_ops(fwd: str, bwd: str, bwd_inplace: str, fwd_grad: str)
     )
 
 
+def _partial_fake(student, teacher, labels, divergence, param, temperature, ignore_index):
+    torch._check(student.dim() == 2, lambda: "student must be [rows, vocab]")
+    return student.new_empty((student.shape[0], NUM_PARTIALS), dtype=torch.float64)
+
+
+def _finish_fake(partials, second, labels, divergence, param, ignore_index, dtype):
+    shape_ok = partials.dim() == 3 and partials.shape[2] == NUM_PARTIALS
+    torch._check(shape_ok, lambda: "partials must be [parts, rows, NUM_PARTIALS]")
+    rows, acc = partials.shape[1], accumulate_dtype(dtype)
+    return partials.new_empty(rows, dtype=acc), partials.new_empty((rows, NUM_STATS), dtype=acc)
+
+
+def _second_fake(student, teacher, labels, stats, divergence, param, temperature, ignore_index):
+    return student.new_empty((student.shape[0], 2), dtype=torch.float64)
+
+
+def register_vocab_parallel_ops(partial: str, finish: str, second: str) -> None:
+    """Fake kernels of one backend's vocabulary-parallel ops (called inside an autograd.Function:
+    they need no autograd of their own)."""
+    torch.library.register_fake(f"fdistill::{partial}")(_partial_fake)
+    torch.library.register_fake(f"fdistill::{finish}")(_finish_fake)
+    torch.library.register_fake(f"fdistill::{second}")(_second_fake)
+
+
 if _C is not None:
-    assert _C.num_stats == NUM_STATS, "fdistill._C is stale: rebuild the extension"
+    assert _C.num_stats == NUM_STATS and _C.num_partials == NUM_PARTIALS, "fdistill._C is stale: rebuild it"
+    assert all(_C.needs_second_pass(d) == (d in TWO_PASS_DIVERGENCES) for d in DIVERGENCES)
     register_divergence_ops("divergence_fwd", "divergence_bwd", "divergence_bwd_", "divergence_fwd_grad")
+    register_vocab_parallel_ops("divergence_partial", "divergence_finish", "divergence_second")

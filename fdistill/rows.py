@@ -19,8 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from . import ops  # noqa: F401  (registers fake and autograd for the compiled ops)
-from ._triton_dispatch import triton_forward_op
+from ._extension import has_cpu_kernels, require_extension
+from ._triton_dispatch import check_triton_device, triton_available, triton_forward_op
 from .reference import divergence_rows_reference
+from .validation import check_choice
+
+BACKENDS = ("reference", "cpu", "triton")
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,26 @@ def reduce_rows(rows, reduction, lead_shape, labels=None, ignore_index=-100):
     if labels is None:
         return total / max(rows.numel(), 1)
     return total / (labels != ignore_index).sum().clamp_min(1)
+
+
+def pick_backend(
+    backend: str | None, student: torch.Tensor, grad_teacher: bool, name="student_logits"
+) -> str:
+    """The divergence backend for ``student``'s device: ``backend`` checked, or the best one for None."""
+    device = student.device.type
+    if backend is None:
+        if grad_teacher:
+            return "reference"
+        if device == "cpu":
+            return "cpu" if has_cpu_kernels() else "reference"
+        return "triton" if device == "cuda" and triton_available() else "reference"
+    check_choice("backend", backend, BACKENDS)
+    if backend != "reference" and grad_teacher:
+        raise ValueError(f"grad_teacher=True needs backend='reference' ({backend!r} skips the teacher)")
+    if backend == "cpu":
+        if device != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {student.device}")
+        require_extension()
+    if backend == "triton":
+        check_triton_device(student.device, name)
+    return backend

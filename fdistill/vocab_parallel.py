@@ -20,9 +20,13 @@ Collectives after the agreement (``rows`` = tokens; every message is ``O(rows)``
 ==================== ======================================================= ======================
 call                 forward                                                 backward
 ==================== ======================================================= ======================
-divergence_loss      1 all-gather (each rank's max and sum-exp of s and t;   none
-                     ``alpha``: also of ``alpha t + (1 - alpha) s``), then
-                     1 all-reduce of the partial sums (none for ``alpha``)
+divergence_loss      fused backends: 1 all-gather of each rank's row         none
+                     partials (``NUM_PARTIALS`` float64 numbers per row),
+                     then 1 all-reduce of the second-pass sums (``jsd``,
+                     ``skew_kl``, ``skew_reverse_kl``, ``tv`` only);
+                     reference: 1 all-gather (max and sum-exp of s and t;
+                     ``alpha``: also of ``alpha t + (1 - alpha) s``), 1
+                     all-reduce of the partial sums (none for ``alpha``)
 fy_loss              1 all-gather (max, bracket; ``kl``: sum-exp), 1         none
                      all-reduce per Newton sweep (none for ``kl``; the last
                      sweep confirms that every rank has settled), 1
@@ -36,21 +40,33 @@ fused-linear losses  the rows above, per chunk of tokens (and the            1 a
 
 The fused-linear losses agree once per call, not per chunk; with ``reduction="none"`` their
 backward recomputes the chunks, and with them the chunks' forward collectives. The partial sums are
-accumulated and all-reduced in float64 (the row statistics of the first all-gather in the compute
-dtype).
+accumulated and all-reduced in float64 (the kernels' partials too; the reference path's first
+all-gather is in the compute dtype).
 
-The divergence's gradient needs per-row sums over the whole vocabulary (``sum_k dD/dls_k``, the
-softmax's chain rule); they are computed in the forward pass, in the same all-reduce as the value,
-so the backward is local. For the fused-linear losses, each rank's ``dh = dz_shard @ W_shard`` is a
-partial sum over its vocabulary shard: it is all-reduced (SUM) over the group in the backward; the
-weight and bias gradients of a shard stay on their rank.
+The divergences run on the fused kernels (``backend`` None: the C++ kernels for CPU tensors, Triton for
+CUDA tensors; or ``"cpu"`` / ``"triton"``) as partial -> merge -> finish (``_KernelRows``; the ops and
+their statistics: ``fdistill/ops.py`` and docs/divergences.md, "Partials"): each rank's partial op reduces
+its shard to mergeable per-row statistics (max and sum-exp of s and t relative to the shard's own
+references, the divergence's weighted sums, the alpha mixture's log-sum-exp), the all-gather brings every
+rank's, and the finish op (the same C++ / Triton code as the unsharded forward) re-bases and merges them
+in float64 into the loss and the row statistics the unsharded forward would write; the two-pass
+divergences then all-reduce their second pass over the shards and finish again. The backward is the
+unsharded backward kernel on the rank's shard with those statistics: local. ``backend="reference"`` (and
+``grad_teacher=True``, which the fused kernels do not differentiate) is pure PyTorch (``_ReferenceRows``):
+the per-entry terms of :func:`fdistill.reference.divergence_terms` on log-probabilities normalised by the
+all-gathered log-sum-exps, with the backward's row sums (``sum_k dD/dls_k``, the softmax's chain rule)
+computed in the forward, in the same all-reduce as the value, so that its backward is local too.
 
-The math is the one of the unsharded losses: the per-entry terms of a divergence are
-:func:`fdistill.reference.divergence_terms` (differentiated by autograd, entry by entry), the
-generators of the f-divergences and the bracket of the root finding are those of
-:mod:`fdistill.fdiv_reference`. Everything is computed in float32 (float64 for float64 inputs) in
-pure PyTorch on the tensors' device; any ``torch.distributed`` backend whose collectives accept that
-device works (gloo for CPU tensors, NCCL for CUDA tensors). Eager mode only (no ``torch.compile``).
+For the fused-linear losses, each rank's ``dh = dz_shard @ W_shard`` is a partial sum over its
+vocabulary shard: it is all-reduced (SUM) over the group in the backward; the weight and bias gradients
+of a shard stay on their rank. Their divergence rows run as ``divergence_loss``'s (fused kernels where the
+device has them).
+
+The f-divergence math is the one of the unsharded losses: the generators of the f-divergences and the
+bracket of the root finding are those of :mod:`fdistill.fdiv_reference`, in pure PyTorch on the tensors'
+device. Everything is computed in float32 (float64 for float64 inputs); any ``torch.distributed``
+backend whose collectives accept that device works (gloo for CPU tensors, NCCL for CUDA tensors). Eager
+mode only (no ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -66,7 +82,8 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import fdiv_reference as fref
-from .ops import accumulate_dtype
+from ._triton_dispatch import triton_forward_op
+from .ops import TWO_PASS_DIVERGENCES, accumulate_dtype
 from .reference import (
     DIVERGENCES,
     alpha_form,
@@ -75,7 +92,7 @@ from .reference import (
     divergence_terms,
     resolve_divergence,
 )
-from .rows import as_rows, reduce_rows
+from .rows import as_rows, pick_backend, reduce_rows
 from .validation import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -254,10 +271,12 @@ def _device_of(x) -> torch.device:
 
 
 def _check_backend(backend) -> None:
+    """The f-divergence and fused-linear losses take no backend choice on shards (their divergence rows
+    run on the fused kernels where the device has them, see :func:`divergence_rows`)."""
     if backend not in (None, "reference"):
         raise ValueError(
-            f"backend={backend!r} cannot be combined with vocab_parallel_group: the vocabulary-parallel "
-            "losses are pure PyTorch (pass backend=None or 'reference')"
+            f"backend={backend!r} cannot be combined with vocab_parallel_group for the f-divergence and "
+            "fused-linear losses (pass backend=None or 'reference')"
         )
 
 
@@ -343,10 +362,58 @@ def _flag_rows(x: torch.Tensor, zero: torch.Tensor, nan: torch.Tensor) -> torch.
 
 @dataclass(frozen=True)
 class _DivSpec:
-    kind: str  # after resolve_divergence
+    divergence: str
     param: float
     temperature: float
+    ignore_index: int
     layout: ShardLayout
+    backend: str  # "cpu", "triton" or "reference"
+
+    @property
+    def options(self) -> tuple:
+        """The ops' (divergence, param, temperature, ignore_index) arguments."""
+        return self.divergence, self.param, self.temperature, self.ignore_index
+
+
+def _kernel_ops(backend: str):
+    """(partial, finish, second, backward) ops of a fused backend (ops.py states their contract)."""
+    suffix = "_triton" if backend == "triton" else ""
+    if backend == "triton":
+        triton_forward_op()  # registers the Triton ops
+    ns = torch.ops.fdistill
+    return tuple(getattr(ns, f"divergence_{name}{suffix}") for name in ("partial", "finish", "second", "bwd"))
+
+
+class _KernelRows(torch.autograd.Function):
+    """Per-row divergence of ``[rows, V_local]`` shards on the fused kernels: partial -> merge -> finish.
+
+    The partial op reduces each row of the shard to ``NUM_PARTIALS`` float64 numbers, one all-gather
+    brings every rank's, and the finish op merges them into the loss and the row statistics the
+    unsharded forward would write (the same C++ / Triton code); the two-pass divergences then sum
+    their second pass over the shards (one all-reduce) and finish again. The backward is the
+    unsharded backward kernel on the shard with those statistics: local, no collective.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, spec: _DivSpec):
+        partial, finish, second, _ = _kernel_ops(spec.backend)
+        group = spec.layout.group
+        merge = (labels, spec.divergence, spec.param, spec.ignore_index, student.dtype)
+        parts = _all_gather(partial(student, teacher, labels, *spec.options), group)
+        loss, stats = finish(parts, None, *merge)
+        if resolve_divergence(spec.divergence, spec.param) in TWO_PASS_DIVERGENCES:
+            sums = _all_reduce(second(student, teacher, labels, stats, *spec.options), group)
+            loss, stats = finish(parts, sums, *merge)
+        ctx.spec = spec
+        ctx.save_for_backward(student, teacher, labels, stats)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        student, teacher, labels, stats = ctx.saved_tensors
+        bwd = _kernel_ops(ctx.spec.backend)[3]
+        return bwd(grad_rows, student, teacher, labels, stats, *ctx.spec.options), None, None, None
 
 
 def _terms_and_grads(ls, lt, kind, param, need_s: bool, need_t: bool):
@@ -367,15 +434,20 @@ def _terms_and_grads(ls, lt, kind, param, need_s: bool, need_t: bool):
 
 def _alpha_log_form(spec) -> bool:
     """alpha in its Log form (from log-sum-exps); in the others it is a sum of entries, as the rest."""
-    return spec.kind == "alpha" and alpha_form(spec.param) == "log"
+    return resolve_divergence(spec.divergence, spec.param) == "alpha" and alpha_form(spec.param) == "log"
 
 
-class _DivergenceRows(torch.autograd.Function):
-    """Per-row divergence of ``[rows, V_local]`` shards of student and teacher logits."""
+class _ReferenceRows(torch.autograd.Function):
+    """The reference backend (pure PyTorch, differentiable in both logits): the terms of
+    :func:`fdistill.reference.divergence_terms` on log-probabilities normalised by all-gathered
+    log-sum-exps, summed with one all-reduce together with the backward's row sums
+    ``sum_k dD/dls_k``, ``sum_k dD/dlt_k`` (so that the backward is local)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, keep, spec: _DivSpec):
+    def forward(ctx, student, teacher, labels, spec: _DivSpec):
         acc = accumulate_dtype(student.dtype)
+        kind = resolve_divergence(spec.divergence, spec.param)
+        keep = None if labels is None else labels != spec.ignore_index
         group, alpha = spec.layout.group, _alpha_log_form(spec)
         s = _to_compute(student, acc, spec.temperature, keep)
         t = _to_compute(teacher, acc, spec.temperature, keep)
@@ -398,12 +470,12 @@ class _DivergenceRows(torch.autograd.Function):
             extra = torch.cat([lse_z, log_a.unsqueeze(-1)], -1)
         else:  # the value and sum_k dD/dls_k, sum_k dD/dlt_k (the backward's row sums) in one all-reduce
             ls, lt = _log_normalise(s, lse_s), _log_normalise(t, lse_t)
-            terms, d_ls, d_lt = _terms_and_grads(ls, lt, spec.kind, spec.param, need_s, need_t)
+            terms, d_ls, d_lt = _terms_and_grads(ls, lt, kind, spec.param, need_s, need_t)
             zeros = torch.zeros_like(lse_s[:, 0], dtype=_SUMS)
             parts = [_row_sum(terms)] + [zeros if d is None else _row_sum(d) for d in (d_ls, d_lt)]
             sums = _all_reduce(torch.stack(parts, -1), group).to(acc)
             rows, extra = sums[:, 0], sums[:, 1:]
-        ctx.spec = spec
+        ctx.spec, ctx.kind = spec, kind
         ctx.save_for_backward(student, teacher, keep, lse_s, lse_t, extra, zero, nan)
         return _flag_rows(rows, zero, nan)
 
@@ -425,7 +497,7 @@ class _DivergenceRows(torch.autograd.Function):
             ds = big_a / spec.param * (q - r) if need_s else None
             dt = big_a / (1 - spec.param) * (p - r) if need_t else None
         else:  # chain rule through the log-softmax: dL/ds_j = d_j - q_j sum_k d_k
-            _, d_ls, d_lt = _terms_and_grads(ls, lt, spec.kind, spec.param, need_s, need_t)
+            _, d_ls, d_lt = _terms_and_grads(ls, lt, ctx.kind, spec.param, need_s, need_t)
             ds = (d_ls - q * extra[:, 0:1]) * g if need_s else None
             dt = (d_lt - p * extra[:, 1:2]) * g if need_t else None
         ds = None if ds is None else _flag_rows(ds, zero, nan).to(student.dtype)
@@ -434,11 +506,19 @@ class _DivergenceRows(torch.autograd.Function):
 
 
 def divergence_rows(student, teacher, layout: ShardLayout, divergence="forward_kl", param=0.5,
-                    temperature=1.0, keep=None) -> torch.Tensor:  # fmt: skip
-    """Per-row divergence of ``[rows, V_local]`` shards (already agreed on: no checks), differentiable
-    in both; ``keep`` (``[rows]`` bool or None) marks the rows that count (the others are 0)."""
-    spec = _DivSpec(resolve_divergence(divergence, param), float(param), float(temperature), layout)
-    return _DivergenceRows.apply(student, teacher, keep, spec)
+                    temperature=1.0, labels=None, ignore_index=-100,
+                    backend="reference") -> torch.Tensor:  # fmt: skip
+    """Per-row divergence of ``[rows, V_local]`` shards (already agreed on: no checks); rows whose
+    ``labels`` (``[rows]`` int64 or None) equal ``ignore_index`` are 0. ``backend``: ``"cpu"`` or
+    ``"triton"`` (the fused kernels, differentiable in the student) or ``"reference"`` (pure PyTorch,
+    differentiable in both)."""
+    spec = _DivSpec(divergence, float(param), float(temperature), int(ignore_index), layout, backend)
+    if labels is not None:
+        labels = labels.long().contiguous()
+    if backend != "reference":  # the kernels read rows with unit stride
+        student, teacher = (x if x.stride(-1) == 1 else x.contiguous() for x in (student, teacher))
+    rows_fn = _ReferenceRows if backend == "reference" else _KernelRows
+    return rows_fn.apply(student, teacher, labels, spec)
 
 
 def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, alpha, temperature, labels,
@@ -474,7 +554,7 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
             )
         if grad_in_place:
             raise ValueError("grad_in_place=True cannot be combined with vocab_parallel_group")
-        _check_backend(backend)
+        found["backend"] = pick_backend(backend, student_logits, grad_teacher)
         _check_vocab_size(vocab_size)
         if labels is not None:
             found["labels"] = check_labels(labels, student_logits).reshape(-1).long()
@@ -485,14 +565,14 @@ def divergence_loss(student_logits, teacher_logits, divergence, *, beta, skew, a
                       int(ignore_index))  # fmt: skip
 
     options = (what, divergence, beta, skew, alpha, temperature, ignore_index, reduction,
-               scale_by_temperature_squared, grad_teacher, labels is None, vocab_size)  # fmt: skip
+               scale_by_temperature_squared, grad_teacher, labels is None, vocab_size, backend)  # fmt: skip
     layout = _agree(group, what, _device_of(student_logits), check, options, vocab_size)
     lead = student_logits.shape[:-1]
     student = as_rows(student_logits, layout.local)
     teacher = as_rows(teacher_logits, layout.local)
     flat_labels = found.get("labels")
-    keep = None if flat_labels is None else flat_labels != ignore_index
-    rows = divergence_rows(student, teacher, layout, divergence, found["param"], temperature, keep)
+    rows = divergence_rows(student, teacher, layout, divergence, found["param"], temperature, flat_labels,
+                           ignore_index, found["backend"])  # fmt: skip
     if scale_by_temperature_squared:
         rows = rows * (temperature * temperature)
     return reduce_rows(rows, reduction, lead, flat_labels, ignore_index)
@@ -959,14 +1039,14 @@ def fused_linear_divergence_loss(student_hidden, student_weight, *, student_bias
         def teacher_chunk(r):
             return t_head.logits(r)[0]
 
-    keep = None if flat_labels is None else flat_labels != ignore_index
     param = found["param"]
+    div_backend = pick_backend(backend, hidden, False)
 
     def rows_fn(z, rows):
         t = teacher_chunk(rows).to(z.dtype)
-        loss = divergence_rows(
-            z, t, layout, divergence, param, temperature, None if keep is None else keep[rows]
-        )
+        chunk_labels = None if flat_labels is None else flat_labels[rows]
+        loss = divergence_rows(z, t.contiguous(), layout, divergence, param, temperature, chunk_labels,
+                               ignore_index, div_backend)  # fmt: skip
         if scale_by_temperature_squared:
             loss = loss * (temperature * temperature)
         if hard_loss_weight:  # cross-entropy = the FY loss of KL with a uniform reference

@@ -23,7 +23,9 @@ import torch.multiprocessing as mp
 from utils import DIVERGENCE_CASES, assert_close_verbose, case_id, generator, make_labels, make_logits
 
 import fdistill
-from fdistill.reference import divergence_rows_reference
+from fdistill._triton_dispatch import interpreter_enabled, triton_available
+from fdistill.ops import TWO_PASS_DIVERGENCES
+from fdistill.reference import divergence_rows_reference, resolve_divergence
 
 V = 1271
 SIZES2 = (600, 671)
@@ -211,7 +213,9 @@ def _as64(case):
 
 
 def _expected(case, dtype=torch.float64):
-    c = _as64(case) if dtype == torch.float64 else case
+    """The unsharded results (the default backend: a case's ``backend`` is the sharded call's)."""
+    c = _as64(case) if dtype == torch.float64 else dict(case)
+    c["options"] = {k: v for k, v in c["options"].items() if k != "backend"}
     return RUNNERS[case["kind"]](c, None)
 
 
@@ -454,8 +458,65 @@ def _softargmax_cases():
     }
 
 
+def _backend_cases():
+    """Every divergence with each fused backend named explicitly (Triton: under the interpreter on
+    CPU tensors, see conftest.py), and the reference backend, plus special rows, logits ~1e4 and
+    bf16 on Triton."""
+    cases = {}
+    triton = triton_available() and interpreter_enabled()
+    backends = ("cpu", "reference") + (("triton",) if triton else ())
+    for i, (divergence, options) in enumerate(DIVERGENCE_CASES):
+        for backend in backends:
+            if backend == "reference" and i % 3:
+                continue  # (the reference also runs for every grad_teacher case above)
+            p = _param_cycle(i)
+            opts = dict(options, temperature=p["temperature"], backend=backend)
+            if p["labels"]:
+                opts["labels"] = make_labels(LEAD, seed=i, vocab=V)
+            cases[f"{backend}:" + case_id((divergence, options))] = div_case(
+                divergence, opts, seed=1300 + i, reduction=p["reduction"], neg_inf_frac=p["neg_inf_frac"]
+            )
+    if triton:
+        cases["triton-special:jsd"] = special_rows_case("jsd", {"beta": 0.3, "backend": "triton"}, 1350)
+        cases["triton-special:alpha"] = special_rows_case("alpha", {"alpha": 0.5, "backend": "triton"}, 1351)
+        cases["large:triton-reverse_kl"] = div_case(
+            "reverse_kl", {"backend": "triton"}, 1352, dtype=torch.float32, shape=(6, V), reduction="none",
+            scale=5.0, offset=1e4,
+        )  # fmt: skip
+        cases["bf16:triton-forward_kl"] = div_case(
+            "forward_kl", {"temperature": 2.0, "backend": "triton"}, 1353, dtype=torch.bfloat16
+        )
+    return cases
+
+
+# Against an independent float64 formula (fdistill.reference on the unsharded float64 logits): fresh
+# seeds, -inf entries, logits ~1e4 and a tiny temperature (logits / T ~ 2e5), labels.
+INDEPENDENT = [("forward_kl", 0.0), ("reverse_kl", 0.0), ("jeffreys", 0.3), ("jsd", 0.3), ("skew_kl", 0.1),
+               ("skew_reverse_kl", 0.1), ("tv", 0.0), ("alpha", 0.5), ("alpha", -1.5)]  # fmt: skip
+PARAM_NAME = {"jeffreys": "beta", "jsd": "beta", "skew_kl": "skew", "skew_reverse_kl": "skew",
+              "alpha": "alpha"}  # fmt: skip
+
+
+def _independent_cases():
+    cases = {}
+    triton = triton_available() and interpreter_enabled()
+    for i, (divergence, param) in enumerate(INDEPENDENT):
+        for backend in ("cpu", "triton") if triton and i % 2 == 0 else ("cpu",):
+            opts = {"temperature": 0.05 if i % 2 else 1.0, "backend": backend,
+                    "labels": make_labels((7,), seed=1400 + i, vocab=V)}  # fmt: skip
+            if divergence in PARAM_NAME:
+                opts[PARAM_NAME[divergence]] = param
+            c = div_case(divergence, opts, seed=1400 + 17 * i, shape=(7, V), reduction="none",
+                         neg_inf_frac=0.05, offset=1e4)  # fmt: skip
+            c["param"] = param
+            cases[f"f64-{backend}:{divergence}-{param}"] = c
+    return cases
+
+
 TWO_RANK_CASES = {
     **_divergence_cases(),
+    **_backend_cases(),
+    **_independent_cases(),
     **_special_cases(),
     **_large_cases(),
     **_bf16_cases(),
@@ -475,7 +536,15 @@ THREE_RANK_CASES = {
     "fy:alpha1.5-labels": fy_case("alpha", {"alpha": 1.5, "temperature": 1.3}, 904),
     "softargmax:js": softargmax_case("js", {}, 905),
     "fused_div:forward_kl": fused_div_case(906, {"divergence": "forward_kl", "chunk_size": 5}),
+    "div:skew_reverse_kl-cpu": div_case(
+        "skew_reverse_kl", {"skew": 0.1, "backend": "cpu", "labels": make_labels(LEAD, 2, vocab=V)}, 907,
+        reduction="none", neg_inf_frac=0.1,
+    ),  # fmt: skip
 }
+if triton_available() and interpreter_enabled():
+    THREE_RANK_CASES["div:alpha-triton"] = div_case(
+        "alpha", {"alpha": 1.5, "backend": "triton", "temperature": 0.8}, 908, reduction="sum"
+    )
 
 
 # --- errors
@@ -509,8 +578,10 @@ def _error_cases():
                             options=dict(fused["options"], teacher_topk=(torch.zeros(*LEAD, 2).long(),
                                                                          torch.zeros(*LEAD, 2)))),
                        ValueError, "teacher_topk cannot be combined with vocab_parallel_group"),
-        "backend_cpu": (dict(base, options=dict(base["options"], backend="cpu")), ValueError,
-                        "cannot be combined with vocab_parallel_group"),
+        "backend_unknown": (dict(base, options=dict(base["options"], backend="fused")), ValueError,
+                            "backend must be one of"),
+        "fy_backend_cpu": (dict(fy, options=dict(fy["options"], backend="cpu")), ValueError,
+                           "cannot be combined with vocab_parallel_group"),
     }  # fmt: skip
 
 
@@ -621,7 +692,8 @@ def test_bfloat16(two_ranks, name):
 
 @pytest.mark.parametrize("name", [n for n in TWO_RANK_CASES if n.startswith("large:")])
 def test_large_logits_as_accurate_as_eager_float32(two_ranks, name):
-    """Logits ~1e4 in float32: the sharded error vs float64 is at most 2x eager float32 PyTorch's."""
+    """Logits ~1e4 in float32: the sharded error vs float64 is at most 2x that of eager float32 PyTorch
+    or of the unsharded loss in float32 (the same kernels; the merged sums round differently)."""
     case = TWO_RANK_CASES[name]
     want = _expected(case)
     s, t = case["student"], case["teacher"]
@@ -629,17 +701,112 @@ def test_large_logits_as_accurate_as_eager_float32(two_ranks, name):
     s32 = s.clone().requires_grad_()
     eager = divergence_rows_reference(s32, t, case["divergence"], param)
     (eager_grad,) = torch.autograd.grad((eager * case["weight"].float()).sum(), s32)
+    plain = _expected(case, torch.float32)
     eps = torch.finfo(torch.float32).eps
     for rank, sl in enumerate(_slices(SIZES2)):
         got = _ok(two_ranks, name, rank)
         for key, ours, theirs, truth in (
-            ("loss", got["loss"], eager, want["loss"]),
-            ("grad", got["grad_student"], eager_grad[..., sl], want["grad_student"][..., sl]),
-        ):
+            ("loss", got["loss"], (eager, plain["loss"]), want["loss"]),
+            ("grad", got["grad_student"], (eager_grad[..., sl], plain["grad_student"][..., sl]),
+             want["grad_student"][..., sl]),
+        ):  # fmt: skip
             err = (ours.double() - truth).abs().max().item()
-            base = (theirs.double() - truth).abs().max().item()
+            base = max((x.double() - truth).abs().max().item() for x in theirs)
             floor = 8 * eps * max(truth.abs().max().item(), 1e-3)
             assert err <= 2 * base + floor, f"{name} rank {rank} {key}: {err=:.3g} eager {base=:.3g}"
+
+
+@pytest.mark.parametrize("name", [n for n in TWO_RANK_CASES if n.startswith("f64-")])
+def test_against_independent_float64(two_ranks, name):
+    """Loss rows and gradient shards against fdistill.reference's formulas in float64 on the whole
+    logits (autograd for the gradient), ignored rows 0."""
+    case = TWO_RANK_CASES[name]
+    opts = case["options"]
+    keep = opts["labels"] != -100
+    s = case["student"].clone().requires_grad_()
+    rows = divergence_rows_reference(
+        s, case["teacher"], case["divergence"], case["param"], opts["temperature"]
+    )
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    (grad,) = torch.autograd.grad((rows * case["weight"]).sum(), s)
+    for rank, sl in enumerate(_slices(SIZES2)):
+        got = _ok(two_ranks, name, rank)
+        pairs = (("loss", got["loss"], rows.detach()), ("grad", got["grad_student"], grad[..., sl]))
+        for key, actual, expected in pairs:
+            scale = expected[torch.isfinite(expected)].abs().max().item()
+            assert_close_verbose(actual, expected, 1e-9 * max(scale, 1e-3), 1e-8, f"{name} rank {rank} {key}")
+
+
+def _row_ops(backend):
+    """(forward, partial, finish, second) ops of a fused backend."""
+    suffix = ""
+    if backend == "triton":
+        from fdistill._triton_dispatch import triton_forward_op
+
+        triton_forward_op()  # registers the Triton ops
+        suffix = "_triton"
+    ns = torch.ops.fdistill
+    return [getattr(ns, f"divergence_{op}{suffix}") for op in ("fwd", "partial", "finish", "second")]
+
+
+FUSED_BACKENDS = ["cpu"] + (["triton"] if triton_available() and interpreter_enabled() else [])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_merged_partials_equal_one_pass(backend, dtype):
+    """In one process: the partials of three slices of each row, merged and finished (and the second
+    pass summed over the slices), give the unsharded forward's loss and statistics, special rows,
+    logits ~1e4 and ignored rows included; opcheck of the three ops (schema, fake)."""
+    fwd, partial, finish, second = _row_ops(backend)
+    vocab, sizes = 700, _slices((300, 100, 300))
+    for i, (divergence, param) in enumerate(INDEPENDENT):
+        s, t = make_logits((7, vocab), dtype, seed=1600 + i, neg_inf_frac=0.05)
+        s[0], t[0] = -math.inf, -math.inf
+        s[1, 500] = math.nan
+        t[2] = -math.inf
+        s[3, :300], t[3, :300] = -math.inf, -math.inf
+        s[4, :300] = -math.inf
+        s[5], t[5] = s[5] + 1e4, t[5] - 1e4
+        labels = torch.tensor([1, 2, 3, 4, -100, 6, 7])
+        options = (divergence, param, 0.7, -100)
+        want, want_stats = fwd(s, t, labels, *options)
+        shards = [(s[:, sl].contiguous(), t[:, sl].contiguous()) for sl in sizes]
+        parts = torch.stack([partial(a, b, labels, *options) for a, b in shards])
+        merge = (labels, divergence, param, -100, dtype)
+        loss, stats = finish(parts, None, *merge)
+        sums = sum(second(a, b, labels, stats, *options) for a, b in shards)
+        if resolve_divergence(divergence, param) in TWO_PASS_DIVERGENCES:  # (alpha: its sum forms)
+            loss, stats = finish(parts, sums, *merge)
+        else:
+            assert (sums == 0).all()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_close_verbose(loss, want, tol, tol, f"{divergence} loss")
+        assert_close_verbose(stats, want_stats, 1e-4, tol, f"{divergence} stats")
+        if i == 3:
+            opts = ("test_schema", "test_faketensor")
+            torch.library.opcheck(partial, (*shards[0], labels, *options), test_utils=opts)
+            torch.library.opcheck(finish, (parts, sums, *merge), test_utils=opts)
+            torch.library.opcheck(second, (*shards[0], labels, stats, *options), test_utils=opts)
+
+
+def test_fused_ops_run(single_process_group):
+    """The default backend on CPU tensors runs the C++ vocabulary-parallel ops and the backward kernel
+    (and backend="triton" their Triton twins, under the interpreter)."""
+    s, t = make_logits((4, 300), torch.float32, seed=1500)
+    backends = [None] + (["triton"] if triton_available() and interpreter_enabled() else [])
+    for backend in backends:
+        x = s.clone().requires_grad_()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss = fdistill.divergence_loss(
+                x, t, "jsd", backend=backend, vocab_parallel_group=single_process_group
+            )
+            loss.backward()
+        names = {e.name for e in prof.events()}
+        suffix = "_triton" if backend == "triton" else ""
+        for op in ("partial", "finish", "second", "bwd"):
+            ours = sorted(n for n in names if "fdistill" in n)
+            assert f"fdistill::divergence_{op}{suffix}" in names, (backend, ours)
 
 
 def test_special_rows_flags(two_ranks):

@@ -213,15 +213,16 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
   }
 }
 
-// Second pass (mixture divergences and TV), with the log-sum-exps known.
+// Second pass (mixture divergences and TV), with the log-sum-exps known: adds the row's sums of the
+// loss and of the row scalar c0 to loss2, aux2.
 template <Divergence D, class scalar_t, class acc_t>
-void second_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
+void second_pass(const RowArgs& a, RowView<scalar_t> row, const RowLSE<Vectorized<acc_t>>& lse, double& loss2,
+                 double& aux2) {
   using Vec = Vectorized<acc_t>;
   using O = Ops<Vec>;
   constexpr int64_t W = Vec::size();
   alignas(64) acc_t bs[kChunk], bt[kChunk];
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
-  const RowLSE<Vec> lse = make_row_lse<Vec>(r.s.max, std::log(r.s.sum), r.t.max, std::log(r.t.sum));
   const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, 0, 0);
   for (int64_t start = 0; start < a.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, a.vocab - start);
@@ -235,8 +236,8 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
       loss += l;
       aux += x;
     }
-    r.loss2 += horizontal_sum(loss);
-    r.aux2 += horizontal_sum(aux);
+    loss2 += horizontal_sum(loss);
+    aux2 += horizontal_sum(aux);
   }
 }
 
@@ -300,7 +301,10 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       if constexpr (needs_second_pass(D)) {
         // alpha's Log form (|alpha - 1/2| > 1) has its loss from the first pass's sums alone
         const bool second = D != Divergence::Alpha || alpha_form(a.coef.param) != AlphaForm::Log;
-        if (second && row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) second_pass<D, scalar_t, acc_t>(a, view, r);
+        if (second && row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) {
+          const auto lse = make_row_lse<Vectorized<acc_t>>(r.s.max, std::log(r.s.sum), r.t.max, std::log(r.t.sum));
+          second_pass<D, scalar_t, acc_t>(a, view, lse, r.loss2, r.aux2);
+        }
       }
       loss[row] = finish_row<D, acc_t>(r, a.coef, st);
     }
@@ -317,6 +321,61 @@ void backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const acc_t g = grad_loss[row * a.grad_loss_stride] * inv_t;
     grad_row<D, scalar_t, acc_t>(a, row_view<scalar_t>(a, row), stats + row * kNumStats, g, ignored(a, row),
                                  grad_out_row<scalar_t>(a, row));
+  }
+}
+
+// ---------------------------------------------------------------- vocabulary-parallel ops
+// partial -> merge -> finish: each rank's partial pass over its shard, the partials of every rank
+// merged and finished into the loss and statistics (merge_partials, finish_row), a second pass with
+// those statistics where the divergence needs one (its sums added over the ranks), finished again.
+
+// The first-pass partials of each row of a vocabulary slice (ignored rows: an empty slice).
+template <Divergence D, class scalar_t, class acc_t>
+void partial_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    RowSums r;
+    if (!ignored(a, row)) first_pass<D, scalar_t, acc_t>(a, row_view<scalar_t>(a, row), r);
+    store_partials(r, a.partials + row * kNumPartials);
+  }
+}
+
+// Loss and statistics of each row from the partials of its a.parts slices ([parts, rows,
+// kNumPartials]) and, for the two-pass divergences, the second-pass sums over the whole row.
+template <Divergence D, class scalar_t, class acc_t>
+void finish_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  auto* loss = static_cast<acc_t*>(a.loss);
+  auto* stats = static_cast<acc_t*>(a.stats);
+  for (int64_t row = begin; row < end; ++row) {
+    acc_t* st = stats + row * kNumStats;
+    if (ignored(a, row)) {
+      loss[row] = 0;
+      std::fill(st, st + kNumStats, acc_t(0));
+      continue;
+    }
+    RowSums r = merge_partials(a.partials + row * kNumPartials, a.parts, a.rows * kNumPartials, a.coef.param);
+    if (a.second != nullptr) {
+      r.loss2 = a.second[2 * row];
+      r.aux2 = a.second[2 * row + 1];
+    }
+    loss[row] = finish_row<D, acc_t>(r, a.coef, st);
+  }
+}
+
+// The second-pass sums (loss, aux) of each row of a slice from the whole row's statistics (0 for the
+// one-pass divergences and for rows that are ignored or not Normal, as forward_rows).
+template <Divergence D, class scalar_t, class acc_t>
+void second_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  const auto* stats = static_cast<const acc_t*>(a.stats);
+  for (int64_t row = begin; row < end; ++row) {
+    double* out = a.second + 2 * row;
+    out[0] = out[1] = 0;
+    const acc_t* st = stats + row * kNumStats;
+    if constexpr (needs_second_pass(D)) {
+      if (!ignored(a, row) && row_kind(st[0] + st[1], st[2] + st[3]) == RowKind::Normal) {
+        const auto lse = make_row_lse<Vectorized<acc_t>>(st[0], st[1], st[2], st[3]);
+        second_pass<D, scalar_t, acc_t>(a, row_view<scalar_t>(a, row), lse, out[0], out[1]);
+      }
+    }
   }
 }
 
@@ -354,11 +413,33 @@ struct BackwardFn {
   static void run(const RowArgs& a, int64_t b, int64_t e) { backward_rows<D, scalar_t, acc_t>(a, b, e); }
 };
 
+template <Divergence D, class scalar_t, class acc_t>
+struct PartialFn {
+  static void run(const RowArgs& a, int64_t b, int64_t e) { partial_rows<D, scalar_t, acc_t>(a, b, e); }
+};
+template <Divergence D, class scalar_t, class acc_t>
+struct SecondFn {
+  static void run(const RowArgs& a, int64_t b, int64_t e) { second_rows<D, scalar_t, acc_t>(a, b, e); }
+};
+template <Divergence D, class scalar_t, class acc_t>
+struct FinishFn {
+  static void run(const RowArgs& a, int64_t b, int64_t e) { finish_rows<D, scalar_t, acc_t>(a, b, e); }
+};
+
 void divergence_forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   dispatch<ForwardFn>(a, begin, end);
 }
 void divergence_backward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   dispatch<BackwardFn>(a, begin, end);
+}
+void divergence_partial_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  dispatch<PartialFn>(a, begin, end);
+}
+void divergence_second_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  dispatch<SecondFn>(a, begin, end);
+}
+void divergence_finish_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  dispatch<FinishFn>(a, begin, end);
 }
 
 }  // namespace CPU_CAPABILITY

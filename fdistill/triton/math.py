@@ -6,14 +6,17 @@ Notation per row: ``s``, ``t`` are logits already divided by the temperature; ``
 accumulation dtype. ``DIV`` is a ``tl.constexpr`` code from :data:`DIVERGENCE_CODES`, so each
 divergence compiles to its own specialised kernel from one source.
 
-Row statistics (``NUM_STATS`` per row, as the C++ kernels): ``[max s, log-sum s, max t, log-sum t,
-c0, c1]`` with ``c0``, ``c1`` as documented for ``kNumStats`` in the C++ header.
+Row statistics (``ROW_STATS`` = ``fdistill.ops.NUM_STATS`` per row, as the C++ kernels):
+``[max s, log-sum s, max t, log-sum t, c0, c1]`` with ``c0``, ``c1`` as documented for ``kNumStats``
+in the C++ header.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .. import ops as _ops
 
 DIVERGENCE_CODES = {
     "forward_kl": 0,
@@ -25,7 +28,9 @@ DIVERGENCE_CODES = {
     "tv": 6,
     "alpha": 7,
 }
-NUM_STATS = 6
+# the op contract (fdistill/ops.py: NUM_STATS, NUM_PARTIALS) as constexprs that kernels can read
+ROW_STATS = tl.constexpr(_ops.NUM_STATS)
+ROW_PARTIALS = tl.constexpr(_ops.NUM_PARTIALS)
 # alpha_form codes, as the C++ AlphaForm
 ALPHA_STUDENT = tl.constexpr(0)
 ALPHA_TEACHER = tl.constexpr(1)

@@ -400,6 +400,17 @@ struct OnlineLSE {
 
   // LSE - ref, without the cancellation of two large numbers.
   FDISTILL_HD double lse_minus_ref() const { return (max - ref) + std::log(sum); }
+
+  // Merge the sums (m, s, w) of another slice of the row, taken relative to the same reference
+  // (associative): both rescaled to the larger max (NaN wins, an all -inf slice adds 0).
+  FDISTILL_HD void add(double m, double s, double w) {
+    const double top = Ops<double>::max(max, m);
+    auto scale = [top](double x) { return x == -kInf ? 0.0 : std::exp(x - top); };
+    const double mine = scale(max), theirs = scale(m);
+    sum = sum * mine + s * theirs;
+    weighted = weighted * mine + w * theirs;
+    max = top;
+  }
 };
 
 // The row's sums after all passes, reduced to the loss and the saved statistics.
@@ -408,6 +419,51 @@ struct RowSums {
   double loss2 = 0;   // second-pass loss sum
   double aux2 = 0;    // second-pass row scalar
 };
+
+// The first-pass sums of one row over a slice of its vocabulary (a vocabulary shard) as kNumPartials
+// doubles, merged across slices by merge_partials:
+//   [0..4] student: max, sum exp(s - max), weighted sum, reference (the slice's first finite max), has_ref
+//   [5..9] teacher: the same
+//   [10, 11] alpha mixture logit alpha (t - ref_t) + (1 - alpha) (s - ref_s): max, sum exp(z - max)
+// (weighted sums: reverse KL exp(s - max_s) ((s - ref_s) - (t - ref_t)), forward KL exp(t - max_t)
+// ((t - ref_t) - (s - ref_s)), as OnlineLSE::weighted).
+constexpr int kNumPartials = 12;
+
+FDISTILL_HD void store_partials(const RowSums& r, double* out) {
+  const OnlineLSE* sides[2] = {&r.s, &r.t};
+  for (int i = 0; i < 2; ++i) {
+    double* o = out + 5 * i;
+    o[0] = sides[i]->max;
+    o[1] = sides[i]->sum;
+    o[2] = sides[i]->weighted;
+    o[3] = sides[i]->ref;
+    o[4] = sides[i]->has_ref ? 1 : 0;
+  }
+  out[10] = r.z.max;
+  out[11] = r.z.sum;
+}
+
+// The RowSums of a whole row from the partials of its n slices (parts[i * stride]; the same, up to
+// rounding, however the row was split): the references are the first slice's that has one, and each
+// slice's weighted sums and mixture logit are re-based to them exactly in double,
+//   (s - R_s) - (t - R_t) = ((s - ref_s) - (t - ref_t)) + (ref_s - R_s) - (ref_t - R_t).
+// A slice without a reference (all -inf on that side) has sums 0 or +inf there: the shift is moot.
+FDISTILL_HD RowSums merge_partials(const double* parts, int64_t n, int64_t stride, double alpha) {
+  RowSums r;
+  for (int64_t i = 0; i < n; ++i) {
+    const double* p = parts + i * stride;
+    if (!r.s.has_ref && p[4] != 0) r.s.ref = p[3], r.s.has_ref = true;
+    if (!r.t.has_ref && p[9] != 0) r.t.ref = p[8], r.t.has_ref = true;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double* p = parts + i * stride;
+    const double ds = p[3] - r.s.ref, dt = p[8] - r.t.ref;
+    r.s.add(p[0], p[1], p[2] + p[1] * (ds - dt));
+    r.t.add(p[5], p[6], p[7] + p[6] * (dt - ds));
+    r.z.add(p[10] + (alpha * dt + (1 - alpha) * ds), p[11], 0);
+  }
+  return r;
+}
 
 // How a row is treated, from its two log-sum-exps:
 //   Normal;

@@ -34,6 +34,11 @@ struct RowArgs {
                                   // along vocab; may be `student` in the backward
   int64_t grad_stride = 0;        // elements between gradient rows
   double grad_scale = 1;          // one-pass forward: the gradient is written times this factor
+
+  // vocabulary-parallel ops (float64)
+  double* partials = nullptr;     // partial op: [rows, kNumPartials] out; finish op: [parts, rows, kNumPartials] in
+  int64_t parts = 1;
+  double* second = nullptr;       // second-pass op: [rows, 2] (loss, aux) out; finish op: in, or null
 };
 
 }  // namespace fdistill
