@@ -493,9 +493,12 @@ def divergence_fwd_triton(
     return _forward(student, teacher, labels, divergence, param, temperature, ignore_index, None)
 
 
-def divergence_fwd_grad_triton(student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0):
+def divergence_fwd_grad_triton(
+    student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0
+):
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    loss, stats = _forward(student, teacher, labels, divergence, param, temperature, ignore_index, grad, grad_scale)
+    options = (divergence, param, temperature, ignore_index)
+    loss, stats = _forward(student, teacher, labels, *options, grad, grad_scale)
     return loss, stats, grad
 
 
