@@ -79,7 +79,11 @@ def divergence_loss(
         grad_teacher: allow a teacher that requires grad and differentiate through it.
         grad_in_place: write the student gradient over ``student_logits`` in the backward (halves the
             memory of the backward; the logits are gone afterwards, so only for callers that no
-            longer need them). Fused backends only.
+            longer need them). Fused backends only. Without it, when the student needs a gradient
+            (and is not float16) the fused backends form the gradient in the forward, in the same
+            pass over the logits as the loss (``docs/divergences.md``, "One pass"): its ``[..., V]``
+            buffer exists from the forward on, and the backward only scales it by the upstream
+            gradient where that differs from the reduction's own factor.
         backend: ``None`` (best for the device: the C++ kernel for CPU tensors, Triton for CUDA
             tensors), ``"cpu"`` (the fused C++ kernel), ``"triton"`` (CUDA tensors; CPU tensors too
             when ``TRITON_INTERPRET=1`` was set before triton was imported) or ``"reference"``
