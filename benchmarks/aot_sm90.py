@@ -35,6 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fdistill.fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX  # noqa: E402
+from fdistill.ops import TWO_PASS_DIVERGENCES  # noqa: E402
 from fdistill.triton import divergence as tdiv  # noqa: E402
 from fdistill.triton import fdiv as tfdiv  # noqa: E402
 from fdistill.triton.fdiv_math import F_CODES  # noqa: E402
@@ -69,33 +70,65 @@ def _acc_ptr(dtype):
 
 
 def divergence_configs():
-    """Every (divergence, dtype, labels, BLOCK, num_warps) the divergence launchers can pick."""
+    """Every (divergence, dtype, labels, BLOCK, num_warps) the divergence launchers can pick: the
+    forward (with and without the one-pass gradient), the backward, and the vocabulary-parallel
+    partial / second / finish kernels."""
     for dtype in DTYPES:
         for kind, code in DIVERGENCE_CODES.items():
-            for backward in (False, True):
+            second = ("second",) if kind in TWO_PASS_DIVERGENCES else ()
+            for op in ("fwd", "fwd_grad", "bwd", "partial", *second):
                 for block, warps in _tiles(dtype, kind=kind):
                     for labels in (False, True):
-                        yield _divergence_config(kind, code, dtype, backward, labels, block, warps)
+                        yield _divergence_config(kind, code, dtype, op, labels, block, warps)
+            if dtype in (torch.float32, torch.float64):  # finish: the accumulation dtype only
+                for has_second in (False, True):
+                    yield _finish_config(kind, code, dtype, has_second)
 
 
-def _divergence_config(kind, code, dtype, backward, labels, block, warps):
+def _finish_config(kind, code, dtype, has_second):
+    acc = _acc_ptr(dtype)
+    args = {"PARTS": "*fp64", "SECOND": "*fp64" if has_second else ("constexpr", None), "LOSS": acc,
+            "STATS": acc, "param": "fp64", "parts": "i32", "rows": "i32", "DIV": ("constexpr", code),
+            "HAS_SECOND": ("constexpr", has_second)}  # fmt: skip
+    label = f"{kind} finish {str(dtype)[6:]}{' second' if has_second else ''} w1"
+    aligned = ("PARTS", "SECOND", "LOSS", "STATS")
+    return Config("divergence", "_divergence_finish_kernel", label, args, 1, aligned,
+                  {"enable_fp_fusion": tdiv.FP_FUSION})  # fmt: skip
+
+
+def _divergence_config(kind, code, dtype, op, labels, block, warps):
     ptr, acc = PTR[dtype], _acc_ptr(dtype)
     lab = "*i64" if labels else ("constexpr", None)
     scalars = {"inv_t": "fp64", "param": "fp64", "log_wt": "fp64", "log_ws": "fp64"}
     const = {"DIV": ("constexpr", code), "HAS_LABELS": ("constexpr", labels), "BLOCK": ("constexpr", block)}
-    if backward:
+    rows = ("V", "stride_s", "stride_t")
+    if op == "bwd":
         name = "_divergence_bwd_kernel"
         args = {"GRAD_LOSS": acc, "S": ptr, "T": ptr, "LABELS": lab, "STATS": acc, "GRAD": ptr, **scalars,
                 "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_grad": "i32", "stride_gl": "i32",
                 "ignore_index": "i32", **const}  # fmt: skip
-        aligned = ("GRAD_LOSS", "S", "T", "LABELS", "STATS", "GRAD", "V", "stride_s", "stride_t",
-                   "stride_grad")  # fmt: skip
-    else:
+        aligned = ("GRAD_LOSS", "S", "T", "LABELS", "STATS", "GRAD", *rows, "stride_grad")
+    elif op == "partial":
+        name = "_divergence_partial_kernel"
+        accc = ("constexpr", triton.language.float64 if dtype == torch.float64 else triton.language.float32)
+        args = {"S": ptr, "T": ptr, "LABELS": lab, "PARTS": "*fp64", "inv_t": "fp64", "param": "fp64",
+                "V": "i32", "stride_s": "i32", "stride_t": "i32", "ignore_index": "i32", **const,
+                "ACC": accc}  # fmt: skip
+        aligned = ("S", "T", "LABELS", "PARTS", *rows)
+    elif op == "second":
+        name = "_divergence_second_kernel"
+        args = {"S": ptr, "T": ptr, "LABELS": lab, "STATS": acc, "OUT": "*fp64", **scalars, "V": "i32",
+                "stride_s": "i32", "stride_t": "i32", "ignore_index": "i32", **const}  # fmt: skip
+        aligned = ("S", "T", "LABELS", "STATS", "OUT", *rows)
+    else:  # the forward, with the one-pass gradient written (WRITE_GRAD) or not
         name = "_divergence_fwd_kernel"
-        args = {"S": ptr, "T": ptr, "LABELS": lab, "LOSS": acc, "STATS": acc, **scalars,
-                "V": "i32", "stride_s": "i32", "stride_t": "i32", "ignore_index": "i32", **const}  # fmt: skip
-        aligned = ("S", "T", "LABELS", "LOSS", "STATS", "V", "stride_s", "stride_t")
-    label = f"{kind} {'bwd' if backward else 'fwd'} {str(dtype)[6:]}{' labels' if labels else ''}"
+        grad = op == "fwd_grad"
+        args = {"S": ptr, "T": ptr, "LABELS": lab, "LOSS": acc, "STATS": acc,
+                "GRAD": ptr if grad else ("constexpr", None), **scalars, "grad_scale": "fp64",
+                "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_grad": "i32", "ignore_index": "i32",
+                **const, "WRITE_GRAD": ("constexpr", grad)}  # fmt: skip
+        aligned = ("S", "T", "LABELS", "LOSS", "STATS", "GRAD", *rows, "stride_grad")
+    label = f"{kind} {op} {str(dtype)[6:]}{' labels' if labels else ''}"
     return Config("divergence", name, f"{label} B{block}/w{warps}", args, warps, aligned,
                   {"enable_fp_fusion": tdiv.FP_FUSION})  # fmt: skip
 
@@ -144,6 +177,9 @@ def _fdiv_config(f, code, dtype, mode, has_ref, kind, block, warps, backward):
 KERNELS = {
     "_divergence_fwd_kernel": tdiv._divergence_fwd_kernel,
     "_divergence_bwd_kernel": tdiv._divergence_bwd_kernel,
+    "_divergence_partial_kernel": tdiv._divergence_partial_kernel,
+    "_divergence_second_kernel": tdiv._divergence_second_kernel,
+    "_divergence_finish_kernel": tdiv._divergence_finish_kernel,
     "_fdiv_fwd_kernel": tfdiv._fdiv_fwd_kernel,
     "_fdiv_bwd_kernel": tfdiv._fdiv_bwd_kernel,
 }
