@@ -76,7 +76,8 @@ def divergence_configs():
     for dtype in DTYPES:
         for kind, code in DIVERGENCE_CODES.items():
             second = ("second",) if kind in TWO_PASS_DIVERGENCES else ()
-            for op in ("fwd", "fwd_grad", "bwd", "partial", *second):
+            one_pass = ("fwd_grad",) if dtype in tdiv.ONE_PASS_DTYPES else ()  # float64: two launches
+            for op in ("fwd", *one_pass, "bwd", "partial", *second):
                 for block, warps in _tiles(dtype, kind=kind):
                     for labels in (False, True):
                         yield _divergence_config(kind, code, dtype, op, labels, block, warps)

@@ -521,12 +521,26 @@ def divergence_fwd_triton(
     return _forward(student, teacher, labels, divergence, param, temperature, ignore_index, None)
 
 
+# float64 rows take the forward and the backward kernel (two launches, the same values): the fused
+# float64 kernel of the mixture divergences exceeds the sm_90 register file (benchmarks/aot_sm90.py).
+ONE_PASS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _forward_with_grad(student, teacher, labels, options, grad, grad_scale):
+    if student.dtype in ONE_PASS_DTYPES:
+        return _forward(student, teacher, labels, *options, grad, grad_scale)
+    loss, stats = _forward(student, teacher, labels, *options, None)
+    scale = torch.full((student.shape[0],), grad_scale, dtype=stats.dtype, device=student.device)
+    _backward_into(grad, scale, student, teacher, labels, stats, *options)
+    return loss, stats
+
+
 def divergence_fwd_grad_triton(
     student, teacher, labels, divergence, param, temperature, ignore_index, grad_scale=1.0
 ):
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     options = (divergence, param, temperature, ignore_index)
-    loss, stats = _forward(student, teacher, labels, *options, grad, grad_scale)
+    loss, stats = _forward_with_grad(student, teacher, labels, options, grad, grad_scale)
     return loss, stats, grad
 
 
@@ -535,7 +549,7 @@ def divergence_fwd_grad_triton_(
 ):
     # each tile of a row is loaded before its gradient is stored over it (one program per row)
     options = (divergence, param, temperature, ignore_index)
-    out = _forward(student, teacher, labels, *options, student, grad_scale)
+    out = _forward_with_grad(student, teacher, labels, options, student, grad_scale)
     torch.autograd.graph.increment_version(student)
     return out
 
