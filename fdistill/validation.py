@@ -129,20 +129,19 @@ def check_logits_tensor(name: str, x, vocab: str = "V") -> None:
 def check_logits(student, teacher) -> None:
     check_logits_tensor("student_logits", student)
     check_logits_tensor("teacher_logits", teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} "
-            "must have the same shape"
-        )
+    check_same_shape_and_device("student_logits", student, "teacher_logits", teacher)
     if student.dtype != teacher.dtype:
         raise TypeError(
             f"student_logits ({student.dtype}) and teacher_logits ({teacher.dtype}) must have the same dtype"
         )
-    if student.device != teacher.device:
-        raise ValueError(
-            f"student_logits ({student.device}) and teacher_logits ({teacher.device}) "
-            "are on different devices"
-        )
+
+
+def check_same_shape_and_device(a_name: str, a, b_name: str, b) -> None:
+    """Two tensors of one shape on one device (the pair of logits of a loss)."""
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} must have the same shape")
+    if a.device != b.device:
+        raise ValueError(f"{a_name} ({a.device}) and {b_name} ({b.device}) are on different devices")
 
 
 def check_labels(labels, student) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..losses import divergence_loss
-from ..validation import check_float, check_int
+from ..validation import check_float, check_int, check_same_shape_and_device
 
 
 def promoted_pair(s_name, student, t_name, teacher, *, two_d=False):
@@ -17,14 +17,7 @@ def promoted_pair(s_name, student, t_name, teacher, *, two_d=False):
     check_float(t_name, teacher)
     if two_d and student.dim() != 2:
         raise ValueError(f"{s_name} must be (BT, V), got shape {tuple(student.shape)}")
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"{s_name} {tuple(student.shape)} and {t_name} {tuple(teacher.shape)} must have the same shape"
-        )
-    if student.device != teacher.device:
-        raise ValueError(
-            f"{s_name} ({student.device}) and {t_name} ({teacher.device}) are on different devices"
-        )
+    check_same_shape_and_device(s_name, student, t_name, teacher)
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     return student.to(dtype), teacher.to(dtype)
 
