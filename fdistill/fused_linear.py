@@ -8,12 +8,11 @@ stored top-k log-probabilities.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from . import _topk_teacher as topk_teacher
+from ._topk_teacher import TOPK_TAILS
 from ._value_checks import ValueChecks
 from .chunked_head import ChunkedLoss, LMHead, chunked_head_loss, default_chunk_size, head_dtype
 from .fdiv import fy_rows
@@ -37,9 +36,7 @@ from .validation import (
     divergence_param,
 )
 
-TOPK_TAILS = ("renormalize", "bucket")
 VOCAB_MISMATCH = ("error", "mask")
-_NEG_INF = float("-inf")
 
 
 def fused_linear_divergence_loss(
@@ -379,19 +376,14 @@ def _teacher(student, lead, vocab, vocab_mismatch, topk_tail, temperature, keep,
                 f"topk_tail='bucket' needs temperature=1 (got {temperature}): the teacher's tempered "
                 "tail mass cannot be known from its top-k"
             )
-        flat_idx, flat_lp = _placeholder_for_ignored(indices, logprobs.detach(), keep)
+        flat_idx, flat_lp = topk_teacher.placeholder_for_ignored(indices, logprobs.detach(), keep)
         check_topk_values(flat_idx, flat_lp, vocab, vocab_mismatch, topk_tail, checks)
         # ids beyond the student's vocabulary (allowed by vocab_mismatch="mask") go to a dump column
-        flat_idx = torch.where(flat_idx < vocab, flat_idx, vocab).long()
+        flat_idx = topk_teacher.clamp_to_dump(flat_idx, vocab)
         if topk_tail == "bucket":
             return _Teacher(vocab, topk=(flat_idx, flat_lp), bucket=True)
-
-        def scatter(r):
-            dense = torch.full((flat_idx[r].shape[0], vocab + 1), _NEG_INF, dtype=student.logits_dtype,
-                               device=flat_idx.device)  # fmt: skip
-            return dense.scatter_(1, flat_idx[r], flat_lp[r].to(student.logits_dtype))[:, :vocab]
-
-        return _Teacher(vocab, chunk_logits=scatter)
+        return _Teacher(vocab, chunk_logits=lambda r: topk_teacher.dense_logits(
+            flat_idx[r], flat_lp[r], vocab, student.logits_dtype))  # fmt: skip
 
     hidden_t, weight_t, bias_t = check_head("teacher", hidden, weight, bias, softcap)
     if hidden.shape[:-1] != lead:
@@ -436,43 +428,15 @@ class _DenseRows:
 
 def _bucket_rows(teacher: _Teacher, spec: DivergenceRows, labels):
     """Per-token divergence between the (k + 1)-outcome distributions (top-k ids, everything else):
-    the student's outcomes have logits ``z_i`` (top-k) and ``logsumexp(z_j, j not in top-k)``, the
-    teacher's log-probabilities ``logp_i`` and ``log(1 - sum exp(logp_i))``."""
+    :func:`fdistill._topk_teacher.bucket_outcomes`."""
     indices, logprobs = teacher.topk
 
     def rows_fn(z, rows):
         acc = accumulate_dtype(z.dtype)
-        idx, lp = indices[rows], logprobs[rows].to(acc)
-        zf = F.pad(z.to(acc), (0, 1), value=_NEG_INF)  # the dump column for ids beyond V
-        top = zf.gather(1, idx)
-        tail = zf.scatter(1, idx, _NEG_INF).logsumexp(1, keepdim=True)
-        teacher_tail = torch.log(_tail_mass(logprobs[rows])).to(acc)
-        lp = lp.masked_fill(idx == zf.shape[1] - 1, _NEG_INF)  # dropped ids: no mass on either side
-        student, teacher = torch.cat([top, tail], 1), torch.cat([lp, teacher_tail], 1)
-        return spec.loss(student, teacher, None if labels is None else labels[rows])
+        student, target = topk_teacher.bucket_outcomes(z, indices[rows], logprobs[rows], acc)
+        return spec.loss(student, target, None if labels is None else labels[rows])
 
     return rows_fn
-
-
-def _placeholder_for_ignored(indices, logprobs, keep):
-    """[N, k] top-k ids and log-probabilities where ignored tokens (padding, whose stored top-k may be
-    anything) hold a valid placeholder: ids 0..k-1 with log-probability -log k."""
-    k = indices.shape[-1]
-    idx, lp = indices.reshape(-1, k).long(), logprobs.reshape(-1, k)
-    if keep is None:
-        return idx, lp
-    keep = keep.unsqueeze(1)
-    placeholder = torch.arange(k, device=idx.device).expand_as(idx)
-    return torch.where(keep, idx, placeholder), torch.where(keep, lp, torch.full_like(lp, -math.log(k)))
-
-
-def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
-    """``1 - sum(exp(logprobs))`` per row (in float64), 0 when below the rounding of the stored
-    log-probabilities (4 eps of their dtype): such a tail is noise, and a student with no mass outside
-    the top-k (k = V) must not make forward KL infinite over it."""
-    tail = 1 - logprobs.double().exp().sum(1, keepdim=True)
-    noise = 4 * torch.finfo(logprobs.dtype).eps
-    return torch.where(tail > noise, tail, torch.zeros_like(tail)).to(logprobs.dtype)
 
 
 # ----------------------------------------------------------------------------- validation

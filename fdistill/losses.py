@@ -6,8 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _topk_teacher as topk_teacher
 from . import ops  # noqa: F401  (registers fake and autograd for the compiled ops)
 from ._extension import BUILD_HINT
+from ._topk_teacher import TOPK_TAILS
+from ._value_checks import ValueChecks
+from .ops import accumulate_dtype
 from .reference import DIVERGENCES
 from .rows import BACKENDS, DivergenceRows, as_rows, pick_backend, reduce_rows
 from .validation import (
@@ -16,18 +20,23 @@ from .validation import (
     check_ignore_index,
     check_labels,
     check_logits,
+    check_logits_tensor,
     check_no_vocab_size,
     check_teacher_grad,
     check_temperature,
+    check_topk,
+    check_topk_values,
     divergence_param,
 )
 
 
 def divergence_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
     divergence: str = "forward_kl",
     *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    topk_tail: str = "renormalize",
     beta: float = 0.5,
     skew: float = 0.1,
     alpha: float = 0.5,
@@ -65,7 +74,26 @@ def divergence_loss(
         student_logits: ``(..., V)`` float32, float64, bfloat16 or float16. Computation is in float32
             (float64 for float64 inputs) whatever the input dtype.
         teacher_logits: same shape, dtype and device. It gets no gradient: pass ``.detach()``, or
-            ``grad_teacher=True`` to differentiate through it too (reference backend).
+            ``grad_teacher=True`` to differentiate through it too (reference backend). None when the
+            teacher is given as ``teacher_topk``.
+        teacher_topk: instead of ``teacher_logits``, the teacher's stored top-k: ``(indices,
+            logprobs)``, both ``(..., k)`` with ``...`` the student's token dimensions (integer ids,
+            distinct within a token, in ``[0, V)``; float log-probabilities ``<= 0`` or ``-inf``, at
+            least one finite per token). Tokens ignored through ``labels`` may hold anything (e.g.
+            padding). The same representation and meaning as in
+            :func:`fdistill.fused_linear_divergence_loss`; ``topk_tail`` says what the rest of the
+            vocabulary gets (``docs/topk.md``):
+
+            * ``"renormalize"`` (default): the teacher is its top-k renormalised (0 elsewhere, a
+              ``-inf`` logit), compared with the student's full distribution: the top-k
+              log-probabilities are the teacher's logits (rounded to the student's dtype). With a
+              temperature T the teacher is ``p_i^(1/T)`` renormalised over the top-k. Reverse KL is
+              then ``+inf`` wherever the student has mass outside the top-k, as on dense logits.
+            * ``"bucket"``: the (k + 1)-outcome distributions (top-k ids, everything else); the
+              teacher's tail is ``1 - sum(top-k p)``, the student's its total probability outside
+              the top-k. Needs ``temperature=1`` and ``sum(top-k p) <= 1``; no ``grad_in_place``.
+
+            Not supported with ``teacher_topk``: ``grad_teacher`` and ``vocab_parallel_group``.
         divergence: one of :data:`fdistill.DIVERGENCES`.
         beta: weight in [0, 1] for ``jeffreys`` (on KL(q || p)) and ``jsd``.
         skew: lambda in [0, 1] for ``skew_kl`` / ``skew_reverse_kl``.
@@ -111,6 +139,9 @@ def divergence_loss(
     if vocab_parallel_group is not None:
         from . import vocab_parallel
 
+        if teacher_topk is not None:
+            raise ValueError("teacher_topk cannot be combined with vocab_parallel_group: give the teacher's "
+                             "logit shards")  # fmt: skip
         return vocab_parallel.divergence_loss(
             student_logits, teacher_logits, divergence, beta=beta, skew=skew, alpha=alpha,
             temperature=temperature, labels=labels, ignore_index=ignore_index, reduction=reduction,
@@ -118,6 +149,13 @@ def divergence_loss(
             grad_in_place=grad_in_place, backend=backend, group=vocab_parallel_group, vocab_size=vocab_size,
         )  # fmt: skip
     check_no_vocab_size(vocab_size)
+    if teacher_topk is not None or teacher_logits is None:
+        return _topk_divergence_loss(
+            student_logits, teacher_logits, teacher_topk, topk_tail, divergence, beta=beta, skew=skew,
+            alpha=alpha, temperature=temperature, labels=labels, ignore_index=ignore_index,
+            reduction=reduction, scale_by_temperature_squared=scale_by_temperature_squared,
+            grad_teacher=grad_teacher, grad_in_place=grad_in_place, backend=backend,
+        )  # fmt: skip
     check_logits(student_logits, teacher_logits)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -146,6 +184,60 @@ def divergence_loss(
     return reduce_rows(rows, reduction, lead_shape, flat_labels, ignore_index)
 
 
+def _topk_divergence_loss(student_logits, teacher_logits, teacher_topk, topk_tail, divergence, *, beta, skew,
+                          alpha, temperature, labels, ignore_index, reduction, scale_by_temperature_squared,
+                          grad_teacher, grad_in_place, backend) -> torch.Tensor:  # fmt: skip
+    """:func:`divergence_loss` against a teacher given by its top-k (``_topk_teacher``)."""
+    if teacher_logits is not None:
+        raise ValueError("give the teacher as teacher_logits or as teacher_topk, not both")
+    if teacher_topk is None:
+        raise ValueError("give a teacher: teacher_logits, or teacher_topk=(indices, logprobs)")
+    check_logits_tensor("student_logits", student_logits)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("topk_tail", topk_tail, TOPK_TAILS)
+    param = divergence_param(divergence, beta=beta, skew=skew, alpha=alpha)
+    check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    indices, logprobs = check_topk(teacher_topk, lead_shape, student_logits.device, other="student_logits")
+    if grad_teacher:
+        raise ValueError("grad_teacher=True is not supported with teacher_topk (stored top-k are constants)")
+    check_teacher_grad(logprobs, False, name="teacher_topk logprobs")
+    if topk_tail == "bucket" and temperature != 1:
+        raise ValueError(
+            f"topk_tail='bucket' needs temperature=1 (got {temperature}): the teacher's tempered "
+            "tail mass cannot be known from its top-k"
+        )
+    if topk_tail == "bucket" and grad_in_place:
+        raise ValueError("grad_in_place=True is not supported with topk_tail='bucket'")
+    backend = pick_backend(backend, student_logits, False)
+    if grad_in_place and backend == "reference":
+        raise ValueError("grad_in_place=True needs a fused backend ('cpu' or 'triton'), not 'reference'")
+    flat_labels = None
+    if labels is not None:
+        flat_labels = check_labels(labels, student_logits).reshape(-1).long().contiguous()
+    keep = None if flat_labels is None else flat_labels != ignore_index
+    checks = ValueChecks()  # one host sync for every value check
+    idx, lp = topk_teacher.placeholder_for_ignored(indices, logprobs, keep)
+    check_topk_values(idx, lp, vocab, "error", topk_tail, checks)
+    checks.raise_first()
+
+    student = as_rows(student_logits, vocab)
+    factor = temperature * temperature if scale_by_temperature_squared else 1.0
+    spec = DivergenceRows(divergence, param, temperature, int(ignore_index), backend, factor)
+    if topk_tail == "bucket":
+        s_rows, t_rows = topk_teacher.bucket_outcomes(student, idx, lp, accumulate_dtype(student.dtype))
+        rows = spec.loss(s_rows, t_rows, flat_labels)
+    else:
+        if grad_in_place and student.shape[0] > 1 and student.stride(0) < vocab:
+            student = student.contiguous()
+        teacher = topk_teacher.dense_logits(idx, lp, vocab, student.dtype)
+        scale = _reduction_scale(reduction, student, flat_labels, ignore_index)
+        rows = spec.loss(student, teacher, flat_labels, grad_in_place=grad_in_place, grad_scale=scale)
+    return reduce_rows(rows, reduction, lead_shape, flat_labels, ignore_index)
+
+
 def _reduction_scale(reduction, student, labels, ignore_index) -> float:
     """The factor d loss / d loss_row of the reduction where it is known on the host (1 otherwise), so
     that the one-pass gradient needs no rescaling in the common case: the label count is read only
@@ -162,7 +254,8 @@ def _reduction_scale(reduction, student, labels, ignore_index) -> float:
 class DivergenceLoss(nn.Module):
     """``nn.Module`` form of :func:`divergence_loss`; keyword options are fixed at construction.
 
-    ``forward(student_logits, teacher_logits, labels=None)``.
+    ``forward(student_logits, teacher_logits=None, labels=None, teacher_topk=None)`` (a top-k teacher
+    as ``teacher_topk=(indices, logprobs)``; ``topk_tail`` is a construction option).
     """
 
     def __init__(self, divergence: str = "forward_kl", **options):
@@ -170,15 +263,16 @@ class DivergenceLoss(nn.Module):
         check_choice("divergence", divergence, DIVERGENCES)
         if "labels" in options:
             raise TypeError("labels are passed to forward(), not to the constructor")
-        allowed = set(divergence_loss.__kwdefaults__) - {"labels"}
+        allowed = set(divergence_loss.__kwdefaults__) - {"labels", "teacher_topk"}
         unknown = set(options) - allowed
         if unknown:
             raise TypeError(f"unknown options {sorted(unknown)}; expected some of {sorted(allowed)}")
         self.divergence = divergence
         self.options = options
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return divergence_loss(student_logits, teacher_logits, self.divergence, labels=labels, **self.options)
+    def forward(self, student_logits, teacher_logits=None, labels=None, teacher_topk=None):
+        return divergence_loss(student_logits, teacher_logits, self.divergence, labels=labels,
+                               teacher_topk=teacher_topk, **self.options)  # fmt: skip
 
     def extra_repr(self) -> str:
         return ", ".join([repr(self.divergence)] + [f"{k}={v!r}" for k, v in self.options.items()])
@@ -187,4 +281,6 @@ class DivergenceLoss(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-__all__ = ["BACKENDS", "BUILD_HINT", "DIVERGENCES", "REDUCTIONS", "DivergenceLoss", "divergence_loss"]
+__all__ = [
+    "BACKENDS", "BUILD_HINT", "DIVERGENCES", "REDUCTIONS", "TOPK_TAILS", "DivergenceLoss", "divergence_loss",
+]  # fmt: skip

@@ -343,19 +343,23 @@ def check_token_ids(labels, lead, vocab, ignore_index, device, checks: ValueChec
     return flat
 
 
-def check_topk(topk, lead, device):
+def check_topk(topk, lead, device, name="teacher_topk", other="the hidden states"):
+    """The pair ``(indices, logprobs)`` of a top-k teacher: an integer and a float tensor of the same
+    shape ``(*lead, k)`` with k >= 1, on ``device`` (that of ``other``)."""
     if not (isinstance(topk, (tuple, list)) and len(topk) == 2):
-        raise TypeError("teacher_topk must be a pair (indices, logprobs)")
+        raise TypeError(f"{name} must be a pair (indices, logprobs), got {type(topk).__name__}")
     indices, logprobs = topk
     if (
         not isinstance(indices, torch.Tensor)
         or indices.dtype.is_floating_point
+        or indices.dtype.is_complex
         or indices.dtype == torch.bool
     ):
-        raise TypeError("teacher_topk indices must be an integer tensor")
-    check_float("teacher_topk logprobs", logprobs, device)
-    if indices.device != device:
-        raise ValueError(f"teacher_topk indices are on {indices.device}, the hidden states on {device}")
+        raise TypeError(f"{name} indices must be an integer tensor")
+    check_float(f"{name} logprobs", logprobs)
+    for what, x in (("indices", indices), ("logprobs", logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name} {what} are on {x.device}, {other} on {device}")
     if (
         indices.shape != logprobs.shape
         or indices.dim() < 1
@@ -363,28 +367,36 @@ def check_topk(topk, lead, device):
         or indices.shape[-1] < 1
     ):
         raise ValueError(
-            f"teacher_topk indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} must both be "
+            f"{name} indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} must both be "
             f"(..., k) with ... = {tuple(lead)} and k >= 1"
         )
     return indices, logprobs
 
 
-def check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail, checks: ValueChecks) -> None:
+def check_topk_values(indices, logprobs, vocab, vocab_mismatch, topk_tail, checks: ValueChecks,
+                      name="teacher_topk") -> None:  # fmt: skip
+    """Ids in ``[0, vocab)`` (larger ones dropped under ``vocab_mismatch="mask"``) and distinct within
+    a token; log-probabilities ``<= 0`` or ``-inf`` (no NaN, no ``+inf``), at least one finite per
+    token; for the bucket, top-k mass at most 1. ``[N, k]`` tensors, ignored tokens already replaced
+    by a placeholder."""
     if not checks.active():
         return
-    checks.add((indices < 0).any(), lambda: ValueError("teacher_topk indices must be >= 0"))
+    checks.add((indices < 0).any(), lambda: ValueError(f"{name} indices must be >= 0"))
     if vocab_mismatch == "error":
-        message = f"teacher_topk indices must be < V = {vocab} (or vocab_mismatch='mask' to drop larger ids)"
+        message = f"{name} indices must be < V = {vocab} (or vocab_mismatch='mask' to drop larger ids)"
         checks.add((indices >= vocab).any(), lambda: ValueError(message))
     flat = indices.reshape(-1, indices.shape[-1])
     if flat.shape[-1] > 1:
         checks.add((flat.sort(-1).values.diff(dim=-1) == 0).any(),
-                   lambda: ValueError("teacher_topk indices must be distinct within each token"))  # fmt: skip
+                   lambda: ValueError(f"{name} indices must be distinct within each token"))  # fmt: skip
     if logprobs.numel():
         hi = logprobs.amax()  # NaN propagates
         checks.add(~(hi <= 1e-4), lambda: ValueError(
-            "teacher_topk logprobs must be log-probabilities (<= 0, or -inf), without NaN"))  # fmt: skip
+            f"{name} logprobs must be log-probabilities (<= 0, or -inf), without NaN or +inf"))  # fmt: skip
+        checks.add((logprobs.amax(-1) == -math.inf).any(), lambda: ValueError(
+            f"{name} logprobs are all -inf at some token (no teacher mass there): give it a finite "
+            "log-probability or ignore the token through labels"))  # fmt: skip
     if topk_tail == "bucket":
         mass = logprobs.exp().sum(-1, dtype=torch.float64)
         checks.add((mass > 1 + 1e-3).any(), lambda: ValueError(
-            "teacher_topk probabilities must sum to at most 1 for topk_tail='bucket'"))  # fmt: skip
+            f"{name} probabilities must sum to at most 1 for topk_tail='bucket'"))  # fmt: skip
