@@ -20,12 +20,14 @@ class MissingExtraError(ImportError):
     """A module of the trainer extra is not installed."""
 
 
-def require(*modules: str) -> None:
-    """Raise :class:`MissingExtraError` naming every missing module and the pip extra that provides it."""
+def require(*modules: str, who: str = "the trainer", uses: dict[str, str] | None = None) -> None:
+    """Raise :class:`MissingExtraError` naming every missing module and the pip extra that provides it.
+    ``who`` needs them, for ``uses[module]`` (default: the trainer's uses)."""
     missing = [m for m in modules if not _importable(m)]
     if missing:
-        what = ", ".join(f"{m} ({_NEEDED_FOR[m]})" for m in missing)
-        raise MissingExtraError(f"the trainer needs {what}: pip install 'fdistill[{EXTRA}]'")
+        uses = {**_NEEDED_FOR, **(uses or {})}
+        what = ", ".join(f"{m} ({uses[m]})" for m in missing)
+        raise MissingExtraError(f"{who} needs {what}: pip install 'fdistill[{EXTRA}]'")
 
 
 def require_for_run(*, progress: bool, plots: bool) -> None:
