@@ -14,7 +14,6 @@ import torch
 
 import fdistill
 from fdistill import topk
-from fdistill.topk import store
 from fdistill.trainer import extras
 
 V, K = 23, 5
@@ -183,7 +182,8 @@ def test_missing_extra_is_named_before_writing(tmp_path, monkeypatch):
 
 def test_teacher_output_is_checked(tmp_path):
     def write(out):
-        return topk.write_topk(tmp_path, [0], lambda _: out, k=2, vocab_size=4, progress=False, overwrite=True)
+        return topk.write_topk(tmp_path, [0], lambda _: out, k=2, vocab_size=4, progress=False,
+                               overwrite=True)  # fmt: skip
 
     ids, lp = torch.tensor([[0, 1]]), torch.tensor([[-0.5, -1.0]])
     with pytest.raises(ValueError, match="sequence 0: indices must be in"):
@@ -211,7 +211,8 @@ def test_vllm_layouts():
         [{"token": "token_id:7", "logprob": -0.3}, {"token": "token_id:2", "logprob": -1.6},
          {"token": "token_id:9", "logprob": -2.5}],
         {4: Logprob(-3.0), 11: Logprob(-0.1), 5: Logprob(-2.4), 6: Logprob(-4.0)},  # + the sampled one
-        [{"token_id": 3, "logprob": -1.0}, {"token_id": 8, "logprob": -0.7}, {"token_id": 1, "logprob": -9.0}],
+        [{"token_id": 3, "logprob": -1.0}, {"token_id": 8, "logprob": -0.7},
+         {"token_id": 1, "logprob": -9.0}],
         [],
     ]  # fmt: skip
     got = topk.read_vllm_logprobs(positions, length=7)
@@ -221,7 +222,8 @@ def test_vllm_layouts():
                                                                  [-0.7, -1.0, -9.0]]))  # fmt: skip
     assert got.indices[0].tolist() == [0, 1, 2]  # placeholder
     # OpenAI logprobs.content entries, and axolotl's "v2" parallel token ids
-    chat = [{"top_logprobs": [{"token": "token_id:5", "logprob": -0.2}, {"token": "token_id:1", "logprob": -2.0}]}]
+    chat = [{"top_logprobs": [{"token": "token_id:5", "logprob": -0.2},
+                              {"token": "token_id:1", "logprob": -2.0}]}]  # fmt: skip
     assert topk.read_vllm_logprobs(chat).indices.tolist() == [[5, 1]]
     v2 = topk.read_vllm_logprobs([[-2.0, -0.1], None], token_ids=[[4, 6], None], k=2)
     assert v2.indices.tolist()[0] == [6, 4] and v2.mask.tolist() == [True, False]
@@ -254,8 +256,8 @@ def test_axolotl_kd_columns():
     assert got.mask.tolist() == [False, True, True, True]
     assert got.indices.tolist()[1:] == [[5, 9], [0, 7], [8, 6]]  # k = 2: the smallest unmasked count
     torch.testing.assert_close(got.logprobs[1:], torch.tensor([[-0.2, -1.9], [-0.05, -2.0], [-0.5, -1.2]]))
-    no_mask = topk.read_axolotl_kd({k: v for k, v in example.items() if k != "target_mask"} | {
-        "target_logprobs": torch.tensor([[-1.0, -2, -3]] * 4), "target_token_ids": torch.tensor([[1, 2, 3]] * 4)})
+    no_mask = topk.read_axolotl_kd({"target_logprobs": torch.tensor([[-1.0, -2, -3]] * 4),
+                                    "target_token_ids": torch.tensor([[1, 2, 3]] * 4)})  # fmt: skip
     assert no_mask.mask.all() and no_mask.indices.shape == (4, 3)
     with pytest.raises(KeyError, match="target_logprobs"):
         topk.read_axolotl_kd({"target_token_ids": []})
@@ -294,8 +296,8 @@ def test_tail_bucket_against_float64(seed):
     torch.testing.assert_close(topk.tail_logprob(lp.float()).double(), want, rtol=1e-5, atol=1e-6)
     # stable where the tail is tiny: 1 - sum = 1e-10 (float64 input) is kept to full relative accuracy
     tiny = torch.tensor([[math.log(0.5), math.log(0.5 - 1e-10)]], dtype=torch.float64)
-    torch.testing.assert_close(topk.tail_logprob(tiny), torch.tensor([[math.log(1e-10)]], dtype=torch.float64),
-                               rtol=1e-5, atol=0)  # fmt: skip
+    want_tiny = torch.tensor([[math.log(1e-10)]], dtype=torch.float64)
+    torch.testing.assert_close(topk.tail_logprob(tiny), want_tiny, rtol=1e-5, atol=0)
     # no tail (the k entries hold all the mass, up to rounding; or a little more): -inf, not NaN
     full = torch.tensor([[-0.5, -0.5]]).exp().div(torch.tensor([[-0.5, -0.5]]).exp().sum()).log()
     assert topk.tail_logprob(full).item() == -math.inf
@@ -439,7 +441,7 @@ def test_divergence_loss_topk_errors(seed):
         (dict(teacher_topk=(ids.double(), lp)), TypeError, "teacher_topk indices must be an integer"),
         (dict(teacher_topk=ids), TypeError, "teacher_topk must be a pair"),
         (dict(teacher_topk=(ids.expand(2, 3, K).clone().fill_(1), lp)), ValueError, "distinct"),
-        (dict(teacher_topk=(ids, lp), topk_tail="bucket", temperature=2.0), ValueError, "needs temperature=1"),
+        (dict(teacher_topk=(ids, lp), topk_tail="bucket", temperature=2.0), ValueError, "temperature=1"),
         (dict(teacher_topk=(ids, lp.clamp(min=-0.01)), topk_tail="bucket"), ValueError, "sum to at most 1"),
         (dict(teacher_topk=(ids, lp), topk_tail="drop"), ValueError, "topk_tail must be one of"),
         (dict(teacher_topk=(ids, lp), grad_teacher=True), ValueError, "grad_teacher"),

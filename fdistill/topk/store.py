@@ -176,7 +176,9 @@ def write_topk(
         }
         first = manifest["num_sequences"]
         name = _SHARD.format(len(manifest["shards"]))
-        data = save(tensors, metadata={"format": FORMAT, "first_sequence": str(first), "k": str(k)})
+        # one metadata key: safetensors writes several in no fixed order, and the same data should
+        # give the same bytes (and sha256) on every run
+        data = save(tensors, metadata={FORMAT: json.dumps({"first_sequence": first, "k": k})})
         write_atomic(directory / name, data)
         manifest["shards"].append({"file": name, "first_sequence": first, "num_sequences": len(pending),
                                    "num_tokens": pending_tokens, "bytes": len(data),
