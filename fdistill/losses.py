@@ -191,7 +191,8 @@ def _topk_divergence_loss(student_logits, teacher_logits, teacher_topk, topk_tai
     if teacher_logits is not None:
         raise ValueError("give the teacher as teacher_logits or as teacher_topk, not both")
     if teacher_topk is None:
-        raise ValueError("give a teacher: teacher_logits, or teacher_topk=(indices, logprobs)")
+        raise TypeError("teacher_logits must be a torch.Tensor, got None (or give the teacher as "
+                        "teacher_topk=(indices, logprobs))")  # fmt: skip
     check_logits_tensor("student_logits", student_logits)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)

@@ -447,7 +447,7 @@ def test_divergence_loss_topk_errors(seed):
         (dict(teacher_topk=(ids, lp), grad_teacher=True), ValueError, "grad_teacher"),
         (dict(teacher_topk=(ids, lp.clone().requires_grad_())), ValueError, "logprobs requires grad"),
         (dict(teacher_topk=(ids, lp), labels=torch.zeros(2, 2).long()), ValueError, "labels"),
-        (dict(), ValueError, "give a teacher"),
+        (dict(), TypeError, "teacher_logits must be a torch.Tensor, got None"),
     ]
     for kwargs, exc, match in bad:
         with pytest.raises(exc, match=match):
