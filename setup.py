@@ -80,7 +80,9 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # No FMA contraction: the kernels' error analysis assumes each written operation rounds once
     # (q - p of two equal probabilities must be 0, not the rounding error of one product).
-    cxx = opt + ["-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is a header template over torch's OpenMP backend; without the flag
+    # its pragma is dropped and every CPU kernel runs on one thread.
+    cxx = opt + ["-std=c++17", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
@@ -90,7 +92,13 @@ def _extension():
             define_macros=[("FDISTILL_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17"]},
         )
-    return CppExtension("fdistill._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension(
+        "fdistill._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=_use_ninja())})
