@@ -83,6 +83,7 @@ def _extension():
     # -fopenmp: at::parallel_for is a header template over torch's OpenMP backend; without the flag
     # its pragma is dropped and every CPU kernel runs on one thread.
     cxx = opt + ["-std=c++17", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
+    link = ["-fopenmp"]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
@@ -91,13 +92,14 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("FDISTILL_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17"]},
+            extra_link_args=link,
         )
     return CppExtension(
         "fdistill._C",
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

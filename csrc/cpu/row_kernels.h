@@ -140,10 +140,9 @@ void store_converted(const acc_t* src, int64_t n, scalar_t* dst) {
   }
 }
 
-// The first pass's exps of one row, per thread: es[i] = exp(s_i - shift_s[c]), et likewise, for entry
-// i of chunk c = i / kChunk (each chunk's padded span at c * kChunk). With the row's (max, log-sum)
-// known, q_i = es[i] * exp(shift_s[c] - max_s - log_sum_s): the chunk's factor (0 for a chunk whose
-// running max was still -inf: its exps are 0 and the factor would overflow). The second pass of the
+// The first pass's exps of one row, per thread: es[i] = exp(s_i - M_s[c]), et likewise, for entry i
+// of chunk c = i / kChunk (each chunk's padded span at c * kChunk), M[c] the running max after chunk c
+// (kept in shift_s, shift_t). With the row's (max, log-sum) known, q_i = es[i] * chunk_factor(M_s[c]). The second pass of the
 // mixture divergences overwrites es with q and et with grad_part.
 template <class acc_t>
 struct RowCache {
@@ -151,6 +150,8 @@ struct RowCache {
   std::vector<double> shift_s, shift_t;
   acc_t* s_chunk(int64_t c) { return es.data() + c * kChunk; }
   acc_t* t_chunk(int64_t c) { return et.data() + c * kChunk; }
+  const acc_t* s_chunk(int64_t c) const { return es.data() + c * kChunk; }
+  const acc_t* t_chunk(int64_t c) const { return et.data() + c * kChunk; }
 
   static RowCache& for_vocab(int64_t vocab) {
     thread_local RowCache cache;
@@ -165,9 +166,24 @@ struct RowCache {
   }
 };
 
-// The factor that turns a chunk's cached exps into probabilities (see RowCache).
-inline double chunk_factor(double shift, double max, double log_sum) {
-  return shift == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp((shift - max) - log_sum);
+// The factor that turns a chunk's cached exps into probabilities (see RowCache), from the running max
+// after the chunk: 0 while it is -inf (the exps, taken at shift 0, are 0; the factor would overflow).
+inline double chunk_factor(double running_max, double max, double log_sum) {
+  return running_max == -kInf ? 0.0 : std::exp((running_max - max) - log_sum);
+}
+
+// The maxima of a chunk's two buffers (padded with -inf to whole vectors).
+template <class acc_t>
+void chunk_maxima(const acc_t* bs, const acc_t* bt, int64_t padded, acc_t& max_s, acc_t& max_t) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  Vec ms = O::splat(-kInf), mt = ms;
+  for (int64_t i = 0; i < padded; i += Vec::size()) {
+    ms = O::max(ms, Vec::loadu(bs + i));
+    mt = O::max(mt, Vec::loadu(bt + i));
+  }
+  max_s = horizontal_max(ms);
+  max_t = horizontal_max(mt);
 }
 
 template <class scalar_t>
@@ -207,19 +223,16 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r, RowCache<ac
     const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
     load_scaled(row.t + start, n, inv_t, bt);
 
-    Vec max_s = ninf, max_t = ninf;
-    for (int64_t i = 0; i < padded; i += W) {
-      max_s = O::max(max_s, Vec::loadu(bs + i));
-      max_t = O::max(max_t, Vec::loadu(bt + i));
-    }
-    const Vec shift_s = O::splat(r.s.raise(horizontal_max(max_s)));
-    const Vec shift_t = O::splat(r.t.raise(horizontal_max(max_t)));
+    acc_t max_s, max_t;
+    chunk_maxima(bs, bt, padded, max_s, max_t);
+    const Vec shift_s = O::splat(r.s.raise(max_s));
+    const Vec shift_t = O::splat(r.t.raise(max_t));
     acc_t* cs = nullptr;
     acc_t* ct = nullptr;
     if (cache != nullptr) {
       const int64_t c = start / kChunk;
-      cache->shift_s[c] = r.s.max == -kInf ? -kInf : r.s.shift();
-      cache->shift_t[c] = r.t.max == -kInf ? -kInf : r.t.shift();
+      cache->shift_s[c] = r.s.max;
+      cache->shift_t[c] = r.t.max;
       cs = cache->s_chunk(c);
       ct = cache->t_chunk(c);
     }
@@ -268,8 +281,8 @@ struct ChunkFactors {
   ChunkFactors(double max_s, double log_sum_s, double max_t, double log_sum_t)
       : max_s(static_cast<acc_t>(max_s)), log_sum_s(static_cast<acc_t>(log_sum_s)),
         max_t(static_cast<acc_t>(max_t)), log_sum_t(static_cast<acc_t>(log_sum_t)) {}
-  acc_t s(double shift) const { return static_cast<acc_t>(chunk_factor(shift, max_s, log_sum_s)); }
-  acc_t t(double shift) const { return static_cast<acc_t>(chunk_factor(shift, max_t, log_sum_t)); }
+  acc_t s(double running_max) const { return static_cast<acc_t>(chunk_factor(running_max, max_s, log_sum_s)); }
+  acc_t t(double running_max) const { return static_cast<acc_t>(chunk_factor(running_max, max_t, log_sum_t)); }
 };
 
 // Second pass (mixture divergences and TV), with the log-sum-exps known: adds the row's sums of the
@@ -368,29 +381,24 @@ void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g
         (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
       }
     } else if (cache == nullptr) {
-      Vec max_s = O::splat(-kInf), max_t = max_s;
-      for (int64_t i = 0; i < padded; i += W) {
-        max_s = O::max(max_s, Vec::loadu(bs + i));
-        max_t = O::max(max_t, Vec::loadu(bt + i));
-      }
-      const Vec shift_s = O::splat(run_s.raise(horizontal_max(max_s)));
-      const Vec shift_t = O::splat(run_t.raise(horizontal_max(max_t)));
-      const Vec fs = O::splat(factors.s(run_s.max == -kInf ? -kInf : run_s.shift()));
-      const Vec ft = O::splat(factors.t(run_t.max == -kInf ? -kInf : run_t.shift()));
+      acc_t max_s, max_t;
+      chunk_maxima(bs, bt, padded, max_s, max_t);
+      const Vec shift_s = O::splat(run_s.raise(max_s)), shift_t = O::splat(run_t.raise(max_t));
+      const Vec fs = O::splat(factors.s(run_s.max)), ft = O::splat(factors.t(run_t.max));
       for (int64_t i = 0; i < padded; i += W) {
         const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
         const Entry<Vec> e = make_entry(s, t, O::exp(s - shift_s) * fs, O::exp(t - shift_t) * ft, lse);
         (grad_entry<D>(e, k) * scale).store(bs + i);
       }
     } else if constexpr (has_grad_part(D)) {
-      const acc_t* q = cache->es.data() + c * kChunk;  // q and grad_part, stored by second_pass
-      const acc_t* u = cache->et.data() + c * kChunk;
+      const acc_t* q = cache->s_chunk(c);  // q and grad_part, stored by second_pass
+      const acc_t* u = cache->t_chunk(c);
       for (int64_t i = 0; i < padded; i += W) {
         (grad_from_part<D>(Vec::loadu(q + i), Vec::loadu(u + i), k) * scale).store(bs + i);
       }
     } else {
-      const acc_t* es = cache->es.data() + c * kChunk;
-      const acc_t* et = cache->et.data() + c * kChunk;
+      const acc_t* es = cache->s_chunk(c);
+      const acc_t* et = cache->t_chunk(c);
       const Vec fs = O::splat(factors.s(cache->shift_s[c])), ft = O::splat(factors.t(cache->shift_t[c]));
       for (int64_t i = 0; i < padded; i += W) {
         const Vec q = Vec::loadu(es + i) * fs, p = Vec::loadu(et + i) * ft;
