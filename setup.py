@@ -78,7 +78,12 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx = opt + ["-std=c++17", "-fvisibility=hidden"]
+    # No FMA contraction: the kernels' error analysis assumes each written operation rounds once
+    # (q - p of two equal probabilities must be 0, not the rounding error of one product).
+    # -fopenmp: at::parallel_for is a header template over torch's OpenMP backend; without the flag
+    # its pragma is dropped and every CPU kernel runs on one thread.
+    cxx = opt + ["-std=c++17", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
+    link = ["-fopenmp"]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
@@ -87,8 +92,15 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("FDISTILL_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17"]},
+            extra_link_args=link,
         )
-    return CppExtension("fdistill._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+    return CppExtension(
+        "fdistill._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=_use_ninja())})

@@ -6,13 +6,17 @@
 // Each row is processed in chunks of kChunk entries held in a stack buffer:
 // the chunk is converted to the accumulation type and scaled by 1/T once, its
 // maximum found, and the online log-sum-exp updated with one rescale per chunk.
-// So every pass reads the row from memory once and computes one exp per logit.
+// The first pass keeps exp(s - shift), exp(t - shift) of the row in a per-thread cache (RowCache:
+// 2 x V floats, in L2 at V = 32k), so the second pass and the gradient take q and p by one multiply:
+// two exps per logit in all for the KLs (four before), and the gradient of the mixture divergences
+// from one stored value per entry (grad_part).
 #pragma once
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -136,6 +140,52 @@ void store_converted(const acc_t* src, int64_t n, scalar_t* dst) {
   }
 }
 
+// The first pass's exps of one row, per thread: es[i] = exp(s_i - M_s[c]), et likewise, for entry i
+// of chunk c = i / kChunk (each chunk's padded span at c * kChunk), M[c] the running max after chunk c
+// (kept in shift_s, shift_t). With the row's (max, log-sum) known, q_i = es[i] * chunk_factor(M_s[c]). The second pass of the
+// mixture divergences overwrites es with q and et with grad_part.
+template <class acc_t>
+struct RowCache {
+  std::vector<acc_t> es, et;
+  std::vector<double> shift_s, shift_t;
+  acc_t* s_chunk(int64_t c) { return es.data() + c * kChunk; }
+  acc_t* t_chunk(int64_t c) { return et.data() + c * kChunk; }
+  const acc_t* s_chunk(int64_t c) const { return es.data() + c * kChunk; }
+  const acc_t* t_chunk(int64_t c) const { return et.data() + c * kChunk; }
+
+  static RowCache& for_vocab(int64_t vocab) {
+    thread_local RowCache cache;
+    const int64_t chunks = (vocab + kChunk - 1) / kChunk;
+    if (static_cast<int64_t>(cache.shift_s.size()) < chunks) {
+      cache.es.resize(chunks * kChunk);
+      cache.et.resize(chunks * kChunk);
+      cache.shift_s.resize(chunks);
+      cache.shift_t.resize(chunks);
+    }
+    return cache;
+  }
+};
+
+// The factor that turns a chunk's cached exps into probabilities (see RowCache), from the running max
+// after the chunk: 0 while it is -inf (the exps, taken at shift 0, are 0; the factor would overflow).
+inline double chunk_factor(double running_max, double max, double log_sum) {
+  return running_max == -kInf ? 0.0 : std::exp((running_max - max) - log_sum);
+}
+
+// The maxima of a chunk's two buffers (padded with -inf to whole vectors).
+template <class acc_t>
+void chunk_maxima(const acc_t* bs, const acc_t* bt, int64_t padded, acc_t& max_s, acc_t& max_t) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  Vec ms = O::splat(-kInf), mt = ms;
+  for (int64_t i = 0; i < padded; i += Vec::size()) {
+    ms = O::max(ms, Vec::loadu(bs + i));
+    mt = O::max(mt, Vec::loadu(bt + i));
+  }
+  max_s = horizontal_max(ms);
+  max_t = horizontal_max(mt);
+}
+
 template <class scalar_t>
 struct RowView {
   const scalar_t* s;
@@ -154,8 +204,9 @@ inline bool ignored(const RowArgs& a, int64_t row) {
 
 // First pass: online log-sum-exps of s and t and, for the one-pass divergences,
 // the sums that give their loss (E_p[t - s], E_q[s - t], LSE(alpha t + (1-alpha) s)).
+// With a cache, each chunk's exps and shifts are kept in it (see RowCache).
 template <Divergence D, class scalar_t, class acc_t>
-void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
+void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r, RowCache<acc_t>* cache = nullptr) {
   using Vec = Vectorized<acc_t>;
   using O = Ops<Vec>;
   constexpr int64_t W = Vec::size();
@@ -172,13 +223,19 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
     const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
     load_scaled(row.t + start, n, inv_t, bt);
 
-    Vec max_s = ninf, max_t = ninf;
-    for (int64_t i = 0; i < padded; i += W) {
-      max_s = O::max(max_s, Vec::loadu(bs + i));
-      max_t = O::max(max_t, Vec::loadu(bt + i));
+    acc_t max_s, max_t;
+    chunk_maxima(bs, bt, padded, max_s, max_t);
+    const Vec shift_s = O::splat(r.s.raise(max_s));
+    const Vec shift_t = O::splat(r.t.raise(max_t));
+    acc_t* cs = nullptr;
+    acc_t* ct = nullptr;
+    if (cache != nullptr) {
+      const int64_t c = start / kChunk;
+      cache->shift_s[c] = r.s.max;
+      cache->shift_t[c] = r.t.max;
+      cs = cache->s_chunk(c);
+      ct = cache->t_chunk(c);
     }
-    const Vec shift_s = O::splat(r.s.raise(horizontal_max(max_s)));
-    const Vec shift_t = O::splat(r.t.raise(horizontal_max(max_t)));
     const Vec ref_s = O::splat(r.s.ref), ref_t = O::splat(r.t.ref);  // fixed once the row has a finite max
     Vec shift_z = O::splat(0);
     if constexpr (kAlpha) {
@@ -196,6 +253,10 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
     for (int64_t i = 0; i < padded; i += W) {
       const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
       const Vec es = O::exp(s - shift_s), et = O::exp(t - shift_t);
+      if (cs != nullptr) {
+        es.store(cs + i);
+        et.store(ct + i);
+      }
       if constexpr (kReverse) {
         w_s.add(es, s, t);
       } else {
@@ -213,28 +274,63 @@ void first_pass(const RowArgs& a, RowView<scalar_t> row, RowSums& r) {
   }
 }
 
+// The chunk factors of a row (see RowCache) from its (max, log-sum) as stored in acc_t.
+template <class acc_t>
+struct ChunkFactors {
+  double max_s, log_sum_s, max_t, log_sum_t;
+  ChunkFactors(double max_s, double log_sum_s, double max_t, double log_sum_t)
+      : max_s(static_cast<acc_t>(max_s)), log_sum_s(static_cast<acc_t>(log_sum_s)),
+        max_t(static_cast<acc_t>(max_t)), log_sum_t(static_cast<acc_t>(log_sum_t)) {}
+  acc_t s(double running_max) const { return static_cast<acc_t>(chunk_factor(running_max, max_s, log_sum_s)); }
+  acc_t t(double running_max) const { return static_cast<acc_t>(chunk_factor(running_max, max_t, log_sum_t)); }
+};
+
 // Second pass (mixture divergences and TV), with the log-sum-exps known: adds the row's sums of the
-// loss and of the row scalar c0 to loss2, aux2.
+// loss and of the row scalar c0 to loss2, aux2. With a cache (filled by first_pass) q and p come from
+// it, and with store_part each chunk's q and grad_part are written back over it for grad_row.
 template <Divergence D, class scalar_t, class acc_t>
-void second_pass(const RowArgs& a, RowView<scalar_t> row, const RowLSE<Vectorized<acc_t>>& lse, double& loss2,
-                 double& aux2) {
+void second_pass(const RowArgs& a, RowView<scalar_t> row, double max_s, double log_sum_s, double max_t,
+                 double log_sum_t, double& loss2, double& aux2, RowCache<acc_t>* cache = nullptr,
+                 bool store_part = false) {
   using Vec = Vectorized<acc_t>;
   using O = Ops<Vec>;
   constexpr int64_t W = Vec::size();
   alignas(64) acc_t bs[kChunk], bt[kChunk];
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
+  const RowLSE<Vec> lse = make_row_lse<Vec>(max_s, log_sum_s, max_t, log_sum_t);
+  const ChunkFactors<acc_t> factors(max_s, log_sum_s, max_t, log_sum_t);
   const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, 0, 0);
   for (int64_t start = 0; start < a.vocab; start += kChunk) {
-    const int64_t n = std::min(kChunk, a.vocab - start);
+    const int64_t n = std::min(kChunk, a.vocab - start), c = start / kChunk;
     const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
     load_scaled(row.t + start, n, inv_t, bt);
     Vec loss = O::splat(0), aux = loss;
-    for (int64_t i = 0; i < padded; i += W) {
-      const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
-      Vec l, x;
-      second_pass_terms<D>(e, k, l, x);
-      loss += l;
-      aux += x;
+    if (cache != nullptr) {
+      acc_t* cs = cache->s_chunk(c);
+      acc_t* ct = cache->t_chunk(c);
+      const Vec fs = O::splat(factors.s(cache->shift_s[c])), ft = O::splat(factors.t(cache->shift_t[c]));
+      for (int64_t i = 0; i < padded; i += W) {
+        const Vec q = Vec::loadu(cs + i) * fs, p = Vec::loadu(ct + i) * ft;
+        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), q, p, lse);
+        Vec l, x;
+        second_pass_terms<D>(e, k, l, x);
+        loss += l;
+        aux += x;
+        if constexpr (has_grad_part(D)) {
+          if (store_part) {
+            q.store(cs + i);
+            grad_part<D>(e, k).store(ct + i);
+          }
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < padded; i += W) {
+        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
+        Vec l, x;
+        second_pass_terms<D>(e, k, l, x);
+        loss += l;
+        aux += x;
+      }
     }
     loss2 += horizontal_sum(loss);
     aux2 += horizontal_sum(aux);
@@ -243,10 +339,12 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, const RowLSE<Vectorize
 
 // g * dL/ds of one row (g holds the upstream gradient and the 1/T) into out, from the row's
 // statistics. Rows with no distribution get NaN, ignored and empty rows 0. May alias the
-// student row: each chunk is read into bs before its gradient is stored.
+// student row: each chunk is read into bs before its gradient is stored. With a cache (this row's,
+// from forward_rows) q and p are read from it, and the mixture divergences' gradient from the
+// stored q and grad_part alone.
 template <Divergence D, class scalar_t, class acc_t>
 void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g, bool ignored_row,
-              scalar_t* out) {
+              scalar_t* out, const RowCache<acc_t>* cache = nullptr) {
   using Vec = Vectorized<acc_t>;
   using O = Ops<Vec>;
   constexpr int64_t W = Vec::size();
@@ -262,15 +360,57 @@ void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g
   alignas(64) acc_t bs[kChunk], bt[kChunk];
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
   const RowLSE<Vec> lse = make_row_lse<Vec>(st[0], st[1], st[2], st[3]);
+  const ChunkFactors<acc_t> factors(st[0], st[1], st[2], st[3]);
   const Vec scale = O::splat(g);
   const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[4], st[5]);
+  // Without a cache (the two-pass backward) q and p are formed as first_pass caches them: exp(x - the
+  // running max) times the chunk's factor, so both paths give the same bits (alpha: exp(ls), exp(lt)).
+  constexpr bool kAsCached = D != Divergence::Alpha;
+  constexpr bool kNeedsLogits = D != Divergence::ForwardKL && !has_grad_part(D);  // with a cache
+  OnlineLSE run_s, run_t;  // the running maxima of first_pass
   for (int64_t start = 0; start < a.vocab; start += kChunk) {
-    const int64_t n = std::min(kChunk, a.vocab - start);
-    const int64_t padded = load_scaled(view.s + start, n, inv_t, bs);
-    load_scaled(view.t + start, n, inv_t, bt);
-    for (int64_t i = 0; i < padded; i += W) {
-      const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
-      (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
+    const int64_t n = std::min(kChunk, a.vocab - start), c = start / kChunk;
+    const int64_t padded = (n + W - 1) / W * W;
+    if (cache == nullptr || kNeedsLogits) {
+      load_scaled(view.s + start, n, inv_t, bs);
+      load_scaled(view.t + start, n, inv_t, bt);
+    }
+    if (cache == nullptr && !kAsCached) {
+      for (int64_t i = 0; i < padded; i += W) {
+        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
+        (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
+      }
+    } else if (cache == nullptr) {
+      acc_t max_s, max_t;
+      chunk_maxima(bs, bt, padded, max_s, max_t);
+      const Vec shift_s = O::splat(run_s.raise(max_s)), shift_t = O::splat(run_t.raise(max_t));
+      const Vec fs = O::splat(factors.s(run_s.max)), ft = O::splat(factors.t(run_t.max));
+      for (int64_t i = 0; i < padded; i += W) {
+        const Vec s = Vec::loadu(bs + i), t = Vec::loadu(bt + i);
+        const Entry<Vec> e = make_entry(s, t, O::exp(s - shift_s) * fs, O::exp(t - shift_t) * ft, lse);
+        (grad_entry<D>(e, k) * scale).store(bs + i);
+      }
+    } else if constexpr (has_grad_part(D)) {
+      const acc_t* q = cache->s_chunk(c);  // q and grad_part, stored by second_pass
+      const acc_t* u = cache->t_chunk(c);
+      for (int64_t i = 0; i < padded; i += W) {
+        (grad_from_part<D>(Vec::loadu(q + i), Vec::loadu(u + i), k) * scale).store(bs + i);
+      }
+    } else {
+      const acc_t* es = cache->s_chunk(c);
+      const acc_t* et = cache->t_chunk(c);
+      const Vec fs = O::splat(factors.s(cache->shift_s[c])), ft = O::splat(factors.t(cache->shift_t[c]));
+      for (int64_t i = 0; i < padded; i += W) {
+        const Vec q = Vec::loadu(es + i) * fs, p = Vec::loadu(et + i) * ft;
+        Entry<Vec> e;
+        if constexpr (kNeedsLogits) {
+          e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), q, p, lse);
+        } else {
+          e.q = q;
+          e.p = p;
+        }
+        (grad_entry<D>(e, k) * scale).store(bs + i);
+      }
     }
     store_converted(bs, n, out + start);
   }
@@ -289,6 +429,12 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   auto* loss = static_cast<acc_t*>(a.loss);
   auto* stats = static_cast<acc_t*>(a.stats);
   const acc_t g = static_cast<acc_t>(a.grad_scale * a.inv_temperature);
+  // The row cache wherever a later pass reads the row again (alpha recomputes its exps: its second
+  // pass and gradient take other forms than q and p alone).
+  constexpr bool kCacheable = D != Divergence::Alpha;
+  RowCache<acc_t>* cache = kCacheable && (a.grad_student != nullptr || needs_second_pass(D))
+                               ? &RowCache<acc_t>::for_vocab(a.vocab)
+                               : nullptr;
   for (int64_t row = begin; row < end; ++row) {
     acc_t* st = stats + row * kNumStats;
     const auto view = row_view<scalar_t>(a, row);
@@ -297,18 +443,20 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
       std::fill(st, st + kNumStats, acc_t(0));
     } else {
       RowSums r;
-      first_pass<D, scalar_t, acc_t>(a, view, r);
+      first_pass<D, scalar_t, acc_t>(a, view, r, cache);
       if constexpr (needs_second_pass(D)) {
         // alpha's Log form (|alpha - 1/2| > 1) has its loss from the first pass's sums alone
         const bool second = D != Divergence::Alpha || alpha_form(a.coef.param) != AlphaForm::Log;
         if (second && row_kind(r.s.lse(), r.t.lse()) == RowKind::Normal) {
-          const auto lse = make_row_lse<Vectorized<acc_t>>(r.s.max, std::log(r.s.sum), r.t.max, std::log(r.t.sum));
-          second_pass<D, scalar_t, acc_t>(a, view, lse, r.loss2, r.aux2);
+          second_pass<D, scalar_t, acc_t>(a, view, r.s.max, std::log(r.s.sum), r.t.max, std::log(r.t.sum), r.loss2,
+                                          r.aux2, cache, a.grad_student != nullptr);
         }
       }
       loss[row] = finish_row<D, acc_t>(r, a.coef, st);
     }
-    if (a.grad_student != nullptr) grad_row<D, scalar_t, acc_t>(a, view, st, g, ignored(a, row), grad_out_row<scalar_t>(a, row));
+    if (a.grad_student != nullptr) {
+      grad_row<D, scalar_t, acc_t>(a, view, st, g, ignored(a, row), grad_out_row<scalar_t>(a, row), cache);
+    }
   }
 }
 
@@ -372,8 +520,7 @@ void second_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const acc_t* st = stats + row * kNumStats;
     if constexpr (needs_second_pass(D)) {
       if (!ignored(a, row) && row_kind(st[0] + st[1], st[2] + st[3]) == RowKind::Normal) {
-        const auto lse = make_row_lse<Vectorized<acc_t>>(st[0], st[1], st[2], st[3]);
-        second_pass<D, scalar_t, acc_t>(a, row_view<scalar_t>(a, row), lse, out[0], out[1]);
+        second_pass<D, scalar_t, acc_t>(a, row_view<scalar_t>(a, row), st[0], st[1], st[2], st[3], out[0], out[1]);
       }
     }
   }

@@ -167,9 +167,9 @@ FDISTILL_HD RowLSE<V> make_row_lse(double max_s, double log_sum_s, double max_t,
   return RowLSE<V>{O::splat(max_s), O::splat(log_sum_s), O::splat(max_t), O::splat(log_sum_t)};
 }
 
+// An entry's logit terms (everything but q and p).
 template <class V>
-FDISTILL_HD Entry<V> make_entry(V s, V t, const RowLSE<V>& r) {
-  using O = Ops<V>;
+FDISTILL_HD Entry<V> entry_logits(V s, V t, const RowLSE<V>& r) {
   Entry<V> e;
   e.s = s;
   e.t = t;
@@ -179,8 +179,24 @@ FDISTILL_HD Entry<V> make_entry(V s, V t, const RowLSE<V>& r) {
   e.dt_err = diff_error(t, r.max_t, e.dt);
   e.ls = e.ds - r.log_sum_s;
   e.lt = e.dt - r.log_sum_t;
-  e.q = O::exp(e.ls);
-  e.p = O::exp(e.lt);
+  return e;
+}
+
+template <class V>
+FDISTILL_HD Entry<V> make_entry(V s, V t, const RowLSE<V>& r) {
+  Entry<V> e = entry_logits(s, t, r);
+  e.q = Ops<V>::exp(e.ls);
+  e.p = Ops<V>::exp(e.lt);
+  return e;
+}
+
+// An entry whose probabilities are known already (the CPU row cache: q = exp(s - shift) times a
+// per-tile factor exp(shift - max_s - log_sum_s), no exp here).
+template <class V>
+FDISTILL_HD Entry<V> make_entry(V s, V t, V q, V p, const RowLSE<V>& r) {
+  Entry<V> e = entry_logits(s, t, r);
+  e.q = q;
+  e.p = p;
   return e;
 }
 
@@ -316,6 +332,45 @@ FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& lo
   }
 }
 
+// The mixture divergences and TV take their gradient in the form dL/ds = grad_from_part(q, u, k) with
+// u = grad_part(e, k) free of the row scalar c0, so the pass that finds c0 can store u and the
+// gradient pass needs neither the logits nor an exp:
+//   jsd:             (1 - beta) q (u - c0),  u = ls - log m              (0 where q == 0)
+//   skew_kl:         (1 - lambda) (q c0 - u),  u = q p / m
+//   skew_reverse_kl: q (u - c0),  u = log(q/m) - lambda q/m (the +1 cancels) (0 where q == 0)
+//   tv:              1/2 q (u - c0),  u = sign(q - p), sign(0) = 0
+FDISTILL_HD constexpr bool has_grad_part(Divergence d) {
+  return d == Divergence::JSD || d == Divergence::SkewKL || d == Divergence::SkewReverseKL ||
+         d == Divergence::TV;
+}
+
+template <Divergence D, class V>
+FDISTILL_HD V grad_part(const Entry<V>& e, const RowCoef<V>& k) {
+  using O = Ops<V>;
+  const V zero = O::splat(0);
+  if constexpr (D == Divergence::TV) {
+    const V diff = e.q - e.p, one = O::splat(1);
+    return O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
+  } else {
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);
+    if constexpr (D == Divergence::JSD) return e.ls - lm;
+    if constexpr (D == Divergence::SkewKL) return q_times_ratio(e, lm);
+    if constexpr (D == Divergence::SkewReverseKL) return e.ls - lm - k.param * O::exp(e.ls - lm);
+    return zero;
+  }
+}
+
+template <Divergence D, class V>
+FDISTILL_HD V grad_from_part(V q, V u, const RowCoef<V>& k) {
+  using O = Ops<V>;
+  const V zero = O::splat(0);
+  if constexpr (D == Divergence::JSD) return O::where(O::gt(q, zero), k.one_minus * q * (u - k.c0), zero);
+  if constexpr (D == Divergence::SkewKL) return k.one_minus * (q * k.c0 - u);
+  if constexpr (D == Divergence::SkewReverseKL) return O::where(O::gt(q, zero), q * (u - k.c0), zero);
+  if constexpr (D == Divergence::TV) return O::splat(0.5) * q * (u - k.c0);
+  return zero;
+}
+
 // dL/ds for one entry (before the upstream gradient and the 1/T factor).
 template <Divergence D, class V>
 FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
@@ -329,24 +384,8 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
     return reverse_kl_grad();
   } else if constexpr (D == Divergence::Jeffreys) {
     return k.one_minus * (e.q - e.p) + k.param * reverse_kl_grad();
-  } else if constexpr (D == Divergence::JSD) {
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    return O::where(O::gt(e.q, zero), k.one_minus * e.q * (e.ls - lm - k.c0), zero);
-  } else if constexpr (D == Divergence::SkewKL) {
-    // -(1 - lambda) q (r - sum q r), r = p / m
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    return k.one_minus * (e.q * k.c0 - q_times_ratio(e, lm));
-  } else if constexpr (D == Divergence::SkewReverseKL) {
-    // q (g - sum q g), g = log(q/m) - lambda q/m (+1, which cancels)
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    const V g = e.ls - lm - k.param * O::exp(e.ls - lm);
-    return O::where(O::gt(e.q, zero), e.q * (g - k.c0), zero);
-  } else if constexpr (D == Divergence::TV) {
-    // 1/2 q (sigma - sum q sigma), sigma = sign(q - p), sign(0) = 0
-    const V diff = e.q - e.p;
-    const V one = O::splat(1);
-    const V sigma = O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
-    return O::splat(0.5) * e.q * (sigma - k.c0);
+  } else if constexpr (has_grad_part(D)) {
+    return grad_from_part<D>(e.q, grad_part<D>(e, k), k);
   } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s) = q exp(alpha X) / A
     // Student form: = (q (A - 1) - q expm1(alpha X)) / alpha, c1 = A - 1: no O(alpha) cancellation in q - r;
     // X = (dt - ds) - c0, c0 = log-sum_t - log-sum_s: exact where ds, dt are small (ls, lt carry the log-sums)
