@@ -5,6 +5,7 @@ Tiny randomly initialised models built from configs and an in-memory WordLevel t
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -232,9 +233,145 @@ def test_gkd_trains_on_and_off_policy(tmp_path):
     assert 0 < len(generated) < 4  # both student-generated and dataset batches (TRL seeds `random`)
 
 
+def distillation_trainers(tmp_path, beta, **config):
+    """fdistill's and TRL's DistillationTrainer on the same tiny models (on-policy: the student generates)."""
+    from trl import DistillationConfig, DistillationTrainer
+
+    from fdistill.integrations.trl import FdistillDistillationTrainer
+
+    torch.manual_seed(0)
+    student, teacher = make_model("llama", hidden=32), make_model("qwen2", hidden=48, layers=2, tie=True)
+    prompts = [[{"role": "user", "content": p}] for p in ("t3 t4 t5", "t8", "t9 t10", "t11 t12 t13 t14")]
+    dataset = datasets.Dataset.from_dict({"prompt": prompts})
+    options = dict(output_dir=str(tmp_path), beta=beta, report_to=[], use_cpu=True, bf16=False,
+                   max_completion_length=5, per_device_train_batch_size=2, logging_steps=1,
+                   save_strategy="no", **config)  # fmt: skip
+    make = lambda cls: cls(model=student, teacher_model=teacher, args=DistillationConfig(**options),  # noqa: E731
+                           train_dataset=dataset, processing_class=word_tokenizer())  # fmt: skip
+    return make(FdistillDistillationTrainer), make(DistillationTrainer)
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.5, 0.7), (1.0, 1.0)])
+def test_distillation_loss_matches_trl(tmp_path, beta, temperature):
+    """FdistillDistillationTrainer._compute_loss == TRL's on the same generated completions: loss (with and
+    without num_items_in_batch), the entropy sum and token count it logs, every student gradient."""
+    ours, theirs = distillation_trainers(tmp_path, beta, temperature=temperature)
+    inputs = ours._generate_and_score_completions([ours.train_dataset[i] for i in range(2)])
+    mask = inputs["completion_mask"]
+    assert mask.sum() > 0 and (inputs["prompt_mask"] == 0).any()  # left-padded prompts of different lengths
+    for num_items in (None, torch.tensor(7.0)):
+        got = []
+        for trainer in (ours, theirs):
+            trainer.model.zero_grad(set_to_none=True)
+            loss, entropy, n_valid = trainer._compute_loss(trainer.model, dict(inputs), num_items)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+            got.append((loss.detach(), entropy, n_valid, grads))
+        (l0, e0, n0, g0), (l1, e1, n1, g1) = got
+        torch.testing.assert_close(l0, l1, rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(e0, e1.float(), rtol=2e-5, atol=1e-5)
+        assert int(n0) == int(n1) == int(mask.sum())
+        assert_close_grads(g0, g1, rtol=1e-3, atol=1e-6)
+
+
+def test_distillation_trains_on_policy(tmp_path):
+    """A short run through TRL's own loop: the student generates every batch, the loss falls finite, TRL's
+    entropy metric is logged; ``log_entropy=False`` logs 0."""
+    ours, _ = distillation_trainers(tmp_path, 0.5, max_steps=3, learning_rate=1e-2)
+    generated = []
+    generate = ours._generate_and_score_completions
+
+    def spy(batch):
+        generated.append(len(batch))
+        return generate(batch)
+
+    ours._generate_and_score_completions = spy
+    result = ours.train()
+    assert result.global_step == 3 and len(generated) == 3
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    entropies = [log["entropy"] for log in ours.state.log_history if "entropy" in log]
+    assert len(entropies) == 3 and all(e > 0 for e in entropies)
+
+    quiet, _ = distillation_trainers(tmp_path / "quiet", 0.5, max_steps=1)
+    quiet.log_entropy = False
+    quiet.train()
+    assert [log["entropy"] for log in quiet.state.log_history if "entropy" in log] == [0.0]
+
+
+def test_teacher_hacking_callback(tmp_path):
+    """Golden / proxy every step (and at step 0) in log_history, equal to the loss computed directly; the
+    monitor gets every point; stop_on_hacking ends the run at the flagged step; bad arguments are named."""
+    from fdistill.integrations import TeacherHackingCallback
+    from fdistill.trainer import TeacherHackingMonitor
+
+    ours, _ = gkd_trainers(tmp_path, 0.5, lmbda=0.0, max_steps=3, learning_rate=1e-2)
+    oracle = make_model("llama", hidden=24)
+    eval_batch = dict(zip(("input_ids", "attention_mask", "labels"), batch(), strict=True))
+    callback = TeacherHackingCallback(oracle, ours.teacher_model, [eval_batch], every=1)
+    ours.add_callback(callback)
+    ours.train()
+    points = [log for log in ours.state.log_history if "teacher_hacking/golden" in log]
+    assert [p["step"] for p in points] == [0, 1, 2, 3] == callback.monitor.steps
+    student = ours.model.eval()
+    for key, reference in (("golden", oracle), ("proxy", ours.teacher_model)):
+        want = causal_lm_distillation_loss(student, reference, *batch_values(eval_batch)).item()
+        assert points[-1][f"teacher_hacking/{key}"] == pytest.approx(want, rel=1e-5)
+    assert points[0]["teacher_hacking/proxy"] != points[-1]["teacher_hacking/proxy"]
+
+    class FlagsAtStep1(TeacherHackingMonitor):
+        def update(self, step, *, proxy, golden):
+            events = super().update(step, proxy=proxy, golden=golden)
+            if step >= 1:
+                self.hacking_step = step
+            return events
+
+    stopping, _ = gkd_trainers(tmp_path / "stop", 0.5, lmbda=0.0, max_steps=5)
+    stopping.add_callback(TeacherHackingCallback(oracle, stopping.teacher_model, [eval_batch], every=1,
+                                                 monitor=FlagsAtStep1(), stop_on_hacking=True))  # fmt: skip
+    assert stopping.train().global_step == 1
+
+    with pytest.raises(ValueError, match="every"):
+        TeacherHackingCallback(oracle, oracle, [eval_batch], every=0)
+    with pytest.raises(ValueError, match="eval_batches"):
+        TeacherHackingCallback(oracle, oracle, [])
+    with pytest.raises(ValueError, match=r"eval_batches\[0\] has unknown keys"):
+        TeacherHackingCallback(oracle, oracle, [dict(eval_batch, pixel_values=None)])
+    with pytest.raises(TypeError, match="monitor"):
+        TeacherHackingCallback(oracle, oracle, [eval_batch], monitor={})
+    empty = dict(eval_batch, labels=torch.full_like(eval_batch["labels"], -100))
+    with pytest.raises(ValueError, match="no position with a loss"):
+        TeacherHackingCallback(oracle, oracle, [empty]).distances(student)
+
+
+def batch_values(b):
+    return b["input_ids"], b["attention_mask"], b["labels"]
+
+
 def test_example_script_runs():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(ROOT / "examples" / "distill_hf.py"), "--steps", "12"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True, timeout=300)
     losses = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], out.stdout
+
+
+def test_topk_files_example_runs(tmp_path):
+    """examples/distill_topk_files.py: the teacher's top-k stored, the student trained from the files alone
+    (both tails); the loss falls."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for tail in ("renormalize", "bucket"):
+        cmd = [sys.executable, str(ROOT / "examples" / "distill_topk_files.py"), "--steps", "40",
+               "--topk-tail", tail, "--out", str(tmp_path / tail)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True, timeout=300)
+        losses = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("step")]
+        assert len(losses) == 40 and losses[-1] < 0.6 * losses[0], out.stdout
+        assert (tmp_path / tail / "manifest.json").is_file() and list((tmp_path / tail).glob("shard-*"))
+
+
+def test_trl_onpolicy_example_runs():
+    """examples/distill_trl_onpolicy.py: on-policy distillation through FdistillDistillationTrainer."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "examples" / "distill_trl_onpolicy.py"), "--steps", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True, timeout=300)
+    losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses), out.stdout

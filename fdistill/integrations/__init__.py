@@ -4,8 +4,12 @@ Nothing here is imported by ``import fdistill``; the submodules are loaded on fi
 
 * :mod:`fdistill.integrations.hf` -- :func:`causal_lm_distillation_loss`, the distillation loss between two
   causal LMs from their final hidden states and LM heads (never the ``(tokens x V)`` logits).
-* :mod:`fdistill.integrations.trl` -- :class:`FdistillGKDTrainer`, TRL's ``GKDTrainer`` with its generalized
-  JSD computed by :func:`fdistill.fused_linear_divergence_loss`.
+* :mod:`fdistill.integrations.trl` -- :class:`FdistillGKDTrainer` and :class:`FdistillDistillationTrainer`,
+  TRL's ``GKDTrainer`` and ``DistillationTrainer`` with their generalized JSD computed by
+  :func:`fdistill.fused_linear_divergence_loss`.
+* :mod:`fdistill.integrations.callbacks` -- :class:`TeacherHackingCallback`, a ``TrainerCallback`` that
+  evaluates golden (to an oracle) and proxy (to the teacher) distances every N steps and feeds them to a
+  :class:`fdistill.trainer.TeacherHackingMonitor`.
 """
 
 import importlib
@@ -16,6 +20,8 @@ _EXPORTS = {
     "lm_head_of": "hf",
     "LMHeadSpec": "hf",
     "FdistillGKDTrainer": "trl",
+    "FdistillDistillationTrainer": "trl",
+    "TeacherHackingCallback": "callbacks",
 }
 
 __all__ = sorted(_EXPORTS)

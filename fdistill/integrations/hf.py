@@ -42,17 +42,21 @@ def _text_config(model):
 def lm_head_of(model) -> LMHeadSpec:
     """The LM head of a causal LM: ``get_output_embeddings()``'s weight and bias (the input embedding when
     the embeddings are tied, since it is the same parameter), the config's logit multiplier (Cohere's
-    ``logit_scale``, Granite's ``logits_scaling`` divisor, ``lm_head_multiplier``) and its
+    ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, Granite's ``logits_scaling`` divisor --
+    a multiplier for HyperCLOVA X) and its
     ``final_logit_softcapping`` (Gemma 2/3)."""
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no linear output embedding (get_output_embeddings())")
     config = _text_config(model)
     scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):  # Muse Glimmer, Falcon-H1: multipliers too
+        if scale is None:
+            scale = getattr(config, name, None)
     if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scale = 1.0 / config.logits_scaling
+        # Granite / MiniCPM3 divide by it, HyperCLOVA X multiplies by it
+        multiplies = getattr(config, "model_type", None) == "hyperclovax"
+        scale = config.logits_scaling if multiplies else 1.0 / config.logits_scaling
     softcap = getattr(config, "final_logit_softcapping", None)
     return LMHeadSpec(
         head.weight, getattr(head, "bias", None), 1.0 if scale is None else float(scale), softcap
