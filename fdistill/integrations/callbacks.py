@@ -85,9 +85,9 @@ class TeacherHackingCallback(transformers.TrainerCallback):
         was_training = student.training
         student.eval()
         sums, tokens = [0.0, 0.0], 0
+        device = next(student.parameters()).device
         try:
             for b in self.eval_batches:
-                device = next(student.parameters()).device
                 args = [b.get(k) for k in _BATCH_KEYS]
                 args = [None if x is None else x.to(device) for x in args]
                 ignore = self.loss_options.get("ignore_index", _IGNORE_INDEX)
