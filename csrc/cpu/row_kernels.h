@@ -312,14 +312,14 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, double max_s, double l
       for (int64_t i = 0; i < padded; i += W) {
         const Vec q = Vec::loadu(cs + i) * fs, p = Vec::loadu(ct + i) * ft;
         const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), q, p, lse);
-        Vec l, x;
-        second_pass_terms<D>(e, k, l, x);
+        Vec l, x, u;
+        second_pass_terms<D>(e, k, l, x, u);
         loss += l;
         aux += x;
         if constexpr (has_grad_part(D)) {
           if (store_part) {
             q.store(cs + i);
-            grad_part<D>(e, k).store(ct + i);
+            u.store(ct + i);
           }
         }
       }

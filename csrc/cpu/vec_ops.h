@@ -63,6 +63,7 @@ struct VecOps {
   static V lt(const V& a, const V& b) { return a < b; }
   static V eq(const V& a, const V& b) { return a == b; }
   static V both(const V& a, const V& b) { return a & b; }
+  static bool all(const V& m) { return m.zero_mask() == 0; }  // no lane 0 (a lane is 0 or all ones)
   static V where(const V& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };
 

@@ -89,22 +89,22 @@ struct DivCoef {
   double param;          // beta (jeffreys, jsd), lambda (skew*), alpha (alpha)
   double log_w_teacher;  // log of the teacher's weight in the mixture m
   double log_w_student;  // log of the student's weight in the mixture m
+  double w_teacher, w_student;  // the weights themselves (0 outside the mixture divergences)
 };
 
 FDISTILL_HD DivCoef make_coef(Divergence d, double param) {
   const double ninf = -kInf;
   auto safe_log = [ninf](double w) { return w > 0 ? std::log(w) : ninf; };
-  DivCoef c{param, ninf, ninf};
-  if (d == Divergence::JSD) {
-    c.log_w_teacher = safe_log(param);
-    c.log_w_student = safe_log(1 - param);
-  } else if (d == Divergence::SkewKL) {  // m = lambda p + (1 - lambda) q
-    c.log_w_teacher = safe_log(param);
-    c.log_w_student = safe_log(1 - param);
+  DivCoef c{param, ninf, ninf, 0, 0};
+  if (d == Divergence::JSD || d == Divergence::SkewKL) {  // skew_kl: m = lambda p + (1 - lambda) q
+    c.w_teacher = param;
+    c.w_student = 1 - param;
   } else if (d == Divergence::SkewReverseKL) {  // m = lambda q + (1 - lambda) p
-    c.log_w_teacher = safe_log(1 - param);
-    c.log_w_student = safe_log(param);
+    c.w_teacher = 1 - param;
+    c.w_student = param;
   }
+  c.log_w_teacher = safe_log(c.w_teacher);
+  c.log_w_student = safe_log(c.w_student);
   return c;
 }
 
@@ -127,6 +127,7 @@ struct ScalarOps {
   static FDISTILL_HD bool lt(S a, S b) { return a < b; }
   static FDISTILL_HD bool eq(S a, S b) { return a == b; }
   static FDISTILL_HD bool both(bool a, bool b) { return a && b; }
+  static FDISTILL_HD bool all(bool m) { return m; }  // every lane of a mask
   static FDISTILL_HD S where(bool m, S a, S b) { return m ? a : b; }
 };
 template <>
@@ -268,17 +269,10 @@ FDISTILL_HD V alpha_logit(V s, V t, V alpha, V one_minus_alpha) {
   return O::where(O::both(O::eq(s, ninf), O::eq(t, ninf)), ninf, z);
 }
 
-// q p / m = exp(ls + lt - log m); 0 where m is empty (p = q w_s = 0), never NaN.
-template <class V>
-FDISTILL_HD V q_times_ratio(const Entry<V>& e, V lm) {
-  using O = Ops<V>;
-  return O::where(O::gt(lm, O::splat(-kInf)), O::exp(e.ls + e.lt - lm), O::splat(0));
-}
-
 // Coefficients broadcast to V once per row.
 template <class V>
 struct RowCoef {
-  V param, one_minus, log_wt, log_ws;
+  V param, one_minus, log_wt, log_ws, w_t, w_s;
   V c0, c1;  // row statistics c0, c1 (see kNumStats)
   AlphaForm alpha_form;  // alpha's gradient form of the row (alpha_grad_form; the sum's form when c1 = 0)
 };
@@ -286,8 +280,44 @@ struct RowCoef {
 template <class V>
 FDISTILL_HD RowCoef<V> make_row_coef(const DivCoef& c, double c0, double c1) {
   using O = Ops<V>;
-  return RowCoef<V>{O::splat(c.param), O::splat(1 - c.param), O::splat(c.log_w_teacher),
-                    O::splat(c.log_w_student), O::splat(c0), O::splat(c1), alpha_grad_form(c.param, c1)};
+  return RowCoef<V>{O::splat(c.param),     O::splat(1 - c.param),     O::splat(c.log_w_teacher),
+                    O::splat(c.log_w_student), O::splat(c.w_teacher), O::splat(c.w_student),
+                    O::splat(c0),              O::splat(c1),          alpha_grad_form(c.param, c1)};
+}
+
+// Below this the mixture m = w_t p + w_s q is formed in log space (log_mixture): p and q are exact to a
+// few ulps down to the float minimum (1.2e-38), so above 2^-90 a term lost to underflow is < 1e-11 of m.
+constexpr double kMixtureFloor = 8.077935669463161e-28;  // 2^-90
+
+// The mixture of an entry: log m, and x / m for x = p or q (mixture_ratio). From the entry's p and q,
+// m and 1/m take one log and one division, where the log-space form takes an exp and a log1p (and
+// x / m one more exp); lanes with m below kMixtureFloor, or NaN, take the log-space forms.
+template <class V>
+struct Mixture {
+  V lm, inv_m;
+  typename Ops<V>::Mask direct;  // lanes formed from p and q
+  bool all_direct;
+};
+
+template <class V>
+FDISTILL_HD Mixture<V> mixture(const Entry<V>& e, const RowCoef<V>& k) {
+  using O = Ops<V>;
+  const V m = k.w_t * e.p + k.w_s * e.q;
+  Mixture<V> r{O::log(m), O::splat(1) / m, O::gt(m, O::splat(kMixtureFloor)), false};
+  r.all_direct = O::all(r.direct);
+  if (!r.all_direct) r.lm = O::where(r.direct, r.lm, log_mixture(e, k.log_wt, k.log_ws));
+  return r;
+}
+
+// x / m for x = exp(lx) (p or q), 0 where m is empty.
+template <class V>
+FDISTILL_HD V mixture_ratio(V x, V lx, const Mixture<V>& mix) {
+  using O = Ops<V>;
+  const V direct = x * mix.inv_m;
+  if (mix.all_direct) return direct;
+  const V zero = O::splat(0);
+  const V logspace = O::where(O::gt(mix.lm, O::splat(-kInf)), O::exp(lx - mix.lm), zero);
+  return O::where(mix.direct, direct, logspace);
 }
 
 // An entry's term of A - 1 in the alpha divergence's Student / Teacher form (see alpha_form):
@@ -297,39 +327,6 @@ FDISTILL_HD V alpha_term(const Entry<V>& e, const RowCoef<V>& k) {
   const V x = e.lt - e.ls;
   if (k.alpha_form == AlphaForm::Student) return weighted_expm1(e.q, e.ls, k.param * x);
   return weighted_expm1(e.p, e.lt, (Ops<V>::splat(0) - k.one_minus) * x);
-}
-
-// Second pass of the two-pass divergences: the loss integrand and the integrand
-// of the row scalar c0 that the gradient needs.
-template <Divergence D, class V>
-FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& loss, V& aux) {
-  using O = Ops<V>;
-  const V zero = O::splat(0);
-  if constexpr (D == Divergence::JSD) {
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    const V kl_q = weighted(e.q, e.ls, lm);
-    loss = k.param * weighted(e.p, e.lt, lm) + k.one_minus * kl_q;
-    aux = kl_q;
-  } else if constexpr (D == Divergence::SkewKL) {
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    loss = weighted(e.p, e.lt, lm);
-    aux = q_times_ratio(e, lm);  // q p / m
-  } else if constexpr (D == Divergence::SkewReverseKL) {
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    loss = weighted(e.q, e.ls, lm);
-    // q (log(q/m) - lambda q/m); the "+1" of the integrand cancels in the gradient.
-    aux = loss - k.param * O::where(O::gt(e.q, zero), O::exp(e.ls + e.ls - lm), zero);
-  } else if constexpr (D == Divergence::TV) {
-    const V diff = e.q - e.p;
-    loss = O::splat(0.5) * O::abs(diff);
-    aux = O::where(O::gt(diff, zero), e.q, O::where(O::lt(diff, zero), zero - e.q, zero));
-  } else if constexpr (D == Divergence::Alpha) {  // the terms of A - 1 (none in the Log form)
-    loss = k.alpha_form == AlphaForm::Log ? zero : alpha_term(e, k);
-    aux = zero;
-  } else {
-    loss = zero;
-    aux = zero;
-  }
 }
 
 // The mixture divergences and TV take their gradient in the form dL/ds = grad_from_part(q, u, k) with
@@ -344,20 +341,55 @@ FDISTILL_HD constexpr bool has_grad_part(Divergence d) {
          d == Divergence::TV;
 }
 
+// Second pass of the two-pass divergences: the loss integrand, the integrand of the row scalar c0
+// that the gradient needs and, for the divergences above, grad_part (one mixture for all three).
 template <Divergence D, class V>
-FDISTILL_HD V grad_part(const Entry<V>& e, const RowCoef<V>& k) {
+FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& loss, V& aux, V& part) {
   using O = Ops<V>;
   const V zero = O::splat(0);
-  if constexpr (D == Divergence::TV) {
+  part = zero;
+  if constexpr (D == Divergence::JSD) {
+    const V lm = mixture(e, k).lm;
+    const V kl_q = weighted(e.q, e.ls, lm);
+    loss = k.param * weighted(e.p, e.lt, lm) + k.one_minus * kl_q;
+    aux = kl_q;
+    part = e.ls - lm;
+  } else if constexpr (D == Divergence::SkewKL) {
+    const Mixture<V> mix = mixture(e, k);
+    loss = weighted(e.p, e.lt, mix.lm);
+    aux = part = e.q * mixture_ratio(e.p, e.lt, mix);  // q p / m
+  } else if constexpr (D == Divergence::SkewReverseKL) {
+    const Mixture<V> mix = mixture(e, k);
+    const V q_over_m = mixture_ratio(e.q, e.ls, mix);
+    loss = weighted(e.q, e.ls, mix.lm);
+    // q (log(q/m) - lambda q/m); the "+1" of the integrand cancels in the gradient.
+    aux = loss - k.param * e.q * q_over_m;
+    part = e.ls - mix.lm - k.param * q_over_m;
+  } else if constexpr (D == Divergence::TV) {
     const V diff = e.q - e.p, one = O::splat(1);
-    return O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
+    loss = O::splat(0.5) * O::abs(diff);
+    aux = O::where(O::gt(diff, zero), e.q, O::where(O::lt(diff, zero), zero - e.q, zero));
+    part = O::where(O::gt(diff, zero), one, O::where(O::lt(diff, zero), zero - one, zero));
+  } else if constexpr (D == Divergence::Alpha) {  // the terms of A - 1 (none in the Log form)
+    loss = k.alpha_form == AlphaForm::Log ? zero : alpha_term(e, k);
+    aux = zero;
   } else {
-    const V lm = log_mixture(e, k.log_wt, k.log_ws);
-    if constexpr (D == Divergence::JSD) return e.ls - lm;
-    if constexpr (D == Divergence::SkewKL) return q_times_ratio(e, lm);
-    if constexpr (D == Divergence::SkewReverseKL) return e.ls - lm - k.param * O::exp(e.ls - lm);
-    return zero;
+    loss = zero;
+    aux = zero;
   }
+}
+
+template <Divergence D, class V>
+FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& loss, V& aux) {
+  V part;  // (computed away)
+  second_pass_terms<D>(e, k, loss, aux, part);
+}
+
+template <Divergence D, class V>
+FDISTILL_HD V grad_part(const Entry<V>& e, const RowCoef<V>& k) {
+  V loss, aux, part;  // (loss and aux computed away)
+  second_pass_terms<D>(e, k, loss, aux, part);
+  return part;
 }
 
 template <Divergence D, class V>
