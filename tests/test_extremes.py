@@ -86,3 +86,77 @@ def test_n_iter_out_of_range_names_n_iter(n_iter):
 def test_n_iter_at_the_limit_works():
     p = fdistill.f_softargmax(torch.randn(2, 5, dtype=torch.float64), n_iter=2**31 - 1)
     torch.testing.assert_close(p.sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+def _mixture_rows64(s, t, divergence, param):
+    """The mixture divergences written out in float64 (independent of fdistill): m in probability
+    space, which float64 holds far below where float32 p and q underflow."""
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    q, p = ls.exp(), lt.exp()
+
+    def kl(a, la, lb):  # sum a (la - lb), 0 where a = 0 (masked before the product: no 0 * inf in backward)
+        live = a > 0
+        zero = torch.zeros_like(a)
+        return (a * (torch.where(live, la, zero) - torch.where(live, lb, zero))).sum(-1)
+
+    if divergence == "jsd":
+        lm = torch.log(param * p + (1 - param) * q)
+        return param * kl(p, lt, lm) + (1 - param) * kl(q, ls, lm)
+    if divergence == "skew_kl":
+        return kl(p, lt, torch.log(param * p + (1 - param) * q))
+    return kl(q, ls, torch.log(param * q + (1 - param) * p))  # skew_reverse_kl
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("param", [0.1, 0.5, 0.9])
+def test_mixture_with_underflowing_probabilities(divergence, param, backend, seed):
+    """Entries whose p and q span 1e-20 .. 1e-60 (below float32's minimum 1.2e-38, and across the
+    kernels' switch to the log-space mixture at m = 2^-90): loss and gradient vs float64."""
+    g = generator(seed)
+    rows, vocab = 6, 1271
+    s = torch.randn(rows, vocab, generator=g) * 2
+    t = torch.randn(rows, vocab, generator=g) * 2
+    depth = -torch.rand(rows, 200, generator=g) * 90 - 45  # log-probabilities about -45 .. -135
+    s[:2, :200] += depth[:2]  # student alone
+    t[2:4, 300:500] += depth[2:4]  # teacher alone
+    s[4:, 600:800] += depth[4:]  # both, the teacher 0 .. 20 lower still
+    t[4:, 600:800] += depth[4:] - torch.rand(2, 200, generator=g) * 20
+    s.requires_grad_()
+    weight = torch.rand(rows, generator=g) + 0.5
+    option = {"beta": param} if divergence == "jsd" else {"skew": param}
+    loss = fdistill.divergence_loss(s, t, divergence, **option, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(loss, s, weight)
+    s64 = s.detach().double().requires_grad_()
+    want = _mixture_rows64(s64, t.double(), divergence, param)
+    (want_grad,) = torch.autograd.grad(want, s64, weight.double())
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("param", [1e-46, 1e-30, 1 - 1e-7])
+def test_mixture_with_a_vanishing_weight(divergence, param, backend, seed):
+    """A mixture weight that underflows float32 (1e-46 rounds to 0 there, and 1e-30 p to 0 at
+    p < 1e-15) where the other distribution is 0 (-inf logits): m = w p alone, log m = lt + log w,
+    finite; formed as w p + w' q in float32 it would be 0 and the loss infinite."""
+    g = generator(seed)
+    rows, vocab = 4, 1271
+    s = torch.randn(rows, vocab, generator=g) * 3
+    t = torch.randn(rows, vocab, generator=g) * 3
+    t[:, :40] -= 60  # p ~ 1e-27 there: w p underflows for w = 1e-30 as well
+    s[:2, :100] = -math.inf  # q = 0: the student's weight alone is left in m
+    t[2:, 100:200] = -math.inf
+    s[2:, :100] = -math.inf
+    s.requires_grad_()
+    weight = torch.rand(rows, generator=g) + 0.5
+    option = {"beta": param} if divergence == "jsd" else {"skew": param}
+    loss = fdistill.divergence_loss(s, t, divergence, **option, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(loss, s, weight)
+    s64 = s.detach().double().requires_grad_()
+    want = _mixture_rows64(s64, t.double(), divergence, param)
+    (want_grad,) = torch.autograd.grad(want, s64, weight.double())
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=2e-6)

@@ -135,6 +135,13 @@ def alpha_logit(s, t, alpha):
 
 
 @triton.jit
+def skew_ratio(ls, lm, log_ws):
+    """lambda q / m of skew_reverse_kl (log_ws = log lambda) as one exp: in [0, 1], where q / m alone can
+    overflow (lambda below float32's range); 0 where m is empty."""
+    return tl.where(lm > float("-inf"), tl.exp((log_ws + ls) - lm), 0.0)
+
+
+@triton.jit
 def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
     """(loss integrand, integrand of the row scalar c0) of the two-pass divergences."""
     if DIV == 3:  # jsd
@@ -149,7 +156,7 @@ def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
     elif DIV == 5:  # skew_reverse_kl: c0 = sum q (ls - log m - lambda q / m)
         lm = log_mixture(ls, lt, log_wt, log_ws)
         loss = weighted(q, ls, lm)
-        aux = loss - param * tl.where(q > 0, tl.exp(ls + ls - lm), 0.0)
+        aux = loss - q * skew_ratio(ls, lm, log_ws)
     else:  # tv: c0 = sum q sign(q - p)
         diff = q - p
         loss = 0.5 * tl.abs(diff)
@@ -176,7 +183,7 @@ def grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, 
         g = (1.0 - param) * (q * c0 - q_times_ratio(ls, lt, lm))
     elif DIV == 5:  # skew_reverse_kl: q (g - sum q g), g = log(q/m) - lambda q/m
         lm = log_mixture(ls, lt, log_wt, log_ws)
-        g = tl.where(q > 0, q * (ls - lm - param * tl.exp(ls - lm) - c0), 0.0)
+        g = tl.where(q > 0, q * (ls - lm - skew_ratio(ls, lm, log_ws) - c0), 0.0)
     elif DIV == 6:  # tv: 1/2 q (sigma - sum q sigma)
         diff = q - p
         sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))

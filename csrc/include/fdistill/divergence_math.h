@@ -84,18 +84,25 @@ FDISTILL_HD AlphaForm alpha_grad_form(double a, double c1) {
 //                         c1 = A / alpha (alpha_grad_form tells them apart)
 constexpr int kNumStats = 6;
 
+// Below this the mixture m = w_t p + w_s q is formed in log space (log_mixture): p and q are exact to a
+// few ulps down to the float minimum (1.2e-38), so above 2^-90 a term lost to underflow is < 1e-11 of m.
+constexpr double kMixtureFloor = 8.077935669463161e-28;  // 2^-90
+
 // Scalar coefficients of a divergence, fixed for a call.
 struct DivCoef {
   double param;          // beta (jeffreys, jsd), lambda (skew*), alpha (alpha)
   double log_w_teacher;  // log of the teacher's weight in the mixture m
   double log_w_student;  // log of the student's weight in the mixture m
   double w_teacher, w_student;  // the weights themselves (0 outside the mixture divergences)
+  // m at or below which an entry's mixture is formed in log space: kMixtureFloor, or +inf (every entry)
+  // when a weight is 0, where log m = lt + log w_t (or ls + log w_s) exactly and KL(p || p) is 0
+  double mixture_floor;
 };
 
 FDISTILL_HD DivCoef make_coef(Divergence d, double param) {
   const double ninf = -kInf;
   auto safe_log = [ninf](double w) { return w > 0 ? std::log(w) : ninf; };
-  DivCoef c{param, ninf, ninf, 0, 0};
+  DivCoef c{param, ninf, ninf, 0, 0, kInf};
   if (d == Divergence::JSD || d == Divergence::SkewKL) {  // skew_kl: m = lambda p + (1 - lambda) q
     c.w_teacher = param;
     c.w_student = 1 - param;
@@ -105,6 +112,7 @@ FDISTILL_HD DivCoef make_coef(Divergence d, double param) {
   }
   c.log_w_teacher = safe_log(c.w_teacher);
   c.log_w_student = safe_log(c.w_student);
+  if (c.w_teacher > 0 && c.w_student > 0) c.mixture_floor = kMixtureFloor;
   return c;
 }
 
@@ -272,7 +280,7 @@ FDISTILL_HD V alpha_logit(V s, V t, V alpha, V one_minus_alpha) {
 // Coefficients broadcast to V once per row.
 template <class V>
 struct RowCoef {
-  V param, one_minus, log_wt, log_ws, w_t, w_s;
+  V param, one_minus, log_wt, log_ws, w_t, w_s, mixture_floor;
   V c0, c1;  // row statistics c0, c1 (see kNumStats)
   AlphaForm alpha_form;  // alpha's gradient form of the row (alpha_grad_form; the sum's form when c1 = 0)
 };
@@ -282,16 +290,14 @@ FDISTILL_HD RowCoef<V> make_row_coef(const DivCoef& c, double c0, double c1) {
   using O = Ops<V>;
   return RowCoef<V>{O::splat(c.param),     O::splat(1 - c.param),     O::splat(c.log_w_teacher),
                     O::splat(c.log_w_student), O::splat(c.w_teacher), O::splat(c.w_student),
-                    O::splat(c0),              O::splat(c1),          alpha_grad_form(c.param, c1)};
+                    O::splat(c.mixture_floor), O::splat(c0),          O::splat(c1),
+                    alpha_grad_form(c.param, c1)};
 }
 
-// Below this the mixture m = w_t p + w_s q is formed in log space (log_mixture): p and q are exact to a
-// few ulps down to the float minimum (1.2e-38), so above 2^-90 a term lost to underflow is < 1e-11 of m.
-constexpr double kMixtureFloor = 8.077935669463161e-28;  // 2^-90
-
-// The mixture of an entry: log m, and x / m for x = p or q (mixture_ratio). From the entry's p and q,
+// The mixture of an entry: log m, and w x / m for x = p or q (mixture_ratio). From the entry's p and q,
 // m and 1/m take one log and one division, where the log-space form takes an exp and a log1p (and
-// x / m one more exp); lanes with m below kMixtureFloor, or NaN, take the log-space forms.
+// w x / m one more exp); lanes with m at or below the floor (DivCoef::mixture_floor), or NaN, take the
+// log-space forms.
 template <class V>
 struct Mixture {
   V lm, inv_m;
@@ -303,20 +309,21 @@ template <class V>
 FDISTILL_HD Mixture<V> mixture(const Entry<V>& e, const RowCoef<V>& k) {
   using O = Ops<V>;
   const V m = k.w_t * e.p + k.w_s * e.q;
-  Mixture<V> r{O::log(m), O::splat(1) / m, O::gt(m, O::splat(kMixtureFloor)), false};
+  Mixture<V> r{O::log(m), O::splat(1) / m, O::gt(m, k.mixture_floor), false};
   r.all_direct = O::all(r.direct);
   if (!r.all_direct) r.lm = O::where(r.direct, r.lm, log_mixture(e, k.log_wt, k.log_ws));
   return r;
 }
 
-// x / m for x = exp(lx) (p or q), 0 where m is empty.
+// w x / m for w = exp(lw) and x = exp(lx) (p or q), 0 where m is empty. In log space as one exp: x / m
+// alone can overflow where w x / m (at most 1 when w x is a term of m) does not.
 template <class V>
-FDISTILL_HD V mixture_ratio(V x, V lx, const Mixture<V>& mix) {
+FDISTILL_HD V mixture_ratio(V w, V lw, V x, V lx, const Mixture<V>& mix) {
   using O = Ops<V>;
-  const V direct = x * mix.inv_m;
+  const V direct = w * (x * mix.inv_m);
   if (mix.all_direct) return direct;
   const V zero = O::splat(0);
-  const V logspace = O::where(O::gt(mix.lm, O::splat(-kInf)), O::exp(lx - mix.lm), zero);
+  const V logspace = O::where(O::gt(mix.lm, O::splat(-kInf)), O::exp((lw + lx) - mix.lm), zero);
   return O::where(mix.direct, direct, logspace);
 }
 
@@ -349,7 +356,7 @@ FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& lo
   const V zero = O::splat(0);
   part = zero;
   if constexpr (D == Divergence::JSD) {
-    const V lm = mixture(e, k).lm;
+    const V lm = log_mixture(e, k.log_wt, k.log_ws);  // log space: ls - lm cancels the rounding of ls
     const V kl_q = weighted(e.q, e.ls, lm);
     loss = k.param * weighted(e.p, e.lt, lm) + k.one_minus * kl_q;
     aux = kl_q;
@@ -357,14 +364,14 @@ FDISTILL_HD void second_pass_terms(const Entry<V>& e, const RowCoef<V>& k, V& lo
   } else if constexpr (D == Divergence::SkewKL) {
     const Mixture<V> mix = mixture(e, k);
     loss = weighted(e.p, e.lt, mix.lm);
-    aux = part = e.q * mixture_ratio(e.p, e.lt, mix);  // q p / m
+    aux = part = mixture_ratio(e.q, e.ls, e.p, e.lt, mix);  // q p / m
   } else if constexpr (D == Divergence::SkewReverseKL) {
     const Mixture<V> mix = mixture(e, k);
-    const V q_over_m = mixture_ratio(e.q, e.ls, mix);
+    const V r = mixture_ratio(k.w_s, k.log_ws, e.q, e.ls, mix);  // lambda q / m, in [0, 1]
     loss = weighted(e.q, e.ls, mix.lm);
     // q (log(q/m) - lambda q/m); the "+1" of the integrand cancels in the gradient.
-    aux = loss - k.param * e.q * q_over_m;
-    part = e.ls - mix.lm - k.param * q_over_m;
+    aux = loss - e.q * r;
+    part = e.ls - mix.lm - r;
   } else if constexpr (D == Divergence::TV) {
     const V diff = e.q - e.p, one = O::splat(1);
     loss = O::splat(0.5) * O::abs(diff);
