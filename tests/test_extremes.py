@@ -107,6 +107,19 @@ def _mixture_rows64(s, t, divergence, param):
     return kl(q, ls, torch.log(param * q + (1 - param) * p))  # skew_reverse_kl
 
 
+def _check_mixture_against_float64(s, t, divergence, param, backend, weight):
+    """Loss rows and d(sum weight * loss)/ds of ``backend`` vs _mixture_rows64 on the float64 inputs."""
+    s = s.detach().requires_grad_()
+    option = {"beta": param} if divergence == "jsd" else {"skew": param}
+    loss = fdistill.divergence_loss(s, t, divergence, **option, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(loss, s, weight)
+    s64 = s.detach().double().requires_grad_()
+    want = _mixture_rows64(s64, t.double(), divergence, param)
+    (want_grad,) = torch.autograd.grad(want, s64, weight.double())
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=2e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["jsd", "skew_kl", "skew_reverse_kl"])
 @pytest.mark.parametrize("param", [0.1, 0.5, 0.9])
@@ -122,16 +135,7 @@ def test_mixture_with_underflowing_probabilities(divergence, param, backend, see
     t[2:4, 300:500] += depth[2:4]  # teacher alone
     s[4:, 600:800] += depth[4:]  # both, the teacher 0 .. 20 lower still
     t[4:, 600:800] += depth[4:] - torch.rand(2, 200, generator=g) * 20
-    s.requires_grad_()
-    weight = torch.rand(rows, generator=g) + 0.5
-    option = {"beta": param} if divergence == "jsd" else {"skew": param}
-    loss = fdistill.divergence_loss(s, t, divergence, **option, reduction="none", backend=backend)
-    (grad,) = torch.autograd.grad(loss, s, weight)
-    s64 = s.detach().double().requires_grad_()
-    want = _mixture_rows64(s64, t.double(), divergence, param)
-    (want_grad,) = torch.autograd.grad(want, s64, weight.double())
-    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=2e-6)
+    _check_mixture_against_float64(s, t, divergence, param, backend, torch.rand(rows, generator=g) + 0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,14 +153,5 @@ def test_mixture_with_a_vanishing_weight(divergence, param, backend, seed):
     s[:2, :100] = -math.inf  # q = 0: the student's weight alone is left in m
     t[2:, 100:200] = -math.inf
     s[2:, :100] = -math.inf
-    s.requires_grad_()
-    weight = torch.rand(rows, generator=g) + 0.5
-    option = {"beta": param} if divergence == "jsd" else {"skew": param}
-    loss = fdistill.divergence_loss(s, t, divergence, **option, reduction="none", backend=backend)
-    (grad,) = torch.autograd.grad(loss, s, weight)
-    s64 = s.detach().double().requires_grad_()
-    want = _mixture_rows64(s64, t.double(), divergence, param)
-    (want_grad,) = torch.autograd.grad(want, s64, weight.double())
-    assert torch.isfinite(want).all()
-    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=2e-6)
+    assert torch.isfinite(_mixture_rows64(s.double(), t.double(), divergence, param)).all()
+    _check_mixture_against_float64(s, t, divergence, param, backend, torch.rand(rows, generator=g) + 0.5)

@@ -83,9 +83,10 @@ def log_mixture(ls, lt, log_wt, log_ws):
 
 
 @triton.jit
-def q_times_ratio(ls, lt, lm):
-    """q p / m = exp(ls + lt - log m); 0 where the mixture is empty, never NaN."""
-    return tl.where(lm > float("-inf"), tl.exp(ls + lt - lm), 0.0)
+def mixture_ratio(lw, lx, lm):
+    """w x / m = exp(lw + lx - log m) (skew_kl's q p / m, skew_reverse_kl's lambda q / m, both in [0, 1]) as
+    one exp, where x / m alone can overflow; 0 where the mixture is empty, never NaN."""
+    return tl.where(lm > float("-inf"), tl.exp((lw + lx) - lm), 0.0)
 
 
 @triton.jit
@@ -135,13 +136,6 @@ def alpha_logit(s, t, alpha):
 
 
 @triton.jit
-def skew_ratio(ls, lm, log_ws):
-    """lambda q / m of skew_reverse_kl (log_ws = log lambda) as one exp: in [0, 1], where q / m alone can
-    overflow (lambda below float32's range); 0 where m is empty."""
-    return tl.where(lm > float("-inf"), tl.exp((log_ws + ls) - lm), 0.0)
-
-
-@triton.jit
 def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
     """(loss integrand, integrand of the row scalar c0) of the two-pass divergences."""
     if DIV == 3:  # jsd
@@ -152,11 +146,11 @@ def second_pass_terms(ls, lt, q, p, param, log_wt, log_ws, DIV: tl.constexpr):
     elif DIV == 4:  # skew_kl: c0 = sum q p / m
         lm = log_mixture(ls, lt, log_wt, log_ws)
         loss = weighted(p, lt, lm)
-        aux = q_times_ratio(ls, lt, lm)
+        aux = mixture_ratio(ls, lt, lm)
     elif DIV == 5:  # skew_reverse_kl: c0 = sum q (ls - log m - lambda q / m)
         lm = log_mixture(ls, lt, log_wt, log_ws)
         loss = weighted(q, ls, lm)
-        aux = loss - q * skew_ratio(ls, lm, log_ws)
+        aux = loss - q * mixture_ratio(log_ws, ls, lm)
     else:  # tv: c0 = sum q sign(q - p)
         diff = q - p
         loss = 0.5 * tl.abs(diff)
@@ -180,10 +174,10 @@ def grad_entry(s, t, m_s, m_t, ds, dt, ls, lt, q, p, param, log_wt, log_ws, c0, 
         g = tl.where(q > 0, (1.0 - param) * q * (ls - lm - c0), 0.0)
     elif DIV == 4:  # skew_kl: -(1 - lambda) q (r - sum q r), r = p / m
         lm = log_mixture(ls, lt, log_wt, log_ws)
-        g = (1.0 - param) * (q * c0 - q_times_ratio(ls, lt, lm))
+        g = (1.0 - param) * (q * c0 - mixture_ratio(ls, lt, lm))
     elif DIV == 5:  # skew_reverse_kl: q (g - sum q g), g = log(q/m) - lambda q/m
         lm = log_mixture(ls, lt, log_wt, log_ws)
-        g = tl.where(q > 0, q * (ls - lm - skew_ratio(ls, lm, log_ws) - c0), 0.0)
+        g = tl.where(q > 0, q * (ls - lm - mixture_ratio(log_ws, ls, lm) - c0), 0.0)
     elif DIV == 6:  # tv: 1/2 q (sigma - sum q sigma)
         diff = q - p
         sigma = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
