@@ -9,7 +9,7 @@
 // The first pass keeps exp(s - shift), exp(t - shift) of the row in a per-thread cache (RowCache:
 // 2 x V floats, in L2 at V = 32k), so the second pass and the gradient take q and p by one multiply:
 // two exps per logit in all for the KLs (four before), and the gradient of the mixture divergences
-// from one stored value per entry (grad_part).
+// from one stored value per entry (grad_part; alpha's Student form: its term of A - 1).
 #pragma once
 
 #include <algorithm>
@@ -143,7 +143,7 @@ void store_converted(const acc_t* src, int64_t n, scalar_t* dst) {
 // The first pass's exps of one row, per thread: es[i] = exp(s_i - M_s[c]), et likewise, for entry i
 // of chunk c = i / kChunk (each chunk's padded span at c * kChunk), M[c] the running max after chunk c
 // (kept in shift_s, shift_t). With the row's (max, log-sum) known, q_i = es[i] * chunk_factor(M_s[c]). The second pass of the
-// mixture divergences overwrites es with q and et with grad_part.
+// mixture divergences overwrites es with q and et with grad_part; alpha's overwrites et with its terms alpha_term.
 template <class acc_t>
 struct RowCache {
   std::vector<acc_t> es, et;
@@ -287,7 +287,7 @@ struct ChunkFactors {
 
 // Second pass (mixture divergences and TV), with the log-sum-exps known: adds the row's sums of the
 // loss and of the row scalar c0 to loss2, aux2. With a cache (filled by first_pass) q and p come from
-// it, and with store_part each chunk's q and grad_part are written back over it for grad_row.
+// it, and with store_part each chunk's q and grad_part (alpha: its terms) are written back over it for grad_row.
 template <Divergence D, class scalar_t, class acc_t>
 void second_pass(const RowArgs& a, RowView<scalar_t> row, double max_s, double log_sum_s, double max_t,
                  double log_sum_t, double& loss2, double& aux2, RowCache<acc_t>* cache = nullptr,
@@ -299,7 +299,8 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, double max_s, double l
   const acc_t inv_t = static_cast<acc_t>(a.inv_temperature);
   const RowLSE<Vec> lse = make_row_lse<Vec>(max_s, log_sum_s, max_t, log_sum_t);
   const ChunkFactors<acc_t> factors(max_s, log_sum_s, max_t, log_sum_t);
-  const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, 0, 0);
+  // c0: alpha's log-sum gap as the gradient takes it (alpha_x), so that its stored terms are the gradient's
+  const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, alpha_log_sum_gap<acc_t>(log_sum_s, log_sum_t), 0);
   for (int64_t start = 0; start < a.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, a.vocab - start), c = start / kChunk;
     const int64_t padded = load_scaled(row.s + start, n, inv_t, bs);
@@ -321,6 +322,8 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, double max_s, double l
             q.store(cs + i);
             u.store(ct + i);
           }
+        } else if constexpr (D == Divergence::Alpha) {
+          if (store_part) l.store(ct + i);  // the Student form's gradient needs q and this term only
         }
       }
     } else {
@@ -340,8 +343,8 @@ void second_pass(const RowArgs& a, RowView<scalar_t> row, double max_s, double l
 // g * dL/ds of one row (g holds the upstream gradient and the 1/T) into out, from the row's
 // statistics. Rows with no distribution get NaN, ignored and empty rows 0. May alias the
 // student row: each chunk is read into bs before its gradient is stored. With a cache (this row's,
-// from forward_rows) q and p are read from it, and the mixture divergences' gradient from the
-// stored q and grad_part alone.
+// from forward_rows) q and p are read from it, the mixture divergences' gradient from the
+// stored q and grad_part alone, and alpha's Student form from q and its stored terms.
 template <Divergence D, class scalar_t, class acc_t>
 void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g, bool ignored_row,
               scalar_t* out, const RowCache<acc_t>* cache = nullptr) {
@@ -364,23 +367,19 @@ void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g
   const Vec scale = O::splat(g);
   const RowCoef<Vec> k = make_row_coef<Vec>(a.coef, st[4], st[5]);
   // Without a cache (the two-pass backward) q and p are formed as first_pass caches them: exp(x - the
-  // running max) times the chunk's factor, so both paths give the same bits (alpha: exp(ls), exp(lt)).
-  constexpr bool kAsCached = D != Divergence::Alpha;
-  constexpr bool kNeedsLogits = D != Divergence::ForwardKL && !has_grad_part(D);  // with a cache
+  // running max) times the chunk's factor, so both paths give the same bits.
+  constexpr bool kAlpha = D == Divergence::Alpha;
+  const bool alpha_from_terms = kAlpha && k.alpha_form == AlphaForm::Student;  // with a cache
+  const bool needs_logits = D != Divergence::ForwardKL && !has_grad_part(D) && !alpha_from_terms;
   OnlineLSE run_s, run_t;  // the running maxima of first_pass
   for (int64_t start = 0; start < a.vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, a.vocab - start), c = start / kChunk;
     const int64_t padded = (n + W - 1) / W * W;
-    if (cache == nullptr || kNeedsLogits) {
+    if (cache == nullptr || needs_logits) {
       load_scaled(view.s + start, n, inv_t, bs);
       load_scaled(view.t + start, n, inv_t, bt);
     }
-    if (cache == nullptr && !kAsCached) {
-      for (int64_t i = 0; i < padded; i += W) {
-        const Entry<Vec> e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), lse);
-        (grad_entry<D>(e, k) * scale).store(bs + i);  // the gradient reuses the student buffer
-      }
-    } else if (cache == nullptr) {
+    if (cache == nullptr) {  // the gradient reuses the student buffer
       acc_t max_s, max_t;
       chunk_maxima(bs, bt, padded, max_s, max_t);
       const Vec shift_s = O::splat(run_s.raise(max_s)), shift_t = O::splat(run_t.raise(max_t));
@@ -398,18 +397,23 @@ void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g
       }
     } else {
       const acc_t* es = cache->s_chunk(c);
-      const acc_t* et = cache->t_chunk(c);
+      const acc_t* et = cache->t_chunk(c);  // alpha: its terms (second_pass), p is not read
       const Vec fs = O::splat(factors.s(cache->shift_s[c])), ft = O::splat(factors.t(cache->shift_t[c]));
       for (int64_t i = 0; i < padded; i += W) {
-        const Vec q = Vec::loadu(es + i) * fs, p = Vec::loadu(et + i) * ft;
-        Entry<Vec> e;
-        if constexpr (kNeedsLogits) {
-          e = make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), q, p, lse);
+        const Vec q = Vec::loadu(es + i) * fs;
+        Vec g;
+        if (alpha_from_terms) {
+          g = alpha_grad_from_term(q, Vec::loadu(et + i), k);
+        } else if (needs_logits) {
+          const Vec p = kAlpha ? O::splat(0) : Vec::loadu(et + i) * ft;
+          g = grad_entry<D>(make_entry(Vec::loadu(bs + i), Vec::loadu(bt + i), q, p, lse), k);
         } else {
+          Entry<Vec> e;
           e.q = q;
-          e.p = p;
+          e.p = Vec::loadu(et + i) * ft;
+          g = grad_entry<D>(e, k);
         }
-        (grad_entry<D>(e, k) * scale).store(bs + i);
+        (g * scale).store(bs + i);
       }
     }
     store_converted(bs, n, out + start);
@@ -429,10 +433,8 @@ void forward_rows(const RowArgs& a, int64_t begin, int64_t end) {
   auto* loss = static_cast<acc_t*>(a.loss);
   auto* stats = static_cast<acc_t*>(a.stats);
   const acc_t g = static_cast<acc_t>(a.grad_scale * a.inv_temperature);
-  // The row cache wherever a later pass reads the row again (alpha recomputes its exps: its second
-  // pass and gradient take other forms than q and p alone).
-  constexpr bool kCacheable = D != Divergence::Alpha;
-  RowCache<acc_t>* cache = kCacheable && (a.grad_student != nullptr || needs_second_pass(D))
+  // The row cache wherever a later pass reads the row again.
+  RowCache<acc_t>* cache = (a.grad_student != nullptr || needs_second_pass(D))
                                ? &RowCache<acc_t>::for_vocab(a.vocab)
                                : nullptr;
   for (int64_t row = begin; row < end; ++row) {

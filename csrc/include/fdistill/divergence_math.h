@@ -246,25 +246,35 @@ FDISTILL_HD V log_mixture(const Entry<V>& e, V log_wt, V log_ws) {
   return log_add_exp(e.lt + log_wt, e.ls + log_ws);
 }
 
-// exp(x) - 1 to about an ulp from exp alone (no vector expm1): for |x| < 1/2 the degree-14 Taylor
-// polynomial x (1 + x/2 (1 + x/3 (... (1 + x/14)))), truncation |x|^14 / 15! < 5e-17 relative;
-// beyond, exp(x) - 1, which cancels nothing there (|exp(x) - 1| >= 0.39).
+// x expm1(x) / x for |x| < 1/2 by the degree-14 Taylor polynomial x (1 + x/2 (1 + x/3 (... (1 + x/14)))),
+// truncation |x|^14 / 15! < 5e-17 relative.
 template <class V>
-FDISTILL_HD V accurate_expm1(V x) {
+FDISTILL_HD V expm1_taylor(V x) {
   using O = Ops<V>;
   const V one = O::splat(1);
   V poly = one;
   for (int k = 14; k >= 2; --k) poly = one + x * O::splat(1.0 / k) * poly;
-  return O::where(O::lt(O::abs(x), O::splat(0.5)), x * poly, O::exp(x) - one);
+  return x * poly;
 }
 
-// w expm1(x) for a weight w = exp(lw), exactly 0 where w == 0. From x = 1/2 up as exp(lw + x) - w
-// (no cancellation there), which overflows only where the term itself does.
+// exp(x) - 1 to about an ulp from exp alone (no vector expm1): the Taylor polynomial for |x| < 1/2,
+// beyond, exp(x) - 1, which cancels nothing there (|exp(x) - 1| >= 0.39).
+template <class V>
+FDISTILL_HD V accurate_expm1(V x) {
+  using O = Ops<V>;
+  return O::where(O::lt(O::abs(x), O::splat(0.5)), expm1_taylor(x), O::exp(x) - O::splat(1));
+}
+
+// w expm1(x) for a weight w = exp(lw), exactly 0 where w == 0, with one exp: the Taylor polynomial for
+// |x| < 1/2, w (exp(x) - 1) below, and from x = 1/2 up exp(lw + x) - w (no cancellation there), which
+// overflows only where the term itself does.
 template <class V>
 FDISTILL_HD V weighted_expm1(V w, V lw, V x) {
   using O = Ops<V>;
-  const V zero = O::splat(0);
-  const V term = O::where(O::lt(x, O::splat(0.5)), w * accurate_expm1(x), O::exp(lw + x) - w);
+  const V zero = O::splat(0), half = O::splat(0.5);
+  const auto below = O::lt(x, half);
+  const V y = O::exp(O::where(below, x, lw + x));
+  const V term = O::where(O::lt(O::abs(x), half), w * expm1_taylor(x), O::where(below, w * (y - O::splat(1)), y - w));
   return O::where(O::gt(w, zero), term, zero);
 }
 
@@ -327,13 +337,35 @@ FDISTILL_HD V mixture_ratio(V w, V lw, V x, V lx, const Mixture<V>& mix) {
   return O::where(mix.direct, direct, logspace);
 }
 
+// X = lt - ls of an entry as (dt - ds) - c0, c0 = log-sum_t - log-sum_s (alpha_log_sum_gap): exact where
+// ds, dt are small, where lt - ls would carry the rounding of both log-sums.
+template <class V>
+FDISTILL_HD V alpha_x(const Entry<V>& e, const RowCoef<V>& k) {
+  return (e.dt - e.ds) - k.c0;
+}
+
+// alpha's c0 in its Student form (and in the second pass of every form): the gap of the log-sums as the row
+// statistics round them, stats[3] - stats[1].
+template <class acc_t>
+FDISTILL_HD double alpha_log_sum_gap(double log_sum_s, double log_sum_t) {
+  const double s = static_cast<acc_t>(log_sum_s), t = static_cast<acc_t>(log_sum_t);
+  return static_cast<acc_t>(t - s);
+}
+
 // An entry's term of A - 1 in the alpha divergence's Student / Teacher form (see alpha_form):
-// q expm1(a X) or p expm1(-(1 - a) X), X = lt - ls; 1 - a as rounded from double (k.one_minus).
+// q expm1(a X) or p expm1(-(1 - a) X); 1 - a as rounded from double (k.one_minus).
 template <class V>
 FDISTILL_HD V alpha_term(const Entry<V>& e, const RowCoef<V>& k) {
-  const V x = e.lt - e.ls;
+  const V x = alpha_x(e, k);
   if (k.alpha_form == AlphaForm::Student) return weighted_expm1(e.q, e.ls, k.param * x);
   return weighted_expm1(e.p, e.lt, (Ops<V>::splat(0) - k.one_minus) * x);
+}
+
+// alpha's gradient in the Student form from the entry's term T = q expm1(alpha X) (alpha_term):
+// (q (A - 1) - T) / alpha, c1 = A - 1: no O(alpha) cancellation in q - r.
+template <class V>
+FDISTILL_HD V alpha_grad_from_term(V q, V term, const RowCoef<V>& k) {
+  return (q * k.c1 - term) / k.param;
 }
 
 // The mixture divergences and TV take their gradient in the form dL/ds = grad_from_part(q, u, k) with
@@ -426,12 +458,7 @@ FDISTILL_HD V grad_entry(const Entry<V>& e, const RowCoef<V>& k) {
   } else if constexpr (has_grad_part(D)) {
     return grad_from_part<D>(e.q, grad_part<D>(e, k), k);
   } else {  // Alpha: (A / alpha) (q - r), r = softmax(alpha t + (1 - alpha) s) = q exp(alpha X) / A
-    // Student form: = (q (A - 1) - q expm1(alpha X)) / alpha, c1 = A - 1: no O(alpha) cancellation in q - r;
-    // X = (dt - ds) - c0, c0 = log-sum_t - log-sum_s: exact where ds, dt are small (ls, lt carry the log-sums)
-    if (k.alpha_form == AlphaForm::Student) {
-      const V x = (e.dt - e.ds) - k.c0;
-      return (e.q * k.c1 - weighted_expm1(e.q, e.ls, k.param * x)) / k.param;
-    }
+    if (k.alpha_form == AlphaForm::Student) return alpha_grad_from_term(e.q, alpha_term(e, k), k);
     const V r = O::exp(alpha_logit(e.ds, e.dt, k.param, k.one_minus) - k.c0);
     return k.c1 * (e.q - r);  // c1 = A / alpha
   }
@@ -610,7 +637,7 @@ FDISTILL_HD acc_t finish_row(const RowSums& r, const DivCoef& c, acc_t* stats) {
       // not 0) takes the ratio form instead, marked by the sign of c1 = A / a.
       const acc_t ratio = static_cast<acc_t>((a_minus_1 >= -0.5 ? 1 + a_minus_1 : std::exp(log_a)) / a);
       if (form == AlphaForm::Student && (std::fabs(a_minus_1) <= 0.5 || !(ratio * a > 0))) {
-        stats[4] = static_cast<acc_t>(static_cast<double>(stats[3]) - static_cast<double>(stats[1]));
+        stats[4] = static_cast<acc_t>(alpha_log_sum_gap<acc_t>(log_sum_s, log_sum_t));
         stats[5] = static_cast<acc_t>(a_minus_1);
       } else {
         stats[5] = ratio;
