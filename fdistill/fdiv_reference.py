@@ -51,8 +51,11 @@ def f_value(family: str, alpha: float, u: torch.Tensor) -> torch.Tensor:
         return torch.special.xlogy(u, u) - u + 1
     if family == "reverse_kl":
         return u - 1 - torch.log(u)
-    if family == "alpha":
-        return (u.pow(alpha) - 1 - alpha * (u - 1)) / (alpha * (alpha - 1))
+    if family == "alpha":  # u^a - 1 - a (u - 1) = u expm1((a - 1) log u) - (a - 1)(u - 1): exact near a = 1
+        live = u > 0
+        safe = torch.where(live, u, torch.ones_like(u))  # no 0 * inf in the backward at u = 0
+        grow = torch.where(live, safe * torch.expm1((alpha - 1) * torch.log(safe)), torch.zeros_like(u))
+        return (grow / (alpha - 1) - (u - 1)) / alpha
     if family == "js":
         return torch.special.xlogy(u, u) - torch.special.xlogy(u + 1, (u + 1) / 2)
     raise ValueError(f"unknown f {family!r}")
@@ -65,7 +68,7 @@ def f_prime(family: str, alpha: float, u: float) -> float:
     if family == "reverse_kl":
         return 1 - 1 / u
     if family == "alpha":
-        return (u ** (alpha - 1) - 1) / (alpha - 1)
+        return math.expm1((alpha - 1) * math.log(u)) / (alpha - 1)
     if family == "js":
         return math.log(2 * u / (u + 1))
     raise ValueError(f"unknown f {family!r}")
@@ -77,8 +80,9 @@ def conj_grad(family: str, alpha: float, v: torch.Tensor) -> torch.Tensor:
         return torch.exp(v)
     if family == "reverse_kl":
         return 1 / (1 - v)
-    if family == "alpha":
-        return torch.clamp(1 + (alpha - 1) * v, min=0).pow(1 / (alpha - 1))
+    if family == "alpha":  # x^(1/(a-1)), x = 1 + w, w = (a - 1) v, as exp(log1p(w) / (a - 1)): exact near a = 1
+        w = (alpha - 1) * v
+        return torch.where(w > -1, torch.exp(torch.log1p(w.clamp(min=-1)) / (alpha - 1)), torch.zeros_like(w))
     if family == "js":
         e = torch.exp(v)
         return e / (2 - e)
@@ -176,7 +180,7 @@ def _f_prime_tensor(family, alpha, u):
     if family == "reverse_kl":
         return 1 - 1 / u
     if family == "alpha":
-        return (u.pow(alpha - 1) - 1) / (alpha - 1)
+        return torch.expm1((alpha - 1) * torch.log(u)) / (alpha - 1)
     if family == "js":
         return torch.log(2 * u / (u + 1))
     raise ValueError(f"unknown f {family!r}")

@@ -698,7 +698,8 @@ def _newton(theta_s, q, live, lo, hi, done, spec: _FSpec):
         hit = done | ((total - 1).abs() <= spec.tol)
         lo = torch.where(~hit & (total > 1), tau, lo)
         hi = torch.where(~hit & (total <= 1), tau, hi)
-        newton = tau + (total - total.pow(1 - c)) / (c * slope)  # phi / phi', phi = S^c - 1
+        # phi / phi', phi = S^c - 1: (S - S^(1-c)) / (c slope), its numerator as -S expm1(-c log S)
+        newton = tau - total * torch.expm1(-c * torch.log(total)) / (c * slope)
         tiny = (newton - tau).abs() <= eps * (1 + tau.abs())  # (False for NaN)
         inside = (newton > lo) & (newton < hi)
         nxt = torch.where(inside, newton, (lo + hi) / 2)

@@ -19,6 +19,8 @@ import math
 import triton
 import triton.language as tl
 
+from fdistill.triton.math import expm1, weighted_expm1
+
 # The C++ FKind values: alpha = 1.5 and alpha = 2 have cheaper closed forms as kinds of their own.
 F_CODES = {"kl": 0, "reverse_kl": 1, "alpha": 2, "alpha15": 3, "alpha2": 4, "js": 5}
 
@@ -61,8 +63,8 @@ def f_prime(u, alpha, inv_am1, F: tl.constexpr):
         r = (tl.sqrt(u) - 1.0) * inv_am1
     elif F == 4:
         r = (u - 1.0) * inv_am1
-    else:  # (u^(alpha - 1) - 1) / (alpha - 1)
-        r = (tl.exp((alpha - 1.0) * tl.log(u)) - 1.0) * inv_am1
+    else:  # (u^(alpha - 1) - 1) / (alpha - 1) as expm1: no cancellation near alpha = 1
+        r = expm1((alpha - 1.0) * tl.log(u)) * inv_am1
     return r
 
 
@@ -89,33 +91,20 @@ def start_tau_search(q_max, q_total, alpha, inv_am1, F: tl.constexpr):
 
 
 @triton.jit
-def _pow_one_minus_c(s0, c, F: tl.constexpr):
-    """S0^(1 - c) (std::pow on S0 >= 0): S0^2 for reverse KL, 1 for JS and alpha = 2."""
-    if F == 1:
-        r = s0 * s0
-    elif F == 5 or F == 4:
-        r = tl.full([], 1.0, tl.float64)
-    elif F == 3:
-        r = tl.sqrt(s0)
-    else:  # 1 - c = 2 - alpha != 0: exp(+-inf) gives pow's 0 and inf at S0 = 0 and S0 = inf
-        r = tl.exp((1.0 - c) * tl.log(s0))
-    return r
-
-
-@triton.jit
 def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
     """One step of the safeguarded Newton search (C++ ``tau_step``), given S0 and
     S1 = -dS0/dtau = sum q (f*)''(x - tau) at tau. Returns (stop, tau, lo, hi): stop is true when
     |S0 - 1| <= tol, the Newton step is at most eps (1 + |tau|) (eps of the accumulation dtype:
     the resolution of x - tau; near a pole S0 moves in steps of eps S1), or the bracket cannot shrink
     further (then tau is unchanged and is the answer); otherwise tau is the next point to evaluate.
-    Newton on phi = S0^c - 1, phi / phi' = -(S0 - S0^(1-c)) / (c S1); a step outside (lo, hi)
+    Newton on phi = S0^c - 1, phi / phi' = -(S0 - S0^(1-c)) / (c S1), its numerator as
+    -S0 expm1(-c log S0) (no cancellation for c = alpha - 1 near 0); a step outside (lo, hi)
     (alpha > 2, rounding, NaN from S0 = 0 or S1 = 0) falls back to bisection."""
     converged = tl.abs(s0 - 1.0) <= tol
     above = s0 > 1.0
     lo = tl.where(above, tau, lo)  # (updated also when converged: unused then)
     hi = tl.where(above, hi, tau)
-    nxt = tau + (s0 - _pow_one_minus_c(s0, c, F)) / (c * s1)
+    nxt = tau - s0 * expm1(-c * tl.log(s0)) / (c * s1)
     newton = (nxt > lo) & (nxt < hi)
     # a step below what x - tau can resolve: p would not change
     small = newton & (tl.abs(nxt - tau) <= eps * (1.0 + tl.abs(tau)))
@@ -143,9 +132,9 @@ def conj_grad(v, alpha_m1, inv_am1, F: tl.constexpr):
     elif F == 5:  # js: exp(v) / (2 - exp(v))
         e = tl.exp(v)
         r = e / (2.0 - e)
-    else:  # x^(1/(a-1)) = exp(log(x) / (a - 1)); x = 0 gives 0 for a > 1
-        x = tl.maximum(1.0 + alpha_m1 * v, 0.0)
-        r = tl.where(x > 0.0, tl.exp(tl.log(x) * inv_am1), 0.0)
+    else:  # x^(1/(a-1)) = exp(log1p(w) / (a - 1)), x = 1 + w, w = (a - 1) v: exact near a = 1; x <= 0 gives 0
+        w = alpha_m1 * v
+        r = tl.where(w > -1.0, tl.exp(_log1p(w) * inv_am1), 0.0)
     return r
 
 
@@ -165,17 +154,18 @@ def conj_grad2(v, alpha_m1, inv_am1, F: tl.constexpr):
         e = tl.exp(v)
         d = 2.0 - e
         r = 2.0 * e / (d * d)
-    else:  # x^(1/(a-1) - 1) = x^((2 - a)/(a - 1))
-        x = tl.maximum(1.0 + alpha_m1 * v, 0.0)
-        r = tl.where(x > 0.0, tl.exp(tl.log(x) * (inv_am1 - 1.0)), 0.0)
+    else:  # x^(1/(a-1) - 1) = x^((2 - a)/(a - 1)), x = 1 + w as in conj_grad
+        w = alpha_m1 * v
+        r = tl.where(w > -1.0, tl.exp(_log1p(w) * (inv_am1 - 1.0)), 0.0)
     return r
 
 
 @triton.jit
 def _log1p(z):
-    """log(1 + z) accurate for small z (Kahan: log(u) z / (u - 1), u = 1 + z rounded)."""
+    """log(1 + z) accurate for small z (Kahan: log(u) z / (u - 1), u = 1 + z rounded); +inf at z = +inf
+    (a masked entry's (alpha - 1) v for alpha < 1), where Kahan's ratio is inf / inf."""
     u = 1.0 + z
-    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+    return tl.where(u == 1.0, z, tl.where(u < float("inf"), tl.log(u) * (z / (u - 1.0)), u))
 
 
 @triton.jit
@@ -204,14 +194,15 @@ def q_f(p, q, alpha, inv_am1, F: tl.constexpr):
         r = p - q - q * (tl.log(p) - tl.log(q))
     elif F == 5:  # p log(p/q) - (p + q) log1p(p/q) + p log 2
         r = p_log_ratio - (p + q) * _log1p(p / q) + p * 0.6931471805599453
-    else:  # (q^(1-a) p^a - a p) / (a (a - 1)), q^(1-a) p^a = p (p/q)^(a-1)
+    elif F == 3 or F == 4:  # (q^(1-a) p^a - a p) / (a (a - 1)), q^(1-a) p^a = p (p/q)^(a-1)
         if F == 3:
             pa = p * tl.sqrt(p / q)
-        elif F == 4:
-            pa = p * (p / q)
         else:
-            pa = tl.where(p > 0.0, tl.exp(alpha * tl.log(p) + (1.0 - alpha) * tl.log(q)), 0.0)
+            pa = p * (p / q)
         r = (pa - alpha * p) * inv_am1 / alpha
+    else:  # (p expm1((a - 1) log(p/q)) / (a - 1) - p) / a: no cancellation near a = 1; 0 at p = 0
+        lp = tl.log(p)
+        r = (weighted_expm1(p, lp, (lp - tl.log(q)) / inv_am1) * inv_am1 - p) / alpha
     return r
 
 

@@ -36,7 +36,7 @@ FDISTILL_HD double f_prime(FKind k, const FCoef& c, double u) {
     case FKind::KL: return std::log(u);
     case FKind::ReverseKL: return 1 - 1 / u;
     case FKind::JS: return std::log(2 * u / (u + 1));
-    default: return (std::pow(u, c.alpha - 1) - 1) * c.inv_am1;
+    default: return std::expm1((c.alpha - 1) * std::log(u)) * c.inv_am1;  // (u^(a-1) - 1) / (a - 1)
   }
 }
 
@@ -92,8 +92,9 @@ FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
   } else {
     s.hi = s.tau;
   }
-  // phi / phi' with phi = S0^c - 1, phi' = -c S0^(c-1) S1
-  double next = s.tau + (s0 - std::pow(s0, 1 - s.c)) / (s.c * s1);
+  // phi / phi' with phi = S0^c - 1, phi' = -c S0^(c-1) S1: the step (S0 - S0^(1-c)) / (c S1), its numerator
+  // as -S0 expm1(-c log S0) (no cancellation for c = alpha - 1 near 0)
+  double next = s.tau - s0 * std::expm1(-s.c * std::log(s0)) / (s.c * s1);
   if (!(next > s.lo && next < s.hi)) {
     next = 0.5 * (s.lo + s.hi);  // bisection; also catches NaN (S0 = 0 or S1 = 0)
   } else if (std::fabs(next - s.tau) <= s.eps * (1 + std::fabs(s.tau))) {
@@ -121,9 +122,10 @@ FDISTILL_HD V conj_grad(V v, V alpha_m1, V inv_am1) {
   } else if constexpr (K == FKind::JS) {
     const V e = O::exp(v);
     return e / (O::splat(2) - e);
-  } else {  // x^(1/(a-1)) = exp(log(x) / (a - 1)); x = 0 gives 0 for a > 1
-    const V x = O::max(one + alpha_m1 * v, zero);
-    return O::where(O::gt(x, zero), O::exp(O::log(x) * inv_am1), zero);
+  } else {  // x^(1/(a-1)) = exp(log1p(w) / (a - 1)), x = 1 + w, w = (a - 1) v: exact near a = 1, where w
+    // is tiny and 1 + w would lose it; x <= 0 gives 0 for a > 1
+    const V w = alpha_m1 * v;
+    return O::where(O::gt(w, O::splat(-1)), O::exp(O::log1p(w) * inv_am1), zero);
   }
 }
 
@@ -143,9 +145,9 @@ FDISTILL_HD V conj_grad2(V v, V alpha_m1, V inv_am1) {
   } else if constexpr (K == FKind::JS) {
     const V e = O::exp(v), d = O::splat(2) - e;
     return O::splat(2) * e / (d * d);
-  } else {  // x^(1/(a-1) - 1) = x^((2 - a)/(a - 1))
-    const V x = O::max(one + alpha_m1 * v, zero);
-    return O::where(O::gt(x, zero), O::exp(O::log(x) * (inv_am1 - one)), zero);
+  } else {  // x^(1/(a-1) - 1) = x^((2 - a)/(a - 1)), x = 1 + w as in conj_grad
+    const V w = alpha_m1 * v;
+    return O::where(O::gt(w, O::splat(-1)), O::exp(O::log1p(w) * (inv_am1 - one)), zero);
   }
 }
 
@@ -163,7 +165,8 @@ FDISTILL_HD double f_at_zero(FKind k, const FCoef& c) {
 // q f(p/q) - q f(0): 0 at p = 0, so sums over a vocabulary where most entries have p = 0 (or
 // p ~ y) add no O(q) terms that would cancel. With f(0) = f_at_zero:
 //   kl:    p log(p/q) - p
-//   alpha: (q^(1-a) p^a - a p) / (a (a - 1))
+//   alpha: (q^(1-a) p^a - a p) / (a (a - 1)) = (p expm1((a - 1) log(p/q)) / (a - 1) - p) / a (no cancellation
+//          near a = 1; a = 3/2 and 2 in closed form)
 //   js:    p log(p/q) - (p + q) log1p(p/q) + p log 2
 //   reverse_kl: q f(p/q) = p - q - q log(p/q) (p > 0)
 template <FKind K, class V>
@@ -177,16 +180,12 @@ FDISTILL_HD V q_f(V p, V q, V alpha, V inv_am1) {
     return p - q - q * (O::log(p) - O::log(q));
   } else if constexpr (K == FKind::JS) {
     return p_log_ratio - (p + q) * O::log1p(p / q) + p * O::splat(0.69314718055994530942);
-  } else {  // pa = q^(1-a) p^a = p (p/q)^(a-1): p sqrt(p/q) at a = 3/2, p^2/q at a = 2, else exp / log
-    V pa;
-    if constexpr (K == FKind::Alpha15) {
-      pa = p * O::sqrt(p / q);
-    } else if constexpr (K == FKind::Alpha2) {
-      pa = p * (p / q);
-    } else {
-      pa = O::where(O::gt(p, zero), O::exp(alpha * O::log(p) + (one - alpha) * O::log(q)), zero);
-    }
+  } else if constexpr (K == FKind::Alpha15 || K == FKind::Alpha2) {  // pa = q^(1-a) p^a = p (p/q)^(a-1)
+    const V pa = K == FKind::Alpha15 ? p * O::sqrt(p / q) : p * (p / q);
     return (pa - alpha * p) * inv_am1 / alpha;
+  } else {  // p ((p/q)^(a-1) - 1) = w expm1(x), w = p, x = (a - 1) log(p/q); 0 at p = 0
+    const V lp = O::log(p);
+    return (weighted_expm1(p, lp, (lp - O::log(q)) / inv_am1) * inv_am1 - p) / alpha;
   }
 }
 

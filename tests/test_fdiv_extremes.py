@@ -1,0 +1,110 @@
+"""f-divergence operators and FY losses at the extremes of alpha, against mpmath (50 digits).
+
+Near alpha = 1 the alpha family's (f*)'(v) = [1 + (alpha - 1) v]^(1/(alpha - 1)) and its generator
+(u^alpha - 1 - alpha (u - 1)) / (alpha (alpha - 1)) cancel when formed as written (in float32,
+1 + 1e-6 v keeps two digits of (alpha - 1) v): the kernels and the reference take the log1p / expm1
+forms of docs/divergences.md. The ground truth here is independent of them: tau by bisection in
+mpmath on the generator as written, at 50 digits.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import pytest
+import torch
+from utils import SKIP_WITHOUT_TRITON, TRITON_INTERPRETER_WARNINGS, generator
+
+import fdistill
+
+mpmath.mp.dps = 50
+ALPHAS = [1 + 1e-6, 1 - 1e-6, 1 + 1e-3, 1.25, 0.7]
+ALPHA_IDS = ["1+1e-6", "1-1e-6", "1+1e-3", "1.25", "0.7"]
+BACKENDS = [
+    "cpu",
+    "reference",
+    pytest.param("triton", marks=[SKIP_WITHOUT_TRITON, *TRITON_INTERPRETER_WARNINGS]),
+]
+# float32: p is exact to a few ulps of the largest entry, the loss to a few ulps of its terms
+TOL = {torch.float64: (1e-11, 1e-11), torch.float32: (2e-6, 2e-6)}
+
+
+def _conj_grad(alpha, v):
+    x = 1 + (alpha - 1) * v
+    return mpmath.mpf(0) if x <= 0 else x ** (1 / (alpha - 1))
+
+
+def _f(alpha, u):
+    return (u**alpha - 1 - alpha * (u - 1)) / (alpha * (alpha - 1))
+
+
+def mp_softargmax(theta, q, alpha):
+    """p* = q (f*)'(theta - tau), sum p* = 1, tau by 200 bisection steps in mpmath."""
+    a = mpmath.mpf(alpha)
+    th = [mpmath.mpf(x) for x in theta]
+    qs = [mpmath.mpf(x) for x in q]
+
+    def total(tau):
+        return sum(qj * _conj_grad(a, t - tau) for qj, t in zip(qs, th, strict=True))
+
+    # total(lo) > 1 > total(hi) for these rows; alpha < 1: lo just inside the pole at v = 1 / (1 - alpha)
+    lo = max(th) - (60 if a > 1 else 1 / (1 - a) - mpmath.mpf(10) ** -40)
+    hi = max(th) + 60
+    assert total(lo) > 1 > total(hi)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) > 1 else (lo, mid)
+    return [qj * _conj_grad(a, t - lo) for qj, t in zip(qs, th, strict=True)]
+
+
+def mp_fy_loss(theta, y, q, alpha):
+    """<p* - y, theta> - D_f(p*, q) + D_f(y, q) with f as written."""
+    a = mpmath.mpf(alpha)
+    p = mp_softargmax(theta, q, alpha)
+    th = [mpmath.mpf(x) for x in theta]
+    ys = [mpmath.mpf(x) for x in y]
+    qs = [mpmath.mpf(x) for x in q]
+    inner = sum((pj - yj) * t for pj, yj, t in zip(p, ys, th, strict=True))
+    d_p = sum(qj * _f(a, pj / qj) for pj, qj in zip(p, qs, strict=True))
+    d_y = sum(qj * _f(a, yj / qj) for yj, qj in zip(ys, qs, strict=True))
+    return inner - d_p + d_y, p
+
+
+def _rows(seed, rows=3, vocab=9):
+    g = generator(seed)
+    theta = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2
+    y = torch.softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64), -1)
+    q = torch.rand(rows, vocab, generator=g, dtype=torch.float64) + 0.05
+    q = q / q.sum(-1, keepdim=True)
+    return theta, y, q
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("alpha", ALPHAS, ids=ALPHA_IDS)
+def test_alpha_softargmax_and_fy_loss_against_mpmath(alpha, dtype, backend, seed):
+    theta64, y64, q64 = _rows(seed)
+    want_loss, want_p = [], []
+    for i in range(theta64.shape[0]):
+        loss, p = mp_fy_loss(theta64[i].tolist(), y64[i].tolist(), q64[i].tolist(), alpha)
+        want_loss.append(float(loss))
+        want_p.append([float(x) for x in p])
+    want_loss = torch.tensor(want_loss, dtype=torch.float64)
+    want_p = torch.tensor(want_p, dtype=torch.float64)
+    theta = theta64.to(dtype).requires_grad_(True)
+    y, q = y64.to(dtype), q64.to(dtype)
+    rtol, atol = TOL[dtype]
+    p = fdistill.f_softargmax(theta.detach(), "alpha", alpha=alpha, reference=q, backend=backend)
+    torch.testing.assert_close(p.double(), want_p, rtol=rtol, atol=atol)
+    loss = fdistill.fy_loss(theta, y, "alpha", alpha=alpha, reference=q, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=atol)
+    (grad,) = torch.autograd.grad(loss.sum(), theta)
+    torch.testing.assert_close(grad.double(), want_p - y64, rtol=rtol, atol=atol)  # dL/dtheta = p* - y
+
+
+@pytest.mark.parametrize("alpha", [1 + 1e-6, 1 - 1e-6], ids=["1+1e-6", "1-1e-6"])
+def test_alpha_near_one_approaches_kl(alpha, seed):
+    """|p_alpha - p_kl| = O(|alpha - 1|): at 1e-6 the float32 kernel is within float32 rounding of softmax."""
+    theta64, _, q64 = _rows(seed, rows=4, vocab=1271)
+    want = fdistill.f_softargmax(theta64, "kl", reference=q64, backend="cpu")
+    got = fdistill.f_softargmax(theta64.float(), "alpha", alpha=alpha, reference=q64.float(), backend="cpu")
+    assert ((got.double() - want).abs() / want).max() < 1e-4
