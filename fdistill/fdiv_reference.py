@@ -80,7 +80,7 @@ def conj_grad(family: str, alpha: float, v: torch.Tensor) -> torch.Tensor:
         return torch.exp(v)
     if family == "reverse_kl":
         return 1 / (1 - v)
-    if family == "alpha":  # x^(1/(a-1)), x = 1 + w, w = (a - 1) v, as exp(log1p(w) / (a - 1)): exact near a = 1
+    if family == "alpha":  # x^(1/(a-1)), x = 1 + w, w = (a - 1) v, as exp(log1p(w) / (a - 1)): exact at a ~ 1
         w = (alpha - 1) * v
         return torch.where(w > -1, torch.exp(torch.log1p(w.clamp(min=-1)) / (alpha - 1)), torch.zeros_like(w))
     if family == "js":

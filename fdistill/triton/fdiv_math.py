@@ -194,12 +194,10 @@ def q_f(p, q, alpha, inv_am1, F: tl.constexpr):
         r = p - q - q * (tl.log(p) - tl.log(q))
     elif F == 5:  # p log(p/q) - (p + q) log1p(p/q) + p log 2
         r = p_log_ratio - (p + q) * _log1p(p / q) + p * 0.6931471805599453
-    elif F == 3 or F == 4:  # (q^(1-a) p^a - a p) / (a (a - 1)), q^(1-a) p^a = p (p/q)^(a-1)
-        if F == 3:
-            pa = p * tl.sqrt(p / q)
-        else:
-            pa = p * (p / q)
-        r = (pa - alpha * p) * inv_am1 / alpha
+    elif F == 3:  # (q^(1-a) p^a - a p) / (a (a - 1)), q^(1-a) p^a = p (p/q)^(a-1) = p sqrt(p/q)
+        r = (p * tl.sqrt(p / q) - alpha * p) * inv_am1 / alpha
+    elif F == 4:  # the same at a = 2: p^2 / q
+        r = (p * (p / q) - alpha * p) * inv_am1 / alpha
     else:  # (p expm1((a - 1) log(p/q)) / (a - 1) - p) / a: no cancellation near a = 1; 0 at p = 0
         lp = tl.log(p)
         r = (weighted_expm1(p, lp, (lp - tl.log(q)) / inv_am1) * inv_am1 - p) / alpha
