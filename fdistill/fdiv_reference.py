@@ -133,18 +133,66 @@ def _bisect_softargmax(logits, q, family, alpha, n_iter):
     theta = logits - torch.where(empty, torch.zeros_like(top), top)  # max at 0
     q_star = torch.gather(q, -1, theta.argmax(-1, keepdim=True))  # q at the argmax
     q_total = torch.where(live, q, torch.zeros_like(q)).sum(-1, keepdim=True)
-    lo = -_f_prime_tensor(family, alpha, 1 / q_star)
-    hi = -_f_prime_tensor(family, alpha, 1 / torch.where(empty, torch.ones_like(q_total), q_total))
+    q_total = torch.where(empty, torch.ones_like(q_total), q_total)
+    search = _Search(family, alpha, theta, q)
+    ge, le = search.bracket(q_star, q_total)  # S0 >= 1 at ge, S0 <= 1 at le
     for _ in range(n_iter):
-        mid = (lo + hi) / 2
-        g = (q * conj_grad(family, alpha, theta - mid)).sum(-1, keepdim=True) - 1
-        lo = torch.where(g >= 0, mid, lo)
-        hi = torch.where(g >= 0, hi, mid)
-    p = q * conj_grad(family, alpha, theta - lo)
+        mid = (ge + le) / 2
+        above = search.total(mid) >= 1
+        ge = torch.where(above, mid, ge)
+        le = torch.where(above, le, mid)
+    p = q * search.conj_grad(ge)
+    p = torch.where(live, p, torch.zeros_like(p))
     p = p / p.sum(-1, keepdim=True)
     bad = (torch.isnan(logits) | (logits == math.inf)).any(-1, keepdim=True)
     p = torch.where(empty, torch.zeros_like(p), p)
     return torch.where(bad, torch.full_like(p, math.nan), p)
+
+
+class _Search:
+    """The bisection variable r of the reference (docs/divergences.md, "Tau bracket"), in which the
+    bracket [tau_lo, tau_hi] is narrow relative to the root's resolution:
+
+    * kl: r = tau (the bracket spans log(Q / q_max));
+    * alpha: r = log y, y = 1 - (alpha - 1) tau, the base 1 + (alpha - 1) v at the argmax. Each entry's
+      base is y + (alpha - 1) x = y (1 + (alpha - 1) x / y), so
+      (f*)'(v) = exp((r + log1p((alpha - 1) x e^-r)) / (alpha - 1)). r spans (1 - alpha) log(Q / q_max)
+      where tau spans (q_max^(1 - alpha) - Q^(1 - alpha)) / (alpha - 1): 2.7e42 at alpha = 20, V = 200
+      (80 halvings leave tau at the bracket's end), an overflow at alpha = 1000;
+    * reverse_kl, js: r = log sigma, sigma = pole + tau, the argmax's distance to the pole of (f*)' (at
+      1, log 2): (f*)'(v) = 1 / d or 1 / expm1(d), d = sigma - x, exact however close to the pole
+      (sigma = q_max or log1p(q_max) at tau_lo: 1e-30 for q = 1e-30, where tau = -1 + 1e-30 rounds to -1).
+    """
+
+    def __init__(self, family, alpha, theta, q):
+        self.family, self.alpha, self.theta, self.q = family, alpha, theta, q
+
+    def bracket(self, q_star, q_total):
+        f, a = self.family, self.alpha
+        if f == "kl":
+            return torch.log(q_star), torch.log(q_total)
+        if f == "alpha":
+            return (1 - a) * torch.log(q_star), (1 - a) * torch.log(q_total)
+        if f == "reverse_kl":
+            return torch.log(q_star), torch.log(q_total)
+        return torch.log(torch.log1p(q_star)), torch.log(torch.log1p(q_total))  # js
+
+    def conj_grad(self, r):
+        """(f*)'(theta - tau) of every entry for the row's r ([rows, 1])."""
+        f, a, x = self.family, self.alpha, self.theta
+        if f == "kl":
+            return torch.exp(x - r)
+        if f == "alpha":
+            w = (a - 1) * x * torch.exp(-r)  # (alpha - 1) x / y: -inf / +inf at masked entries
+            inside = w > -1
+            log_base = r + torch.log1p(torch.where(inside, w, torch.zeros_like(w)))
+            return torch.where(inside, torch.exp(log_base / (a - 1)), torch.zeros_like(w))
+        d = torch.exp(r) - x
+        return 1 / d if f == "reverse_kl" else 1 / torch.expm1(d)
+
+    def total(self, r):
+        p = self.q * self.conj_grad(r)
+        return torch.where(self.theta > -math.inf, p, torch.zeros_like(p)).sum(-1, keepdim=True)
 
 
 def softargmax_vjp_reference(family, alpha, p, q, grad):

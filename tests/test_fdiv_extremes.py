@@ -108,3 +108,95 @@ def test_alpha_near_one_approaches_kl(alpha, seed):
     want = fdistill.f_softargmax(theta64, "kl", reference=q64, backend="cpu")
     got = fdistill.f_softargmax(theta64.float(), "alpha", alpha=alpha, reference=q64.float(), backend="cpu")
     assert ((got.double() - want).abs() / want).max() < 1e-4
+
+
+def _mp_conj_grad(family, alpha, v):
+    """(f*)'(v) on its domain, +inf at and beyond a pole (the bisection never goes there)."""
+    if family == "reverse_kl":
+        return 1 / (1 - v) if v < 1 else mpmath.inf
+    if family == "js":
+        e = mpmath.exp(v)
+        return e / (2 - e) if e < 2 else mpmath.inf
+    x = 1 + (alpha - 1) * v
+    if x <= 0:
+        return mpmath.mpf(0) if alpha > 1 else mpmath.inf
+    return x ** (1 / (alpha - 1))
+
+
+def _mp_f_prime(family, alpha, u):
+    if family == "reverse_kl":
+        return 1 - 1 / u
+    if family == "js":
+        return mpmath.log(2 * u / (u + 1))
+    return (u ** (alpha - 1) - 1) / (alpha - 1)
+
+
+def mp_softargmax_family(theta, q, family, alpha):
+    """p* by 400 bisection steps in mpmath on the bracket [-f'(1 / q_max), -f'(1 / Q)] of tau."""
+    a = mpmath.mpf(alpha)
+    th = [mpmath.mpf(x) for x in theta]
+    qs = [mpmath.mpf(x) for x in q]
+    top = max(th)
+    xs = [t - top for t in th]
+    q_max = qs[th.index(top)]
+
+    def total(tau):
+        return sum(qj * _mp_conj_grad(family, a, x - tau) for qj, x in zip(qs, xs, strict=True))
+
+    lo, hi = -_mp_f_prime(family, a, 1 / q_max), -_mp_f_prime(family, a, 1 / sum(qs))
+    if family == "alpha" and a > 1:  # halve log(1 - (a - 1) tau): the tau bracket is ~q^(1 - a) wide
+        to_tau = lambda r: (1 - mpmath.exp(r)) / (a - 1)  # noqa: E731
+        lo_r, hi_r = mpmath.log(1 - (a - 1) * lo), mpmath.log(1 - (a - 1) * hi)
+        for _ in range(400):
+            mid = (lo_r + hi_r) / 2
+            lo_r, hi_r = (mid, hi_r) if total(to_tau(mid)) >= 1 else (lo_r, mid)
+        lo = to_tau(lo_r)
+    for _ in range(400):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) >= 1 else (lo, mid)
+    p = [qj * _mp_conj_grad(family, a, x - lo) for qj, x in zip(qs, xs, strict=True)]
+    s = sum(p)
+    return [float(pj / s) for pj in p]
+
+
+def _mp_rows(theta64, q64, family, alpha):
+    rows = [
+        mp_softargmax_family(t.tolist(), qq.tolist(), family, alpha)
+        for t, qq in zip(theta64, q64, strict=True)
+    ]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+TINY_Q_CASES = [("alpha", 0.7), ("js", 1.5), ("reverse_kl", 1.5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("family", "alpha"), TINY_Q_CASES, ids=["a0.7", "js", "rkl"])
+def test_reference_with_a_tiny_reference_measure(family, alpha, dtype, seed):
+    """q = 1e-30 everywhere: the argmax sits 1e-30 from the pole of (f*)' (tau = -1 + 1e-30 for reverse KL
+    does not exist in float64): p* is the one-hot at the argmax to 1e-9, where the tau bisection gave NaN."""
+    theta64, _, _ = _rows(seed, rows=3, vocab=9)
+    q64 = torch.full_like(theta64, 1e-30)
+    want = _mp_rows(theta64, q64, family, alpha)
+    got = fdistill.f_softargmax(
+        theta64.to(dtype), family, alpha=alpha, reference=q64.to(dtype), backend="reference"
+    )
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_reference_with_a_large_alpha(seed):
+    """alpha = 20: the tau bracket is 1e42 wide and 80 halvings left tau at its end (the uniform p); the
+    reference bisects log(1 + (alpha - 1) v) at the argmax. Where an entry enters the support p_j =
+    q_j z^(1/19) is steep in z = 1 + 19 v (z = 1e-14, float64's resolution there, gives 0.18 q_j): entries
+    are checked to 0.2 q_j, the old uniform answer was off by q_j. alpha = 1000: f'(1 / q_max) overflowed
+    (NaN); only a finite, normalised p is checked ((1e-300)^(1/999) is 0.5)."""
+    theta64, _, q64 = _rows(seed, rows=3, vocab=40)
+    got = fdistill.f_softargmax(theta64, "alpha", alpha=20.0, reference=q64, backend="reference")
+    err = (got - _mp_rows(theta64, q64, "alpha", 20.0)).abs()
+    assert (err <= 1e-10 + 0.2 * q64).all(), err.max()
+    for dtype in (torch.float32, torch.float64):
+        p = fdistill.f_softargmax(
+            theta64.to(dtype), "alpha", alpha=1000.0, reference=q64.to(dtype), backend="reference"
+        )
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.double().sum(-1), torch.ones(3, dtype=torch.float64))
