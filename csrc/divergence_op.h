@@ -22,6 +22,12 @@ inline DType dtype_of(const at::Tensor& x) { return dtype_of(x.scalar_type()); }
 // Statistics and loss are kept in fp32 (fp64 for fp64 inputs).
 at::ScalarType accumulate_type(at::ScalarType t);
 
+// Asks Linux for transparent huge pages over the whole 2 MiB pages of a fresh CPU output (the gradient, the
+// f-softargmax), first touched by the kernel: with 4 KiB pages a new 125 MB mapping costs ~30k page faults
+// (measured: a third of a divergence's forward+backward at 2048 x 32000); where THP is in "madvise" mode
+// this cuts them 512-fold. Advisory: a no-op elsewhere (CUDA tensors, other systems, THP off).
+void advise_huge_pages(const at::Tensor& t);
+
 // Checks labels ([rows] int64, contiguous, on `device`) and points a.labels at them.
 void set_labels(RowArgs& a, const std::optional<at::Tensor>& labels, const at::Device& device);
 

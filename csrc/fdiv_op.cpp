@@ -89,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> allocate_fdiv_outputs(const at::Tensor& logit
   at::Tensor out = a.mode == FDivMode::SoftArgmax ? at::empty({a.rows, a.vocab}, logits.options())
                                                    : at::empty({a.rows}, acc);
   at::Tensor stats = at::empty({a.rows, kFDivStats}, acc);
+  if (a.mode == FDivMode::SoftArgmax) advise_huge_pages(out);
   a.out = out.data_ptr();
   a.out_stride = a.mode == FDivMode::SoftArgmax ? a.vocab : 1;
   a.stats = stats.data_ptr();
@@ -107,6 +108,7 @@ at::Tensor prepare_fdiv_backward(const at::Tensor& grad_rows, const at::Tensor& 
   TORCH_CHECK_TYPE(stats.scalar_type() == acc, "fdistill: stats must be ", acc);
   grad_rows_acc = grad_rows.to(acc);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(grad);
   a.stats = const_cast<void*>(stats.data_ptr());
   a.grad_rows = grad_rows_acc.data_ptr();
   a.grad_rows_stride = grad_rows_acc.stride(0);

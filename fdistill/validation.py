@@ -263,7 +263,7 @@ def check_probabilities(probs: torch.Tensor, checks: ValueChecks, *, sums: bool 
         tol = 1e-4 if probs.dtype in (torch.float32, torch.float64) else 2e-2
 
         def error():
-            count = int(((probs.sum(-1, dtype=torch.float64) - 1).abs() > tol).sum())
+            count = int(((probs.sum(-1).to(torch.float64) - 1).abs() > tol).sum())  # as rows_off_simplex
             return ValueError(f"probability target rows must sum to 1 (within {tol}); {count} do not")
 
         checks.add(rows_off_simplex(probs, tol), error)

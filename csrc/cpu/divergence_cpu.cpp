@@ -8,10 +8,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "cpu/cpu_capability.h"
 #include "divergence_op.h"
 
@@ -53,19 +49,6 @@ static RowKernels row_kernels() {
   }
 #endif
   return FDISTILL_ROW_KERNELS(DEFAULT);
-}
-
-// A fresh [rows, V] gradient is first touched by the kernel: with 4 KiB pages that is one page
-// fault per 4 KiB (measured: a third of forward+backward at 2048 x 32000). Asking for huge pages
-// (where transparent huge pages are in "madvise" mode) cuts the faults 512-fold. Advisory only.
-static void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.numel() * t.element_size();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 static void run_rows(const RowArgs& a, RowFn RowKernels::*kernel) {

@@ -192,18 +192,22 @@ double row_value(const FDivArgs& a, int64_t row, const FDivRow<acc_t>& r, RowScr
     }
     return sum.flush() - f_at_zero(K, a.coef) * live_q.flush();
   }
-  const acc_t* y = load_target(a, row, r.padded, buf);
-  for (int64_t i = 0; i < r.padded; i += Vec::size()) {
-    const Vec yv = y ? Vec::loadu(y + i) : zero;
-    sum.add(fy_entry<K>(Vec::loadu(r.x + i), Vec::loadu(p + i), yv, r.q_at(i), alpha, inv_am1));
+  if (const acc_t* y = load_target(a, row, r.padded, buf)) {
+    for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+      sum.add(fy_entry<K>(Vec::loadu(r.x + i), Vec::loadu(p + i), Vec::loadu(y + i), r.q_at(i), alpha, inv_am1));
+    }
+  } else {
+    for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+      sum.add(fy_entry<K, false>(Vec::loadu(r.x + i), Vec::loadu(p + i), zero, r.q_at(i), alpha, inv_am1));
+    }
   }
   double loss = sum.flush();
   if (a.labels != nullptr) {  // one-hot y: swap the y = 0 term of the label entry for its y = 1 term
     if (!label_in_range(a, row)) return NAN;
     const int64_t k = a.labels[row];
     const acc_t qk = r.q ? r.q[k] : r.q_value, al = static_cast<acc_t>(a.coef.alpha), ia = static_cast<acc_t>(a.coef.inv_am1);
-    loss += static_cast<double>(fy_entry<K, acc_t>(r.x[k], p[k], acc_t(1), qk, al, ia)) -
-            static_cast<double>(fy_entry<K, acc_t>(r.x[k], p[k], acc_t(0), qk, al, ia));
+    loss += static_cast<double>(fy_entry<K, true, acc_t>(r.x[k], p[k], acc_t(1), qk, al, ia)) -
+            static_cast<double>(fy_entry<K, true, acc_t>(r.x[k], p[k], acc_t(0), qk, al, ia));
   }
   return loss;
 }

@@ -172,14 +172,15 @@ FDISTILL_HD double f_at_zero(FKind k, const FCoef& c) {
 template <FKind K, class V>
 FDISTILL_HD V q_f(V p, V q, V alpha, V inv_am1) {
   using O = Ops<V>;
-  const V zero = O::splat(0), one = O::splat(1);
-  const V p_log_ratio = O::where(O::gt(p, zero), p * (O::log(p) - O::log(q)), zero);  // p log(p/q), 0 at p = 0
+  const V zero = O::splat(0);
+  // p log(p/q), 0 at p = 0 (KL and JS only: the vector logs are calls the compiler keeps)
+  auto p_log_ratio = [&]() { return O::where(O::gt(p, zero), p * (O::log(p) - O::log(q)), zero); };
   if constexpr (K == FKind::KL) {
-    return p_log_ratio - p;
+    return p_log_ratio() - p;
   } else if constexpr (K == FKind::ReverseKL) {
     return p - q - q * (O::log(p) - O::log(q));
   } else if constexpr (K == FKind::JS) {
-    return p_log_ratio - (p + q) * O::log1p(p / q) + p * O::splat(0.69314718055994530942);
+    return p_log_ratio() - (p + q) * O::log1p(p / q) + p * O::splat(0.69314718055994530942);
   } else if constexpr (K == FKind::Alpha15 || K == FKind::Alpha2) {  // pa = q^(1-a) p^a = p (p/q)^(a-1)
     const V pa = K == FKind::Alpha15 ? p * O::sqrt(p / q) : p * (p / q);
     return (pa - alpha * p) * inv_am1 / alpha;
@@ -194,16 +195,19 @@ FDISTILL_HD V q_f(V p, V q, V alpha, V inv_am1) {
 // exactly 0. Masked entries (theta = -inf) are outside the simplex: 0, or +inf where y > 0 (the
 // target has mass the model cannot reach). Reverse KL: D_f(y, q) is dropped (a constant in theta,
 // infinite as soon as y has a zero, as one-hot labels do), so the term is (p - y) theta - q f(p/q).
-template <FKind K, class V>
+// kTarget = false: y = 0 everywhere (the labels' rows before their label entry is swapped in), without
+// the q f(y/q) terms.
+template <FKind K, bool kTarget = true, class V>
 FDISTILL_HD V fy_entry(V theta, V p, V y, V q, V alpha, V inv_am1) {
   using O = Ops<V>;
   const V zero = O::splat(0);
   const auto masked = O::eq(theta, O::splat(-kInf));
-  const V outside = O::where(O::gt(y, zero), O::splat(kInf), zero);
+  const V outside = kTarget ? O::where(O::gt(y, zero), O::splat(kInf), zero) : zero;
   if constexpr (K == FKind::ReverseKL) {
     return O::where(masked, outside, (p - y) * theta - q_f<K>(p, q, alpha, inv_am1));
   } else {
-    const V term = (p - y) * theta - (q_f<K>(p, q, alpha, inv_am1) - q_f<K>(y, q, alpha, inv_am1));
+    const V q_f_y = kTarget ? q_f<K>(y, q, alpha, inv_am1) : zero;
+    const V term = (p - y) * theta - (q_f<K>(p, q, alpha, inv_am1) - q_f_y);
     return O::where(masked, outside, O::where(O::eq(p, y), zero, term));
   }
 }
