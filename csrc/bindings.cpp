@@ -59,6 +59,10 @@ TORCH_LIBRARY(fdistill, m) {
   m.def(
       "fdiv_bwd(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
       " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor");
+  // Mode 0: w (g - <w, g> / sum w) / T [rows, vocab] from the saved p* and the incoming grad (fdiv_args.h).
+  m.def(
+      "fdiv_softargmax_bwd(Tensor grad, Tensor p, Tensor? reference, str f, float alpha, float reference_value,"
+      " float temperature) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, mod) {

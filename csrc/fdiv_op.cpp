@@ -96,6 +96,20 @@ std::tuple<at::Tensor, at::Tensor> allocate_fdiv_outputs(const at::Tensor& logit
   return {out, stats};
 }
 
+at::Tensor prepare_softargmax_backward(const at::Tensor& grad, const at::Tensor& p, FDivArgs& a) {
+  TORCH_CHECK_VALUE(grad.sizes() == p.sizes() && grad.stride(1) == 1, "fdistill: grad must be ", p.sizes(),
+                    " with unit stride along the vocabulary, got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == p.scalar_type(), "fdistill: grad must be ", p.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == p.device(), "fdistill: grad must be on ", p.device());
+  at::Tensor out = at::empty(p.sizes(), p.options());
+  advise_huge_pages(out);
+  a.grad_out = grad.data_ptr();
+  a.grad_out_stride = grad.stride(0);
+  a.grad_logits = out.data_ptr();
+  a.grad_stride = out.stride(0);
+  return out;
+}
+
 at::Tensor prepare_fdiv_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& stats,
                                  FDivArgs& a, at::Tensor& grad_rows_acc) {
   const auto acc = accumulate_type(logits.scalar_type());

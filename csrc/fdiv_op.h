@@ -23,6 +23,10 @@ FDivArgs make_fdiv_args(const at::Tensor& logits, const std::optional<at::Tensor
 // Allocates the forward outputs (out, stats) and points `a` at them.
 std::tuple<at::Tensor, at::Tensor> allocate_fdiv_outputs(const at::Tensor& logits, FDivArgs& a);
 
+// Checks the incoming gradient of fdiv_softargmax_bwd (p*'s shape and dtype, unit stride along the vocabulary),
+// allocates the result and points `a` at both (a.logits already points at p*).
+at::Tensor prepare_softargmax_backward(const at::Tensor& grad, const at::Tensor& p, FDivArgs& a);
+
 // Checks grad_rows and stats of a backward call, allocates the gradient and points `a` at it all.
 at::Tensor prepare_fdiv_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& stats,
                                  FDivArgs& a, at::Tensor& grad_rows_acc);

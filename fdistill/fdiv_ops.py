@@ -5,7 +5,9 @@ their Triton twins ``*_triton``): the forward solves for tau on each row of ``[r
 by ``mode``, returns p* ``[rows, V]`` (0), the Fenchel–Young loss per row (1) or the f-softmax value
 per row (2), plus ``[rows, 3]`` statistics ``[max theta, tau, S0]`` from which the backward of modes
 1 and 2 (``fdiv_bwd``: ``grad_rows / T (p* - y)``) recomputes p*. Mode 0's backward is the Jacobian
-product ``w (g - <w, g> / sum w)``, ``w = q (f*)''(theta - tau)``, formed here from the output p*.
+product ``w (g - <w, g> / sum w)``, ``w = q (f*)''(theta - tau)``, from the output p*: on CPU tensors the
+fused ``fdiv_softargmax_bwd`` (one read of p* and g, one write), elsewhere, and whenever the backward
+itself is differentiated (``create_graph=True``: the second derivative), composed here of PyTorch ops.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ FDIV_FWD_SCHEMA = (
     " float reference_value, float temperature, int ignore_index, int max_sweeps, float tol, int mode)"
     " -> (Tensor, Tensor)"
 )
+SOFTARGMAX_BWD_OP = "fdiv_softargmax_bwd"  # CPU only (csrc/cpu/fdiv_kernels.h)
 FDIV_BWD_SCHEMA = (
     "(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
     " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor"
@@ -44,6 +47,11 @@ def _bwd_fake(grad_rows, logits, *args):
     return logits.new_empty(logits.shape)
 
 
+def _softargmax_bwd_fake(grad, p, reference, f, alpha, reference_value, temperature):
+    torch._check(grad.shape == p.shape, lambda: "grad must have p's shape")
+    return p.new_empty(p.shape)
+
+
 def _setup_context(ctx, inputs, output):
     logits, reference, target, labels, f, alpha, reference_value, temperature, ignore_index, _, _, mode = (
         inputs
@@ -59,7 +67,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def softargmax_vjp(p, reference, f, alpha, reference_value, temperature, grad):
-    """w (g - <w, g> / sum w) / T with w = q (f*)''(theta - tau), in the accumulation dtype."""
+    """w (g - <w, g> / sum w) / T with w = q (f*)''(theta - tau), in the accumulation dtype: the fused CPU op
+    where it applies, else PyTorch ops (differentiable: the second derivative)."""
+    if p.device.type == "cpu" and not torch.is_grad_enabled() and _C is not None:
+        grad = grad.to(p.dtype)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP)(grad, p, reference, f, alpha, reference_value,
+                                                             temperature)  # fmt: skip
     acc = accumulate_dtype(p.dtype)
     p = p.to(acc)
     q = reference if reference is not None else torch.full((), reference_value, dtype=acc, device=p.device)
@@ -99,3 +114,7 @@ def register_fdiv_ops(fwd: str, bwd: str) -> None:
 if _C is not None:
     assert _C.num_fdiv_stats == NUM_FDIV_STATS, "fdistill._C is stale: rebuild the extension"
     register_fdiv_ops("fdiv_fwd", "fdiv_bwd")
+    torch.library.register_fake(f"fdistill::{SOFTARGMAX_BWD_OP}")(_softargmax_bwd_fake)
+    torch.library.register_autograd(
+        f"fdistill::{SOFTARGMAX_BWD_OP}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )

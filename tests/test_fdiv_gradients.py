@@ -86,3 +86,52 @@ def test_f_softmax_gradient_is_p_with_masked_entries(case, backend, seed):
     (grad,) = torch.autograd.grad(value.sum(), x)
     p = fdistill.f_softargmax(x.detach(), f, alpha=alpha, backend="reference")
     torch.testing.assert_close(grad, p, rtol=1e-9, atol=1e-12)
+
+
+def _vjp64(f, alpha, p, q, g):
+    """w_j sum_k w_k (g_j - g_k) / sum w in float64, O(V^2): the Jacobian product without the cancellation of
+    g_j - <w, g> / sum w at an entry that holds most of the weight (an independent float64 check)."""
+    from fdistill.fdiv_reference import canonical_f, jacobian_weights
+
+    family, alpha = canonical_f(f, alpha)
+    w = jacobian_weights(family, alpha, p, q)
+    diff = g.unsqueeze(-1) - g.unsqueeze(-2)  # [rows, V, V]: g_j - g_k
+    diff = torch.where((w > 0).unsqueeze(-1) & (w > 0).unsqueeze(-2), diff, torch.zeros_like(diff))
+    total = w.sum(-1, keepdim=True)
+    return w * (diff * w.unsqueeze(-2)).sum(-1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+@pytest.mark.parametrize("reference", ["uniform", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("case", F_CASES, ids=[f"{f}{a}" for f, a in F_CASES])
+def test_fused_softargmax_backward_against_float64(case, dtype, reference, seed):
+    """The CPU backward (fdiv_softargmax_bwd: one read of p* and g) on peaked rows (logits x 4) with -inf
+    entries and an empty row, against the float64 product from the same p* and g."""
+    f, alpha = case
+    g64 = generator(seed)
+    x = torch.randn(4, 1271, generator=g64, dtype=torch.float64) * 4
+    x[0, :100] = -math.inf
+    x[3] = -math.inf
+    q = "uniform"
+    if reference == "tensor":
+        q = (torch.rand(1271, generator=g64, dtype=torch.float64) + 0.1).to(dtype)
+    xx = x.to(dtype).requires_grad_()
+    p = fdistill.f_softargmax(xx, f, alpha=alpha, reference=q, backend="cpu")
+    g = torch.randn(p.shape, generator=g64, dtype=torch.float64).to(dtype)
+    (got,) = torch.autograd.grad(p, xx, g)
+    q64 = torch.full((4, 1271), 1 / 1271, dtype=torch.float64)
+    if reference == "tensor":
+        q64 = q.double().expand(4, -1)
+    want = _vjp64(f, alpha, p.detach().double(), q64, g.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    assert ((got.double() - want).abs() <= tol * scale).all(), ((got.double() - want).abs() / scale).max()
+    assert (got[3] == 0).all() and (got[0, :100] == 0).all()
+
+
+def test_fused_softargmax_backward_opcheck():
+    p = fdistill.f_softargmax(torch.randn(3, 50), "alpha", alpha=1.5, reference="unit", backend="cpu")
+    q = torch.rand(50) + 0.1
+    for reference, value in ((None, 1.0), (q.expand(3, 50), 1.0)):
+        args = (torch.randn(3, 50), p, reference, "alpha", 1.5, value, 1.0)
+        torch.library.opcheck(torch.ops.fdistill.fdiv_softargmax_bwd, args)

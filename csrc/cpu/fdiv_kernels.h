@@ -291,6 +291,62 @@ void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// f-softargmax's backward (fdiv_softargmax_bwd): grad_logits = w (g - <w, g> / sum w) / T from the saved
+// p* and the incoming g (a.logits holds p*), w = jacobian_weight, kept in the row buffer between sweeps.
+// g is taken relative to its value g* at the largest w: where one entry holds most of the weight,
+// g* - <w, g> / sum w cancels to O(the other entries' weight), and as sum w (g - g*) / sum w it does not
+// (fp32: 1e-5 of that entry's gradient instead of 2%). Entries with w = 0 (p* = 0, or NaN: the
+// reference's convention) get 0, and so does an empty row.
+template <FKind K, class scalar_t, class acc_t>
+void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
+  RowScratch<acc_t> buf;
+  buf.reserve(a.vocab + Vec::size());
+  const Vec alpha = O::splat(a.coef.alpha), zero = O::splat(0), q_value = O::splat(a.reference_value);
+  acc_t* w_buf = buf.x.data();
+  acc_t* g_buf = buf.y.data();
+  for (int64_t row = begin; row < end; ++row) {
+    const auto* p_row = static_cast<const scalar_t*>(a.logits) + row * a.logits_stride;
+    const auto* g_row = static_cast<const scalar_t*>(a.grad_out) + row * a.grad_out_stride;
+    const int64_t padded = load_scaled(p_row, a.vocab, acc_t(1), buf.p.data());
+    load_scaled(g_row, a.vocab, acc_t(1), g_buf);
+    const acc_t* q = nullptr;
+    if (a.reference != nullptr) {
+      const auto* ref = static_cast<const acc_t*>(a.reference) + row * a.reference_stride;
+      std::copy(ref, ref + a.vocab, buf.q.data());
+      std::fill(buf.q.data() + a.vocab, buf.q.data() + padded, acc_t(1));
+      q = buf.q.data();
+    }
+    Vec w_max = zero;
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      const Vec p = O::max(Vec::loadu(buf.p.data() + i), zero);  // the padding's -inf is p = 0
+      const Vec w = jacobian_weight<K>(p, q ? Vec::loadu(q + i) : q_value, alpha);
+      w.store(w_buf + i);
+      w_max = O::max(w_max, w);
+    }
+    const acc_t top = horizontal_max(w_max);
+    int64_t star = 0;
+    while (star < a.vocab && !(w_buf[star] == top)) ++star;
+    const Vec g_star = O::splat(star < a.vocab && top > 0 ? g_buf[star] : acc_t(0));
+    ChunkedSum<acc_t> total, weighted;
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      const Vec w = Vec::loadu(w_buf + i);
+      const auto live = O::gt(w, zero);
+      const Vec dg = O::where(live, Vec::loadu(g_buf + i) - g_star, zero);  // (padding: -inf)
+      dg.store(g_buf + i);
+      total.add(w);
+      weighted.add(w * dg);
+    }
+    const double sum_w = total.flush(), sum_wg = weighted.flush();
+    const Vec mean = O::splat(sum_w > 0 ? sum_wg / sum_w : 0), inv_t = O::splat(a.inv_temperature);
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      (Vec::loadu(w_buf + i) * (Vec::loadu(g_buf + i) - mean) * inv_t).store(g_buf + i);
+    }
+    store_converted(g_buf, a.vocab, static_cast<scalar_t*>(a.grad_logits) + row * a.grad_stride);
+  }
+}
+
 // Runtime (f kind, dtype) -> template instantiation; the entry points of this instruction set.
 template <template <FKind, class, class> class Fn>
 void dispatch_fdiv(const FDivArgs& a, int64_t begin, int64_t end) {
@@ -321,9 +377,18 @@ template <FKind K, class scalar_t, class acc_t>
 struct FDivBackwardFn {
   static void run(const FDivArgs& a, int64_t b, int64_t e) { fdiv_backward_rows<K, scalar_t, acc_t>(a, b, e); }
 };
+template <FKind K, class scalar_t, class acc_t>
+struct FDivSoftargmaxBackwardFn {
+  static void run(const FDivArgs& a, int64_t b, int64_t e) {
+    fdiv_softargmax_backward_rows<K, scalar_t, acc_t>(a, b, e);
+  }
+};
 
 void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivForwardFn>(a, begin, end); }
 void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivBackwardFn>(a, begin, end); }
+void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
+  dispatch_fdiv<FDivSoftargmaxBackwardFn>(a, begin, end);
+}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace fdistill::cpu

@@ -52,6 +52,11 @@ struct FDivArgs {
   int64_t grad_rows_stride = 1;
   void* grad_logits = nullptr;  // [rows, vocab] (logits' dtype)
   int64_t grad_stride = 0;
+
+  // backward of SoftArgmax (fdiv_softargmax_bwd): `logits` holds p* (the forward's output), grad_out the
+  // incoming gradient g [rows, vocab] (the same dtype, unit stride); grad_logits = w (g - <w, g> / sum w) / T
+  const void* grad_out = nullptr;
+  int64_t grad_out_stride = 0;
 };
 
 }  // namespace fdistill

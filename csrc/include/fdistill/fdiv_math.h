@@ -151,6 +151,30 @@ FDISTILL_HD V conj_grad2(V v, V alpha_m1, V inv_am1) {
   }
 }
 
+// w = q (f*)''(theta - tau) = q / f''(p / q) of an entry, written in p = p* and q (0 off the support): the
+// weights of f-softargmax's Jacobian, J = diag(w) - w w^T / sum w (implicit differentiation of sum p = 1).
+//   kl: p,  reverse_kl: p^2 / q,  js: p (p + q) / q,  alpha: p^(2 - a) q^(a - 1) (sqrt(p q) at a = 3/2, q at 2)
+template <FKind K, class V>
+FDISTILL_HD V jacobian_weight(V p, V q, V alpha) {
+  using O = Ops<V>;
+  const V zero = O::splat(0), one = O::splat(1);
+  V w;
+  if constexpr (K == FKind::KL) {
+    w = p;
+  } else if constexpr (K == FKind::ReverseKL) {
+    w = p * p / q;
+  } else if constexpr (K == FKind::JS) {
+    w = p * (p + q) / q;
+  } else if constexpr (K == FKind::Alpha15) {
+    w = O::sqrt(p * q);
+  } else if constexpr (K == FKind::Alpha2) {
+    w = q;
+  } else {
+    w = O::exp((O::splat(2) - alpha) * O::log(p) + (alpha - one) * O::log(q));
+  }
+  return O::where(O::gt(p, zero), w, zero);
+}
+
 // f(0): the value of q f(p/q) / q at p = 0 (an entry outside the support). Reverse KL's is +inf;
 // its q_f below is the whole q f(p/q) (it is only evaluated where p > 0).
 FDISTILL_HD double f_at_zero(FKind k, const FCoef& c) {
