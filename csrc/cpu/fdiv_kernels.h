@@ -56,8 +56,14 @@ void conj_sums(const FDivRow<acc_t>& r, const FCoef& c, double tau, double& s0, 
   ChunkedSum<acc_t> sum0, sum1;
   for (int64_t i = 0; i < r.padded; i += Vec::size()) {
     const Vec v = Vec::loadu(r.x + i) - t, q = r.q_at(i);
-    sum0.add(q * conj_grad<K>(v, am1, inv_am1));
-    if constexpr (K != FKind::KL) sum1.add(q * conj_grad2<K>(v, am1, inv_am1));
+    if constexpr (K == FKind::KL) {
+      sum0.add(q * conj_grad<K>(v, am1, inv_am1));
+    } else {
+      Vec d1, d2;
+      conj_grads<K>(v, am1, inv_am1, d1, d2);
+      sum0.add(q * d1);
+      sum1.add(q * d2);
+    }
   }
   s0 = sum0.flush();
   s1 = sum1.flush();

@@ -322,8 +322,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
           const A x = th - m;
           if (!(x > ninf)) return;  // masked: no mass
           const A v = x - t, q = q_at(j);
-          s0 += static_cast<double>(q * conj_grad<K>(v, am1, inv_am1));
-          s1 += static_cast<double>(q * conj_grad2<K>(v, am1, inv_am1));
+          A d1, d2;
+          conj_grads<K>(v, am1, inv_am1, d1, d2);
+          s0 += static_cast<double>(q * d1);
+          s1 += static_cast<double>(q * d2);
         });
         block_sum2(s0, s1, sh_a, sh_b);
         if (tid == 0) {

@@ -175,6 +175,22 @@ FDISTILL_HD V jacobian_weight(V p, V q, V alpha) {
   return O::where(O::gt(p, zero), w, zero);
 }
 
+// (f*)'(v) and (f*)''(v) together, for the Newton sweeps: the general alpha's (f*)'' is (f*)' / (1 + w)
+// (one log1p and one exp per entry instead of two each); the other kinds as conj_grad, conj_grad2.
+template <FKind K, class V>
+FDISTILL_HD void conj_grads(V v, V alpha_m1, V inv_am1, V& d1, V& d2) {
+  using O = Ops<V>;
+  if constexpr (K == FKind::Alpha) {
+    const V w = alpha_m1 * v, one = O::splat(1), zero = O::splat(0);
+    const auto inside = O::gt(w, O::splat(-1));
+    d1 = O::where(inside, O::exp(O::log1p(w) * inv_am1), zero);
+    d2 = O::where(inside, d1 / (one + w), zero);
+  } else {
+    d1 = conj_grad<K>(v, alpha_m1, inv_am1);
+    d2 = conj_grad2<K>(v, alpha_m1, inv_am1);
+  }
+}
+
 // f(0): the value of q f(p/q) / q at p = 0 (an entry outside the support). Reverse KL's is +inf;
 // its q_f below is the whole q f(p/q) (it is only evaluated where p > 0).
 FDISTILL_HD double f_at_zero(FKind k, const FCoef& c) {
