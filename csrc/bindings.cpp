@@ -50,7 +50,7 @@ TORCH_LIBRARY(fdistill, m) {
 
   // f-divergence operators and Fenchel-Young losses (fdiv_args.h): solves for tau per row, then
   // mode 0 -> (p* [rows, vocab] in the logits' dtype, stats), mode 1 -> (FY loss [rows], stats),
-  // mode 2 -> (f-softmax value [rows], stats); stats [rows, 3] = [max theta, tau - max, S0].
+  // mode 2 -> (f-softmax value [rows], stats); stats [rows, 3] = [max theta, t, S0] (t: fdiv_math.h).
   m.def(
       "fdiv_fwd(Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, str f, float alpha,"
       " float reference_value, float temperature, int ignore_index, int max_sweeps, float tol, int mode)"

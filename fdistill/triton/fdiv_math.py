@@ -81,12 +81,26 @@ def newton_power(alpha, F: tl.constexpr):
 
 
 @triton.jit
+def _shifted_tau_bound(q, alpha, inv_am1, F: tl.constexpr):
+    """-f'(1 / q) + pole (C++ ``shifted_tau_bound``): q for reverse KL, log1p(q) for JS (the argmax's
+    distance to the pole, without the cancellation of pole - f'(1/q)), -f'(1 / q) otherwise."""
+    if F == 1:
+        r = q
+    elif F == 5:
+        r = _log1p(q)
+    else:
+        r = -f_prime(1.0 / q, alpha, inv_am1, F)
+    return r
+
+
+@triton.jit
 def start_tau_search(q_max, q_total, alpha, inv_am1, F: tl.constexpr):
-    """(lo, hi) = (-f'(1 / q_max), -f'(1 / q_total)): the argmax entry alone gives S0 = 1 at lo,
-    every entry is at most 1 / q_total at hi; both keep (f*)' inside its domain. q_max is q at an
-    argmax of theta, q_total the sum of q over the entries that are not -inf (float64)."""
-    lo = -f_prime(1.0 / q_max, alpha, inv_am1, F)
-    hi = -f_prime(1.0 / q_total, alpha, inv_am1, F)
+    """(lo, hi) of the kernels' shifted t = tau + pole (C++ ``kFDivStats``; sigma for reverse KL and JS):
+    tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1), tau_hi = -f'(1 / q_total) (every entry
+    at most 1 / q_total), both inside the domain of (f*)'. q_max is q at an argmax of theta, q_total
+    the sum of q over the entries that are not -inf (float64)."""
+    lo = _shifted_tau_bound(q_max, alpha, inv_am1, F)
+    hi = _shifted_tau_bound(q_total, alpha, inv_am1, F)
     return lo, hi
 
 
@@ -106,8 +120,13 @@ def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
     hi = tl.where(above, hi, tau)
     nxt = tau - s0 * expm1(-c * tl.log(s0)) / (c * s1)
     newton = (nxt > lo) & (nxt < hi)
-    # a step below what x - tau can resolve: p would not change
-    small = newton & (tl.abs(nxt - tau) <= eps * (1.0 + tl.abs(tau)))
+    # a step below what x - tau can resolve: p would not change (pole families: d = sigma - x at the argmax
+    # resolves sigma relative to itself)
+    if F == 1 or F == 5:
+        resolution = eps * tl.abs(tau)
+    else:
+        resolution = eps * (1.0 + tl.abs(tau))
+    small = newton & (tl.abs(nxt - tau) <= resolution)
     nxt = tl.where(newton, nxt, 0.5 * (lo + hi))  # bisection; also catches NaN (S0 = 0 or S1 = 0)
     stop = converged | small | (nxt == lo) | (nxt == hi)  # or the bracket at rounding level
     tau = tl.where(stop, tau, nxt)
@@ -119,19 +138,19 @@ def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
 
 @triton.jit
 def conj_grad(v, alpha_m1, inv_am1, F: tl.constexpr):
-    """(f*)'(v) of a tile; the bracket keeps v inside the domain. Masked entries (v = -inf) give 0."""
+    """(f*)'(v) of a tile for v = x - t (t the shifted tau: for reverse KL and JS v - pole, so -v = d is the
+    distance to the pole); the bracket keeps v inside the domain. Masked entries (v = -inf) give 0."""
     if F == 0:  # kl: exp(v)
         r = tl.exp(v)
-    elif F == 1:  # reverse_kl: 1 / (1 - v)
-        r = 1.0 / (1.0 - v)
+    elif F == 1:  # reverse_kl: 1 / (1 - (v + 1)) = 1 / d
+        r = 1.0 / -v
     elif F == 3:  # alpha = 3/2: [1 + v/2]_+^2
         x = tl.maximum(1.0 + 0.5 * v, 0.0)
         r = x * x
     elif F == 4:  # alpha = 2: [1 + v]_+
         r = tl.maximum(1.0 + v, 0.0)
-    elif F == 5:  # js: exp(v) / (2 - exp(v))
-        e = tl.exp(v)
-        r = e / (2.0 - e)
+    elif F == 5:  # js: e^(v + log 2) / (2 - e^(v + log 2)) = 1 / expm1(d)
+        r = 1.0 / expm1(-v)
     else:  # x^(1/(a-1)) = exp(log1p(w) / (a - 1)), x = 1 + w, w = (a - 1) v: exact near a = 1; x <= 0 gives 0
         w = alpha_m1 * v
         r = tl.where(w > -1.0, tl.exp(_log1p(w) * inv_am1), 0.0)
@@ -144,16 +163,15 @@ def conj_grad2(v, alpha_m1, inv_am1, F: tl.constexpr):
     if F == 0:
         r = tl.exp(v)
     elif F == 1:
-        w = 1.0 / (1.0 - v)
+        w = 1.0 / -v
         r = w * w
     elif F == 3:
         r = tl.maximum(1.0 + 0.5 * v, 0.0)
     elif F == 4:
         r = tl.where(1.0 + v > 0.0, 1.0, 0.0)
-    elif F == 5:
-        e = tl.exp(v)
-        d = 2.0 - e
-        r = 2.0 * e / (d * d)
+    elif F == 5:  # e^d / expm1(d)^2 = w (1 + w), w = 1 / expm1(d): 0 at d = inf
+        w = 1.0 / expm1(-v)
+        r = w * (1.0 + w)
     else:  # x^(1/(a-1) - 1) = x^((2 - a)/(a - 1)), x = 1 + w as in conj_grad
         w = alpha_m1 * v
         r = tl.where(w > -1.0, tl.exp(_log1p(w) * (inv_am1 - 1.0)), 0.0)

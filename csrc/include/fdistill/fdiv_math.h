@@ -41,10 +41,17 @@ FDISTILL_HD double f_prime(FKind k, const FCoef& c, double u) {
 }
 
 // ---------------------------------------------------------------- solving for tau
-// Per-row statistics of the f-divergence ops: [max theta, tau - max theta, S0], so that
+// Per-row statistics of the f-divergence ops: [max theta, t, S0], so that
 // p_j = q_j (f*)'(theta_j - max - tau) / S0 (S0 = the sum at the final tau: the output is
-// renormalised). theta = logits / T.
+// renormalised). theta = logits / T. The kernels search t = tau + pole(K) (shifted_tau): for the
+// families whose (f*)' has a pole (reverse_kl at v = 1, js at v = log 2) t = sigma, the argmax's distance
+// to the pole, and (f*)'(v) is written in d = sigma - x, exact however close to the pole (sigma = q_max
+// ~ 1e-30 for a tiny reference measure, where tau = -1 + 1e-30 rounds to -1; sigma ~ 4e-6 at V = 256001,
+// where float32's tau carried 3% of it).
 constexpr int kFDivStats = 3;
+
+// The shift of the kernels' variable t = tau + pole: 1 for reverse_kl, log 2 for js, else 0.
+FDISTILL_HD constexpr bool has_pole(FKind k) { return k == FKind::ReverseKL || k == FKind::JS; }
 
 // Safeguarded Newton on phi(tau) = S0(tau)^c - 1, S0(tau) = sum_j q_j (f*)'(x_j - tau),
 // x = theta - max theta. phi has the root of S0 = 1 and is convex or concave in the way
@@ -55,9 +62,10 @@ constexpr int kFDivStats = 3;
 // leave the bracket [lo, hi] (alpha > 2, rounding) fall back to bisection.
 struct TauSearch {
   double lo, hi;  // S0(lo) >= 1 >= S0(hi)
-  double tau;     // the next point to evaluate
+  double tau;     // the next point to evaluate (the shifted t, see kFDivStats)
   double c;       // the Newton power
   double eps;     // machine epsilon of the sums' terms: Newton steps below eps (1 + |tau|) are noise
+  bool relative;  // a pole family: t = sigma is resolved to eps sigma (d = sigma - x at the argmax)
 };
 
 FDISTILL_HD double newton_power(FKind k, const FCoef& c) {
@@ -68,16 +76,27 @@ FDISTILL_HD double newton_power(FKind k, const FCoef& c) {
   }
 }
 
+// -f'(1 / q) + pole, the end of the bracket in t: for the pole families without the cancellation of
+// pole - f'(1/q) (reverse_kl: 1 - (1 - q) = q; js: log 2 - log(2 / (1 + q)) = log1p(q)).
+FDISTILL_HD double shifted_tau_bound(FKind k, const FCoef& c, double q) {
+  switch (k) {
+    case FKind::ReverseKL: return q;
+    case FKind::JS: return std::log1p(q);
+    default: return -f_prime(k, c, 1 / q);
+  }
+}
+
 // q_max: q at an argmax of theta; q_total: sum of q over the entries that are not -inf.
 // tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1), tau_hi = -f'(1 / q_total)
-// (every entry at most 1 / q_total): both keep (f*)' inside its domain.
+// (every entry at most 1 / q_total): both keep (f*)' inside its domain (in t: shifted_tau_bound).
 FDISTILL_HD TauSearch start_tau_search(FKind k, const FCoef& c, double q_max, double q_total, double eps) {
   TauSearch s;
-  s.lo = -f_prime(k, c, 1 / q_max);
-  s.hi = -f_prime(k, c, 1 / q_total);
+  s.lo = shifted_tau_bound(k, c, q_max);
+  s.hi = shifted_tau_bound(k, c, q_total);
   s.tau = s.lo;
   s.c = newton_power(k, c);
   s.eps = eps;
+  s.relative = has_pole(k);
   return s;
 }
 
@@ -97,7 +116,7 @@ FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
   double next = s.tau - s0 * std::expm1(-s.c * std::log(s0)) / (s.c * s1);
   if (!(next > s.lo && next < s.hi)) {
     next = 0.5 * (s.lo + s.hi);  // bisection; also catches NaN (S0 = 0 or S1 = 0)
-  } else if (std::fabs(next - s.tau) <= s.eps * (1 + std::fabs(s.tau))) {
+  } else if (std::fabs(next - s.tau) <= s.eps * (s.relative ? std::fabs(s.tau) : 1 + std::fabs(s.tau))) {
     return true;  // a step below what x - tau can resolve: p would not change
   }
   if (next == s.lo || next == s.hi) return true;  // bracket at rounding level
@@ -105,23 +124,23 @@ FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
   return false;
 }
 
-// (f*)'(v) and (f*)''(v) of a tile; the bracket keeps v inside the domain.
+// (f*)'(v) and (f*)''(v) of a tile for v = x - t (t the shifted tau: for reverse_kl and js v - pole, so
+// -v = d = sigma - x >= sigma > 0 is the distance to the pole); the bracket keeps v inside the domain.
 template <FKind K, class V>
 FDISTILL_HD V conj_grad(V v, V alpha_m1, V inv_am1) {
   using O = Ops<V>;
   const V one = O::splat(1), zero = O::splat(0);
   if constexpr (K == FKind::KL) {
     return O::exp(v);
-  } else if constexpr (K == FKind::ReverseKL) {
-    return one / (one - v);
+  } else if constexpr (K == FKind::ReverseKL) {  // 1 / (1 - (v + 1)) = 1 / d
+    return one / (zero - v);
   } else if constexpr (K == FKind::Alpha15) {
     const V x = O::max(one + O::splat(0.5) * v, zero);
     return x * x;
   } else if constexpr (K == FKind::Alpha2) {
     return O::max(one + v, zero);
-  } else if constexpr (K == FKind::JS) {
-    const V e = O::exp(v);
-    return e / (O::splat(2) - e);
+  } else if constexpr (K == FKind::JS) {  // e^(v + log 2) / (2 - e^(v + log 2)) = 1 / expm1(d)
+    return one / accurate_expm1(zero - v);
   } else {  // x^(1/(a-1)) = exp(log1p(w) / (a - 1)), x = 1 + w, w = (a - 1) v: exact near a = 1, where w
     // is tiny and 1 + w would lose it; x <= 0 gives 0 for a > 1
     const V w = alpha_m1 * v;
@@ -136,15 +155,15 @@ FDISTILL_HD V conj_grad2(V v, V alpha_m1, V inv_am1) {
   if constexpr (K == FKind::KL) {
     return O::exp(v);
   } else if constexpr (K == FKind::ReverseKL) {
-    const V r = one / (one - v);
+    const V r = one / (zero - v);
     return r * r;
   } else if constexpr (K == FKind::Alpha15) {
     return O::max(one + O::splat(0.5) * v, zero);
   } else if constexpr (K == FKind::Alpha2) {
     return O::where(O::gt(one + v, zero), one, zero);
-  } else if constexpr (K == FKind::JS) {
-    const V e = O::exp(v), d = O::splat(2) - e;
-    return O::splat(2) * e / (d * d);
+  } else if constexpr (K == FKind::JS) {  // e^d / expm1(d)^2 = r (1 + r), r = 1 / expm1(d): 0 at d = inf
+    const V r = one / accurate_expm1(zero - v);
+    return r * (one + r);
   } else {  // x^(1/(a-1) - 1) = x^((2 - a)/(a - 1)), x = 1 + w as in conj_grad
     const V w = alpha_m1 * v;
     return O::where(O::gt(w, O::splat(-1)), O::exp(O::log1p(w) * (inv_am1 - one)), zero);
