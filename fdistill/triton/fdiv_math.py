@@ -122,7 +122,7 @@ def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
     newton = (nxt > lo) & (nxt < hi)
     # a step below what x - tau can resolve: p would not change (pole families: d = sigma - x at the argmax
     # resolves sigma relative to itself)
-    if F == 1 or F == 5:
+    if F == 1 or F == 5:  # noqa: SIM108  (a constexpr branch: no runtime select in the kernel)
         resolution = eps * tl.abs(tau)
     else:
         resolution = eps * (1.0 + tl.abs(tau))
