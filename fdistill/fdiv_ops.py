@@ -70,7 +70,8 @@ def _setup_context(ctx, inputs, output):
 def softargmax_vjp(p, reference, f, alpha, reference_value, temperature, grad):
     """w (g - <w, g> / sum w) / T with w = q (f*)''(theta - tau), in the accumulation dtype: the fused CPU op
     where it applies, else PyTorch ops (differentiable: the second derivative)."""
-    if p.device.type == "cpu" and not torch.is_grad_enabled() and _C is not None:
+    fused = hasattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP)  # (False for a stale build)
+    if p.device.type == "cpu" and not torch.is_grad_enabled() and fused:
         grad = grad.to(p.dtype)
         if grad.stride(-1) != 1:
             grad = grad.contiguous()

@@ -94,11 +94,11 @@ def jacobian_weights(family: str, alpha: float, p: torch.Tensor, q: torch.Tensor
     if family == "kl":
         w = p
     elif family == "reverse_kl":
-        w = p * p / q
+        w = p * (p / q)  # (p^2 would underflow first)
     elif family == "alpha":  # p^(2 - alpha) of a safe base: no inf * 0 = NaN in a second derivative at p = 0
         w = torch.where(p > 0, p, torch.ones_like(p)).pow(2 - alpha) * q.pow(alpha - 1)
     elif family == "js":
-        w = p * (p + q) / q
+        w = p * (1 + p / q)
     else:
         raise ValueError(f"unknown f {family!r}")
     return torch.where(p > 0, w, torch.zeros_like(w))

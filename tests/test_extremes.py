@@ -155,3 +155,23 @@ def test_mixture_with_a_vanishing_weight(divergence, param, backend, seed):
     s[2:, :100] = -math.inf
     assert torch.isfinite(_mixture_rows64(s.double(), t.double(), divergence, param)).all()
     _check_mixture_against_float64(s, t, divergence, param, backend, torch.rand(rows, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("alpha", [-0.3, 2.5])
+def test_alpha_infinite_rows_one_pass_and_two_pass_agree(alpha):
+    """A student entry where the teacher is -inf (alpha < 0; the reverse for alpha > 1) makes the loss +inf:
+    the one-pass gradient (from the row cache's stored terms) and the two-pass one (grad_in_place) agree."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(3, 301, generator=g), torch.randn(3, 301, generator=g)
+    (teacher if alpha < 0 else student)[0, 7] = -math.inf
+    grads = []
+    for in_place in (False, True):
+        s = student.clone().requires_grad_()
+        loss = fdistill.divergence_loss(
+            s, teacher, "alpha", alpha=alpha, reduction="none", backend="cpu", grad_in_place=in_place
+        )
+        assert torch.isinf(loss[0]) and torch.isfinite(loss[1:]).all()
+        loss.sum().backward()
+        grads.append(s.grad.clone())
+    assert not torch.isfinite(grads[0][0]).all()  # the infinite row's gradient is not finite
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0, equal_nan=True)

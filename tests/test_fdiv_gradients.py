@@ -135,3 +135,17 @@ def test_fused_softargmax_backward_opcheck():
     for reference, value in ((None, 1.0), (q.expand(3, 50), 1.0)):
         args = (torch.randn(3, 50), p, reference, "alpha", 1.5, value, 1.0)
         torch.library.opcheck(torch.ops.fdistill.fdiv_softargmax_bwd, args)
+
+
+def test_fused_softargmax_backward_propagates_a_nan_gradient_as_the_composed_one():
+    """A NaN upstream gradient at an entry outside the support (w = 0) makes the row NaN in both products."""
+    x = torch.randn(2, 40, dtype=torch.float64, generator=generator(5)) * 3
+    x[:, :5] = -math.inf
+    xx = x.requires_grad_()
+    p = fdistill.f_softargmax(xx, "alpha", alpha=1.5, reference="unit", backend="cpu")
+    g = torch.randn_like(p)
+    g[0, 0] = math.nan  # a masked entry of row 0
+    (fused,) = torch.autograd.grad(p, xx, g, retain_graph=True)
+    (composed,) = torch.autograd.grad(p, xx, g, create_graph=True)
+    assert torch.isnan(fused[0]).all() and torch.isfinite(fused[1]).all()
+    torch.testing.assert_close(fused.detach(), composed.detach(), equal_nan=True, rtol=1e-12, atol=1e-14)

@@ -302,14 +302,15 @@ void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
 // g is taken relative to its value g* at the largest w: where one entry holds most of the weight,
 // g* - <w, g> / sum w cancels to O(the other entries' weight), and as sum w (g - g*) / sum w it does not
 // (fp32: 1e-5 of that entry's gradient instead of 2%). Entries with w = 0 (p* = 0, or NaN: the
-// reference's convention) get 0, and so does an empty row.
+// reference's convention) get 0 where g is finite, and so does an empty row.
 template <FKind K, class scalar_t, class acc_t>
 void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
   using Vec = Vectorized<acc_t>;
   using O = Ops<Vec>;
   RowScratch<acc_t> buf;
   buf.reserve(a.vocab + Vec::size());
-  const Vec alpha = O::splat(a.coef.alpha), zero = O::splat(0), q_value = O::splat(a.reference_value);
+  const Vec two_minus_alpha = O::splat(2 - a.coef.alpha), alpha_m1 = O::splat(a.coef.alpha - 1);
+  const Vec zero = O::splat(0), q_value = O::splat(a.reference_value);
   acc_t* w_buf = buf.x.data();
   acc_t* g_buf = buf.y.data();
   for (int64_t row = begin; row < end; ++row) {
@@ -317,6 +318,7 @@ void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end
     const auto* g_row = static_cast<const scalar_t*>(a.grad_out) + row * a.grad_out_stride;
     const int64_t padded = load_scaled(p_row, a.vocab, acc_t(1), buf.p.data());
     load_scaled(g_row, a.vocab, acc_t(1), g_buf);
+    std::fill(g_buf + a.vocab, g_buf + padded, acc_t(0));  // (padding: w = 0, no 0 * -inf)
     const acc_t* q = nullptr;
     if (a.reference != nullptr) {
       const auto* ref = static_cast<const acc_t*>(a.reference) + row * a.reference_stride;
@@ -327,7 +329,7 @@ void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end
     Vec w_max = zero;
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const Vec p = O::max(Vec::loadu(buf.p.data() + i), zero);  // the padding's -inf is p = 0
-      const Vec w = jacobian_weight<K>(p, q ? Vec::loadu(q + i) : q_value, alpha);
+      const Vec w = jacobian_weight<K>(p, q ? Vec::loadu(q + i) : q_value, two_minus_alpha, alpha_m1);
       w.store(w_buf + i);
       w_max = O::max(w_max, w);
     }
@@ -338,8 +340,7 @@ void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end
     ChunkedSum<acc_t> total, weighted;
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const Vec w = Vec::loadu(w_buf + i);
-      const auto live = O::gt(w, zero);
-      const Vec dg = O::where(live, Vec::loadu(g_buf + i) - g_star, zero);  // (padding: -inf)
+      const Vec dg = Vec::loadu(g_buf + i) - g_star;  // a NaN / inf g makes the row NaN, as the composed product
       dg.store(g_buf + i);
       total.add(w);
       weighted.add(w * dg);

@@ -369,7 +369,9 @@ void grad_row(const RowArgs& a, RowView<scalar_t> view, const acc_t* st, acc_t g
   // Without a cache (the two-pass backward) q and p are formed as first_pass caches them: exp(x - the
   // running max) times the chunk's factor, so both paths give the same bits.
   constexpr bool kAlpha = D == Divergence::Alpha;
-  const bool alpha_from_terms = kAlpha && k.alpha_form == AlphaForm::Student;  // with a cache
+  // with a cache; not on a row whose loss is infinite (c0 = c1 = inf: its second pass stored terms of the
+  // finite gap, while the two-pass backward forms them with c0 = inf, so both take that path)
+  const bool alpha_from_terms = kAlpha && k.alpha_form == AlphaForm::Student && st[4] < kInf;
   const bool needs_logits = D != Divergence::ForwardKL && !has_grad_part(D) && !alpha_from_terms;
   OnlineLSE run_s, run_t;  // the running maxima of first_pass
   for (int64_t start = 0; start < a.vocab; start += kChunk) {

@@ -13,15 +13,16 @@ closed form: ``tau = 0`` and ``S0 = sum_j q_j exp(x_j)``, as the C++ kernels), t
   probabilities or one-hot labels (``ignore_index`` rows: loss 0, stats ``[0, 0, 1]``);
 * mode 2: ``out[row]`` = f-softmax value ``m + sum_j (p_j x_j - q f(p_j / q_j))``.
 
-``stats [rows, 3] = [max theta, tau, S0]`` (accumulation dtype) let the backward
+``stats [rows, 3] = [max theta, t, S0]`` (accumulation dtype; t = tau, or tau + the pole of (f*)' for
+reverse KL and JS: fdiv_math.py ``start_tau_search``) let the backward
 ``grad_rows / T * (p - y)`` recompute ``p`` without saving anything of size ``[rows, V]``.
 
 One program per row walks the vocabulary in tiles of ``BLOCK`` entries: pass 1 finds the max (and
 q at its first argmax, and the total q of the entries that are not -inf, for the bracket), then
 each solver sweep is one read-only pass reducing S0 and S1 (tiles in the accumulation dtype,
 totals in float64), then one output pass. The
-solver's row scalars are float64; tiles are evaluated at tau rounded to the accumulation dtype,
-which is the tau stored in the statistics, so the backward recomputes the same p. Under
+solver's row scalars are float64; tiles are evaluated at t rounded to the accumulation dtype,
+which is the t stored in the statistics, so the backward recomputes the same p. Under
 ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors.
 """
 

@@ -173,23 +173,24 @@ FDISTILL_HD V conj_grad2(V v, V alpha_m1, V inv_am1) {
 // w = q (f*)''(theta - tau) = q / f''(p / q) of an entry, written in p = p* and q (0 off the support): the
 // weights of f-softargmax's Jacobian, J = diag(w) - w w^T / sum w (implicit differentiation of sum p = 1).
 //   kl: p,  reverse_kl: p^2 / q,  js: p (p + q) / q,  alpha: p^(2 - a) q^(a - 1) (sqrt(p q) at a = 3/2, q at 2)
+// (p (p / q): p^2 would underflow first); 2 - a and a - 1 as rounded from the double a.
 template <FKind K, class V>
-FDISTILL_HD V jacobian_weight(V p, V q, V alpha) {
+FDISTILL_HD V jacobian_weight(V p, V q, V two_minus_alpha, V alpha_m1) {
   using O = Ops<V>;
   const V zero = O::splat(0), one = O::splat(1);
   V w;
   if constexpr (K == FKind::KL) {
     w = p;
   } else if constexpr (K == FKind::ReverseKL) {
-    w = p * p / q;
+    w = p * (p / q);
   } else if constexpr (K == FKind::JS) {
-    w = p * (p + q) / q;
+    w = p * (one + p / q);
   } else if constexpr (K == FKind::Alpha15) {
     w = O::sqrt(p * q);
   } else if constexpr (K == FKind::Alpha2) {
     w = q;
   } else {
-    w = O::exp((O::splat(2) - alpha) * O::log(p) + (alpha - one) * O::log(q));
+    w = O::exp(two_minus_alpha * O::log(p) + alpha_m1 * O::log(q));
   }
   return O::where(O::gt(p, zero), w, zero);
 }
