@@ -56,6 +56,11 @@ def label_out_of_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> t
     return (((labels < 0) | (labels >= vocab)) & (labels != ignore_index)).any()
 
 
+def off_simplex(probs: torch.Tensor, tol: float) -> torch.Tensor:
+    """Per row of ``probs``: whether it does not sum to 1 within ``tol`` (see :func:`rows_off_simplex`)."""
+    return (probs.sum(-1).to(torch.float64) - 1).abs() > tol
+
+
 def rows_off_simplex(probs: torch.Tensor, tol: float) -> torch.Tensor:
     """True when some row of ``probs`` (non-negative, checked apart) does not sum to 1 within ``tol``;
     summed in the target's own dtype (a cascade sum: rounding ~1e-6 relative at V = 256k in float32, and
@@ -63,4 +68,4 @@ def rows_off_simplex(probs: torch.Tensor, tol: float) -> torch.Tensor:
     would copy the whole target to float64 first (84 ms for 1024 x 32000 on 2 cores, 25x the sum)."""
     if probs.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=probs.device)
-    return ((probs.sum(-1).to(torch.float64) - 1).abs() > tol).any()
+    return off_simplex(probs, tol).any()

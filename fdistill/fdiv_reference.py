@@ -169,12 +169,10 @@ class _Search:
 
     def bracket(self, q_star, q_total):
         f, a = self.family, self.alpha
-        if f == "kl":
+        if f in ("kl", "reverse_kl"):  # tau = log q, sigma = q at the bracket's ends
             return torch.log(q_star), torch.log(q_total)
         if f == "alpha":
             return (1 - a) * torch.log(q_star), (1 - a) * torch.log(q_total)
-        if f == "reverse_kl":
-            return torch.log(q_star), torch.log(q_total)
         return torch.log(torch.log1p(q_star)), torch.log(torch.log1p(q_total))  # js
 
     def conj_grad(self, r):

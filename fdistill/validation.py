@@ -14,7 +14,13 @@ import numbers
 
 import torch
 
-from ._value_checks import ValueChecks, label_out_of_range, not_finite_or_negative, rows_off_simplex
+from ._value_checks import (
+    ValueChecks,
+    label_out_of_range,
+    not_finite_or_negative,
+    off_simplex,
+    rows_off_simplex,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -263,7 +269,7 @@ def check_probabilities(probs: torch.Tensor, checks: ValueChecks, *, sums: bool 
         tol = 1e-4 if probs.dtype in (torch.float32, torch.float64) else 2e-2
 
         def error():
-            count = int(((probs.sum(-1).to(torch.float64) - 1).abs() > tol).sum())  # as rows_off_simplex
+            count = int(off_simplex(probs, tol).sum())
             return ValueError(f"probability target rows must sum to 1 (within {tol}); {count} do not")
 
         checks.add(rows_off_simplex(probs, tol), error)

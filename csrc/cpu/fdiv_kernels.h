@@ -91,6 +91,17 @@ struct RowScratch {
   }
 };
 
+// The row's reference measure q in buf.q (padding 1: x = -inf there carries no mass), or null for the
+// constant a.reference_value.
+template <class acc_t>
+const acc_t* load_reference(const FDivArgs& a, int64_t row, int64_t padded, RowScratch<acc_t>& buf) {
+  if (a.reference == nullptr) return nullptr;
+  const auto* q = static_cast<const acc_t*>(a.reference) + row * a.reference_stride;
+  std::copy(q, q + a.vocab, buf.q.data());
+  std::fill(buf.q.data() + a.vocab, buf.q.data() + padded, acc_t(1));
+  return buf.q.data();
+}
+
 // Loads theta = logits / T into x, returns its max (NaN when the row has a NaN or
 // +inf, -inf when every entry is -inf) and shifts x by it.
 template <class scalar_t, class acc_t>
@@ -106,14 +117,8 @@ acc_t load_shifted(const FDivArgs& a, int64_t row, FDivRow<acc_t>& r, RowScratch
   if (!(m > -kInf && m < kInf)) return m;
   const Vec shift = O::splat(m);
   for (int64_t i = 0; i < r.padded; i += Vec::size()) (Vec::loadu(r.x + i) - shift).store(r.x + i);
-  r.q = nullptr;
+  r.q = load_reference(a, row, r.padded, buf);
   r.q_value = static_cast<acc_t>(a.reference_value);
-  if (a.reference != nullptr) {
-    const auto* q = static_cast<const acc_t*>(a.reference) + row * a.reference_stride;
-    std::copy(q, q + a.vocab, buf.q.data());
-    std::fill(buf.q.data() + a.vocab, buf.q.data() + r.padded, acc_t(1));  // x = -inf there: no mass
-    r.q = buf.q.data();
-  }
   return m;
 }
 
@@ -319,13 +324,7 @@ void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end
     const int64_t padded = load_scaled(p_row, a.vocab, acc_t(1), buf.p.data());
     load_scaled(g_row, a.vocab, acc_t(1), g_buf);
     std::fill(g_buf + a.vocab, g_buf + padded, acc_t(0));  // (padding: w = 0, no 0 * -inf)
-    const acc_t* q = nullptr;
-    if (a.reference != nullptr) {
-      const auto* ref = static_cast<const acc_t*>(a.reference) + row * a.reference_stride;
-      std::copy(ref, ref + a.vocab, buf.q.data());
-      std::fill(buf.q.data() + a.vocab, buf.q.data() + padded, acc_t(1));
-      q = buf.q.data();
-    }
+    const acc_t* q = load_reference(a, row, padded, buf);
     Vec w_max = zero;
     for (int64_t i = 0; i < padded; i += Vec::size()) {
       const Vec p = O::max(Vec::loadu(buf.p.data() + i), zero);  // the padding's -inf is p = 0

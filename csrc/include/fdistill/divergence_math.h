@@ -246,7 +246,7 @@ FDISTILL_HD V log_mixture(const Entry<V>& e, V log_wt, V log_ws) {
   return log_add_exp(e.lt + log_wt, e.ls + log_ws);
 }
 
-// x expm1(x) / x for |x| < 1/2 by the degree-14 Taylor polynomial x (1 + x/2 (1 + x/3 (... (1 + x/14)))),
+// expm1(x) for |x| < 1/2 by the degree-14 Taylor polynomial x (1 + x/2 (1 + x/3 (... (1 + x/14)))),
 // truncation |x|^14 / 15! < 5e-17 relative.
 template <class V>
 FDISTILL_HD V expm1_taylor(V x) {

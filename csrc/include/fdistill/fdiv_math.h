@@ -43,14 +43,14 @@ FDISTILL_HD double f_prime(FKind k, const FCoef& c, double u) {
 // ---------------------------------------------------------------- solving for tau
 // Per-row statistics of the f-divergence ops: [max theta, t, S0], so that
 // p_j = q_j (f*)'(theta_j - max - tau) / S0 (S0 = the sum at the final tau: the output is
-// renormalised). theta = logits / T. The kernels search t = tau + pole(K) (shifted_tau): for the
+// renormalised). theta = logits / T. The kernels search t = tau + pole (shifted_tau_bound): for the
 // families whose (f*)' has a pole (reverse_kl at v = 1, js at v = log 2) t = sigma, the argmax's distance
 // to the pole, and (f*)'(v) is written in d = sigma - x, exact however close to the pole (sigma = q_max
 // ~ 1e-30 for a tiny reference measure, where tau = -1 + 1e-30 rounds to -1; sigma ~ 4e-6 at V = 256001,
 // where float32's tau carried 3% of it).
 constexpr int kFDivStats = 3;
 
-// The shift of the kernels' variable t = tau + pole: 1 for reverse_kl, log 2 for js, else 0.
+// Whether the kernels' t is tau + pole (reverse_kl: pole 1, js: log 2) rather than tau.
 FDISTILL_HD constexpr bool has_pole(FKind k) { return k == FKind::ReverseKL || k == FKind::JS; }
 
 // Safeguarded Newton on phi(tau) = S0(tau)^c - 1, S0(tau) = sum_j q_j (f*)'(x_j - tau),
