@@ -59,6 +59,11 @@ TORCH_LIBRARY(fdistill, m) {
   m.def(
       "fdiv_bwd(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
       " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor");
+  // A vocabulary shard at given stats [max theta of the whole row, t, S0] (the vocabulary-parallel solver):
+  // mode 0 -> the shard's [S0, S1] at t [rows, 2] (float64), mode 1 -> p [rows, vocab] (accumulation dtype).
+  m.def(
+      "fdiv_shard(Tensor logits, Tensor? reference, Tensor stats, str f, float alpha, float reference_value,"
+      " float temperature, int mode) -> Tensor");
   // Mode 0: w (g - <w, g> / sum w) / T [rows, vocab] from the saved p* and the incoming grad (fdiv_args.h).
   m.def(
       "fdiv_softargmax_bwd(Tensor grad, Tensor p, Tensor? reference, str f, float alpha, float reference_value,"

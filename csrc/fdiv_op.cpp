@@ -110,6 +110,27 @@ at::Tensor prepare_softargmax_backward(const at::Tensor& grad, const at::Tensor&
   return out;
 }
 
+static void check_stats(const at::Tensor& logits, const at::Tensor& stats, const FDivArgs& a) {
+  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({a.rows, kFDivStats}) && stats.is_contiguous(),
+                    "fdistill: stats must be a contiguous [", a.rows, ", ", kFDivStats, "] tensor");
+  TORCH_CHECK_TYPE(stats.scalar_type() == accumulate_type(logits.scalar_type()), "fdistill: stats must be ",
+                   accumulate_type(logits.scalar_type()));
+  TORCH_CHECK_VALUE(stats.device() == logits.device(), "fdistill: stats must be on ", logits.device());
+}
+
+at::Tensor prepare_fdiv_shard(const at::Tensor& logits, const at::Tensor& stats, FDivArgs& a, int64_t mode) {
+  TORCH_CHECK_VALUE(mode == 0 || mode == 1, "fdistill: fdiv_shard mode must be 0 (sums) or 1 (probabilities), got ",
+                    mode);
+  check_stats(logits, stats, a);
+  a.mode = mode == 0 ? FDivMode::ShardSums : FDivMode::ShardProbs;
+  at::Tensor out = mode == 0 ? at::empty({a.rows, 2}, logits.options().dtype(at::kDouble))
+                             : at::empty({a.rows, a.vocab}, logits.options().dtype(stats.scalar_type()));
+  a.stats = const_cast<void*>(stats.data_ptr());
+  a.out = out.data_ptr();
+  a.out_stride = mode == 0 ? 2 : a.vocab;
+  return out;
+}
+
 at::Tensor prepare_fdiv_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& stats,
                                  FDivArgs& a, at::Tensor& grad_rows_acc) {
   const auto acc = accumulate_type(logits.scalar_type());
@@ -117,9 +138,7 @@ at::Tensor prepare_fdiv_backward(const at::Tensor& grad_rows, const at::Tensor& 
                     "fdistill: fdiv_bwd is the backward of the FY loss and f-softmax (modes 1, 2)");
   TORCH_CHECK_VALUE(grad_rows.dim() == 1 && grad_rows.size(0) == a.rows, "fdistill: grad_rows must be [", a.rows,
                     "], got ", grad_rows.sizes());
-  TORCH_CHECK_VALUE(stats.sizes() == at::IntArrayRef({a.rows, kFDivStats}) && stats.is_contiguous(),
-                    "fdistill: stats must be a contiguous [", a.rows, ", ", kFDivStats, "] tensor");
-  TORCH_CHECK_TYPE(stats.scalar_type() == acc, "fdistill: stats must be ", acc);
+  check_stats(logits, stats, a);
   grad_rows_acc = grad_rows.to(acc);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   advise_huge_pages(grad);

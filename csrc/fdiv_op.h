@@ -27,6 +27,10 @@ std::tuple<at::Tensor, at::Tensor> allocate_fdiv_outputs(const at::Tensor& logit
 // allocates the result and points `a` at both (a.logits already points at p*).
 at::Tensor prepare_softargmax_backward(const at::Tensor& grad, const at::Tensor& p, FDivArgs& a);
 
+// Checks the stats of an fdiv_shard call (mode 0: sums, 1: probabilities), allocates its output and points
+// `a` at both.
+at::Tensor prepare_fdiv_shard(const at::Tensor& logits, const at::Tensor& stats, FDivArgs& a, int64_t mode);
+
 // Checks grad_rows and stats of a backward call, allocates the gradient and points `a` at it all.
 at::Tensor prepare_fdiv_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& stats,
                                  FDivArgs& a, at::Tensor& grad_rows_acc);

@@ -32,6 +32,14 @@ FDIV_BWD_SCHEMA = (
     "(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
     " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor"
 )
+# A vocabulary shard at given stats [max theta of the whole row, t, S0] (the vocabulary-parallel solver's
+# sweeps): mode 0 -> the shard's [S0, S1] at t, [rows, 2] float64; mode 1 -> p [rows, V_local] (accumulation
+# dtype). Not differentiable (fdistill/vocab_parallel.py's autograd functions wrap it).
+FDIV_SHARD_SCHEMA = (
+    "(Tensor logits, Tensor? reference, Tensor stats, str f, float alpha, float reference_value,"
+    " float temperature, int mode) -> Tensor"
+)
+SHARD_SUMS, SHARD_PROBS = 0, 1
 
 
 def _fwd_fake(logits, reference, target, labels, f, alpha, reference_value, temperature, ignore_index,
@@ -46,6 +54,18 @@ def _fwd_fake(logits, reference, target, labels, f, alpha, reference_value, temp
 def _bwd_fake(grad_rows, logits, *args):
     torch._check(grad_rows.shape == (logits.shape[0],), lambda: "grad_rows must be [rows]")
     return logits.new_empty(logits.shape)
+
+
+def _shard_fake(logits, reference, stats, f, alpha, reference_value, temperature, mode):
+    torch._check(logits.dim() == 2, lambda: "logits must be [rows, vocab]")
+    if mode == SHARD_SUMS:
+        return logits.new_empty((logits.shape[0], 2), dtype=torch.float64)
+    return logits.new_empty(logits.shape, dtype=accumulate_dtype(logits.dtype))
+
+
+def register_shard_op(name: str) -> None:
+    """The fake kernel of one backend's fdiv_shard op."""
+    torch.library.register_fake(f"fdistill::{name}")(_shard_fake)
 
 
 def _softargmax_bwd_fake(grad, p, reference, f, alpha, reference_value, temperature):
@@ -116,6 +136,8 @@ def register_fdiv_ops(fwd: str, bwd: str) -> None:
 if _C is not None:
     assert _C.num_fdiv_stats == NUM_FDIV_STATS, "fdistill._C is stale: rebuild the extension"
     register_fdiv_ops("fdiv_fwd", "fdiv_bwd")
+    if hasattr(torch.ops.fdistill, "fdiv_shard"):  # (False for a stale build)
+        register_shard_op("fdiv_shard")
     torch.library.register_fake(f"fdistill::{SOFTARGMAX_BWD_OP}")(_softargmax_bwd_fake)
     torch.library.register_autograd(
         f"fdistill::{SOFTARGMAX_BWD_OP}", _no_double_backward, setup_context=lambda ctx, inputs, output: None

@@ -62,11 +62,16 @@ vocabulary shard: it is all-reduced (SUM) over the group in the backward; the we
 of a shard stay on their rank. Their divergence rows run as ``divergence_loss``'s (fused kernels where the
 device has them).
 
-The f-divergence math is the one of the unsharded losses: the generators of the f-divergences and the
-bracket of the root finding are those of :mod:`fdistill.fdiv_reference`, in pure PyTorch on the tensors'
-device. Everything is computed in float32 (float64 for float64 inputs); any ``torch.distributed``
-backend whose collectives accept that device works (gloo for CPU tensors, NCCL for CUDA tensors). Eager
-mode only (no ``torch.compile``).
+The f-divergence operators run the unsharded kernels' search (:mod:`fdistill.fdiv_search`: the same
+search variable t, bracket, Newton steps and stopping rules as csrc/include/fdistill/fdiv_math.h) with
+every sweep split over the shards: each rank's ``fdiv_shard`` kernel (C++ for CPU tensors, Triton for
+CUDA tensors; ``backend="reference"``: PyTorch, ``fdiv_search.sweep_terms``) sums S0 and S1 over its
+entries at the current t, the sums are all-reduced, and every rank takes the same step; p* is then
+``fdiv_shard``'s probabilities at the statistics ``[max theta, t, S0]``, and the FY loss's terms
+(generators of :mod:`fdistill.fdiv_reference`) are summed over the shards in PyTorch. Everything is
+computed in float32 (float64 for float64 inputs); any ``torch.distributed`` backend whose collectives
+accept that device works (gloo for CPU tensors, NCCL for CUDA tensors). Eager mode only (no
+``torch.compile``).
 """
 
 from __future__ import annotations
@@ -75,14 +80,16 @@ import math
 import numbers
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import fdiv_reference as fref
+from . import fdiv_search as fsearch
 from ._triton_dispatch import triton_forward_op
+from .fdiv_ops import SHARD_PROBS, SHARD_SUMS
 from .ops import TWO_PASS_DIVERGENCES, accumulate_dtype
 from .reference import (
     DIVERGENCES,
@@ -590,24 +597,63 @@ class _FSpec:
     max_sweeps: int
     tol: float
     layout: ShardLayout
+    shard_op: str | None = None  # the fdiv_shard op of the kernels (None: PyTorch, fdiv_search.sweep_terms)
 
 
 @dataclass
 class _Solution:
-    """p* of shard rows: ``p = q (f*)'(theta - shift - tau) / norm`` on the live entries."""
+    """p* of shard rows: ``p = q (f*)'(x - tau) / norm`` on the live entries, x = theta - shift, at the
+    search variable ``t`` (:mod:`fdistill.fdiv_search`; the kernels' statistics ``[shift, t, norm]``)."""
 
     p: torch.Tensor  # [rows, V_local], 0 on masked entries and empty rows
     shift: torch.Tensor  # [rows] the row's max over the whole vocabulary (0 when not finite)
-    tau: torch.Tensor
+    t: torch.Tensor
     norm: torch.Tensor
     empty: torch.Tensor  # [rows] bool: all -inf everywhere
     bad: torch.Tensor  # [rows] bool: a NaN or +inf somewhere
     extra: torch.Tensor | None  # the all-gathered extra column, summed over the ranks
 
 
-def _p_of(theta_s, q, live, tau, spec: _FSpec) -> torch.Tensor:
-    p = q * fref.conj_grad(spec.family, spec.alpha, theta_s - tau.unsqueeze(-1))
+def _shard_stats(shift, t, norm, acc) -> torch.Tensor:
+    """The kernels' ``[rows, 3]`` statistics ``[max theta, t, S0]`` of a point (fdiv_shard's input)."""
+    return torch.stack([shift.to(acc), t.to(acc), norm.to(acc)], -1).contiguous()
+
+
+def _shard_call(theta, q, stats, spec: _FSpec, mode: int) -> torch.Tensor:
+    """fdiv_shard on the shard rows (theta already divided by T), q a 0-dim value or [rows, V_local]."""
+    op = getattr(torch.ops.fdistill, spec.shard_op)
+    f = "alpha" if spec.family == "alpha" else spec.family
+    if q.dim() == 0:
+        return op(theta, None, stats, f, spec.alpha, float(q), 1.0, mode)
+    ref = q.expand_as(theta)
+    ref = ref if ref.stride(-1) == 1 else ref.contiguous()
+    return op(theta, ref, stats, f, spec.alpha, 1.0, 1.0, mode)
+
+
+def _probs(theta, q, live, shift, t, norm, spec: _FSpec) -> torch.Tensor:
+    """p = q (f*)'(x - tau) / norm at the search variable t (0 on masked entries)."""
+    if spec.shard_op is not None:
+        return _shard_call(theta, q, _shard_stats(shift, t, norm, theta.dtype), spec, SHARD_PROBS)
+    d1, _ = fsearch.sweep_terms(theta - shift.unsqueeze(-1), t, spec.family, spec.alpha)
+    p = (
+        q.expand_as(theta)
+        * d1
+        / torch.where(norm > 0, norm, torch.ones_like(norm)).to(theta.dtype).unsqueeze(-1)
+    )
     return torch.where(live, p, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def _sweep_sums(theta, q, live, shift, t, spec: _FSpec) -> torch.Tensor:
+    """This shard's [S0, S1] at t ([rows, 2], float64): one sweep of the search."""
+    if spec.shard_op is not None:
+        ones = torch.ones_like(shift)
+        return _shard_call(theta, q, _shard_stats(shift, t, ones, theta.dtype), spec, SHARD_SUMS)
+    d1, d2 = fsearch.sweep_terms(theta - shift.unsqueeze(-1), t, spec.family, spec.alpha)
+    qx = q.expand_as(theta)
+    zero = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    return torch.stack(
+        [_row_sum(torch.where(live, qx * d1, zero)), _row_sum(torch.where(live, qx * d2, zero))], -1
+    )
 
 
 def _solve(theta: torch.Tensor, q: torch.Tensor, spec: _FSpec, extra=None) -> _Solution:
@@ -615,24 +661,26 @@ def _solve(theta: torch.Tensor, q: torch.Tensor, spec: _FSpec, extra=None) -> _S
 
     One all-gather: every rank's max, q at its argmax, live reference mass, NaN/+inf flag (and for
     ``kl`` its ``sum q exp(theta - max)``, which gives tau exactly; and ``extra``, a per-row number
-    summed over the ranks). Then, except for ``kl``, tau by safeguarded Newton on the bracket
-    of divergences.md §2 (the iteration of the C++ kernels, :func:`_newton`): each sweep all-reduces
-    ``sum p(tau)`` and ``sum w(tau)`` (minus the derivative) over the shards, for at most
-    ``spec.max_sweeps`` sweeps. Every rank reports in each sweep's all-reduce how many rows it still
-    updates, so all of them leave the loop at the same sweep.
+    summed over the ranks). Then, except for ``kl``, the search of :mod:`fdistill.fdiv_search` (the C++
+    kernels' iteration and variables): each sweep is this shard's [S0, S1] (the fdiv_shard kernel, or
+    PyTorch), all-reduced over the shards, then one search step, for at most ``spec.max_sweeps`` sweeps.
+    Every rank reports in each sweep's all-reduce how many rows it still updates, so all of them leave
+    the loop at the same sweep.
     """
     group, acc = spec.layout.group, theta.dtype
     live = theta > _NEG_INF
-    q = q.expand_as(theta)
+    rows = theta.shape[0]
     top = theta.amax(-1)
+    qx = q.expand_as(theta)
     cols = [
         top,
-        q.gather(-1, theta.argmax(-1, keepdim=True)).squeeze(-1),
-        torch.where(live, q, torch.zeros((), dtype=acc, device=q.device)).sum(-1),
+        qx.gather(-1, theta.argmax(-1, keepdim=True)).squeeze(-1),
+        torch.where(live, qx, torch.zeros((), dtype=acc, device=q.device)).sum(-1),
         _nonfinite(theta).to(acc),
+        torch.where(live, qx * theta, torch.zeros((), dtype=acc, device=q.device)).sum(-1),  # Jensen's start
     ]
     if spec.family == "kl":
-        cols.append(_local_lse(theta, q)[:, 1])  # sum q exp(theta - local max)
+        cols.append(_local_lse(theta, qx)[:, 1])  # sum q exp(theta - local max)
     if extra is not None:
         cols.append(extra)
     stats = _all_gather(torch.stack(cols, -1), group)  # [world, rows, k]
@@ -640,73 +688,31 @@ def _solve(theta: torch.Tensor, q: torch.Tensor, spec: _FSpec, extra=None) -> _S
     top = tops.amax(0)
     empty, bad = torch.isneginf(top), stats[..., 3].sum(0) > 0
     skip = empty | bad
-    finite = torch.isfinite(top)
-    shift = torch.where(finite, top, torch.zeros_like(top))
-    theta_s = theta - shift.unsqueeze(-1)
-    ones = torch.ones_like(top)
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    ones = torch.ones_like(top, dtype=_SUMS)
     if spec.family == "kl":  # p = q exp(theta - tau), tau = log sum q exp(theta): no iteration
-        log_sum = _global_lse(stats[..., [0, 4]])[:, 1]  # relative to the same shift
-        tau = torch.where(skip, torch.zeros_like(top), log_sum)
-        p, norm = _p_of(theta_s, q, live, tau, spec), ones
+        log_sum = _global_lse(stats[..., [0, 5]])[:, 1]  # relative to the same shift
+        t, norm = torch.where(skip, torch.zeros_like(top), log_sum).to(_SUMS), ones
     else:
         q_star = stats[..., 1].gather(0, tops.argmax(0, keepdim=True)).squeeze(0)  # q at the argmax
-        q_star = torch.where(skip, ones, q_star)
-        q_total = torch.where(skip, ones, stats[..., 2].sum(0))
-        lo = -fref._f_prime_tensor(spec.family, spec.alpha, 1 / q_star.double())  # sum p >= 1 there
-        hi = -fref._f_prime_tensor(spec.family, spec.alpha, 1 / q_total.double())  # sum p <= 1 there
-        p, tau, norm = _newton(theta_s, q, live, lo, hi, skip, spec)
-    p = p / torch.where(norm > 0, norm, ones).unsqueeze(-1)
+        q_star = torch.where(skip, torch.ones_like(q_star), q_star)
+        q_total = torch.where(skip, torch.ones_like(q_star), stats[..., 2].sum(0))
+        x_mean = stats[..., 4].to(_SUMS).sum(0) / q_total.to(_SUMS) - shift.to(_SUMS)
+        search = fsearch.TauSearch(
+            spec.family, spec.alpha, q_star, q_total, x_mean, torch.finfo(acc).eps, skip
+        )
+        for _ in range(spec.max_sweeps):
+            active = (~search.done).sum().to(_SUMS).reshape(1)
+            local = _sweep_sums(theta, q, live, shift, search.t, spec)
+            sums = _all_reduce(torch.cat([local[:, 0], local[:, 1], active]), group)
+            if not bool(sums[-1] > 0):  # every rank had settled every row before this sweep
+                break
+            search.step(sums[:rows], sums[rows : 2 * rows], spec.tol)
+        t = torch.where(skip, torch.zeros_like(search.best_t), search.best_t)
+        norm = torch.where(skip | search.best_s0.isnan(), ones, search.best_s0)
+    p = _probs(theta, q, live, shift, t, norm, spec)
     extra_sum = stats[..., -1].sum(0) if extra is not None else None
-    return _Solution(p, shift, tau, norm, empty, bad, extra_sum)
-
-
-def _newton_power(spec: _FSpec) -> float:
-    """c of the Newton iteration on ``S^c - 1`` (S = sum p(tau)): the power that makes ``S^c`` close to
-    affine in tau, so that Newton from the left end of the bracket is monotone and fast: ``alpha - 1``
-    for the alpha family (``S^c`` is a weighted power mean of affine functions), -1 for reverse KL
-    (the alpha -> 0 limit), 1 for Jensen-Shannon (S itself is convex)."""
-    if spec.family == "reverse_kl":
-        return -1.0
-    if spec.family == "js":
-        return 1.0
-    return spec.alpha - 1.0
-
-
-def _newton(theta_s, q, live, lo, hi, done, spec: _FSpec):
-    """(p(tau) before normalisation, tau, S = sum p(tau)) at the last tau evaluated (see :func:`_solve`).
-
-    The entries are formed in the compute dtype, the sums, the bracket and tau are float64. A row
-    settles when ``|S - 1| <= tol`` or when its Newton step is below the resolution
-    ``eps (1 + |tau|)`` of ``theta - tau`` (near a pole of (f*)' the sum moves in steps larger than
-    ``tol``: tau cannot do better, and p is renormalised); steps that leave the bracket bisect it.
-    """
-    group, rows, acc = spec.layout.group, theta_s.shape[0], theta_s.dtype
-    eps = torch.finfo(acc).eps
-    c = _newton_power(spec)
-    lo, hi = lo.to(_SUMS), hi.to(_SUMS)
-    tau = lo.clone()
-    p_eval, tau_eval, total_eval = None, tau, None
-    for _ in range(spec.max_sweeps):
-        p = _p_of(theta_s, q, live, tau.to(acc), spec)
-        w = fref.jacobian_weights(spec.family, spec.alpha, p, q)  # -d p / d tau
-        active = (~done).sum().to(_SUMS).reshape(1)
-        sums = _all_reduce(torch.cat([_row_sum(p), _row_sum(w), active]), group)
-        total, slope = sums[:rows], sums[rows : 2 * rows]
-        p_eval, tau_eval, total_eval = p, tau, total
-        if not bool(sums[-1] > 0):  # every rank had settled every row before this sweep
-            break
-        hit = done | ((total - 1).abs() <= spec.tol)
-        lo = torch.where(~hit & (total > 1), tau, lo)
-        hi = torch.where(~hit & (total <= 1), tau, hi)
-        # phi / phi', phi = S^c - 1: (S - S^(1-c)) / (c slope), its numerator as -S expm1(-c log S)
-        newton = tau - total * torch.expm1(-c * torch.log(total)) / (c * slope)
-        tiny = (newton - tau).abs() <= eps * (1 + tau.abs())  # (False for NaN)
-        inside = (newton > lo) & (newton < hi)
-        nxt = torch.where(inside, newton, (lo + hi) / 2)
-        settled = hit | tiny | (nxt == lo) | (nxt == hi)
-        tau = torch.where(settled, tau, nxt)
-        done = settled
-    return p_eval, tau_eval.to(acc), total_eval.to(acc)
+    return _Solution(p, shift, t, norm, empty, bad, extra_sum)
 
 
 def _target_shard(labels, probs, keep, layout: ShardLayout, like: torch.Tensor) -> torch.Tensor:
@@ -757,20 +763,18 @@ class _FYRows(torch.autograd.Function):
         if keep is not None:
             zero, nan = zero | ~keep, nan & keep
         ctx.spec = spec
-        ctx.save_for_backward(logits, q, labels, probs, sol.shift, sol.tau, sol.norm, zero, nan)
+        ctx.save_for_backward(logits, q, labels, probs, sol.shift, sol.t, sol.norm, zero, nan)
         return _flag_rows(rows, zero, nan)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows):
-        logits, q, labels, probs, shift, tau, norm, zero, nan = ctx.saved_tensors
+        logits, q, labels, probs, shift, t, norm, zero, nan = ctx.saved_tensors
         spec = ctx.spec
         acc = accumulate_dtype(logits.dtype)
         keep = None if labels is None else labels != spec.ignore_index
         theta = _to_compute(logits, acc, spec.temperature, keep)
-        live = theta > _NEG_INF
-        p = _p_of(theta - shift.unsqueeze(-1), q, live, tau, spec)
-        p = p / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(-1)
+        p = _probs(theta, q, theta > _NEG_INF, shift, t, norm, spec)
         y = _target_shard(labels, probs, keep, spec.layout, theta)
         grad = (p - y) * (grad_rows.to(acc) / spec.temperature).unsqueeze(-1)
         return _flag_rows(grad, zero, nan).to(logits.dtype), None, None, None, None
@@ -824,12 +828,27 @@ class _FSoftmax(torch.autograd.Function):
         return _flag_rows(out, torch.zeros_like(bad), bad), None, None
 
 
-def _f_spec(family, alpha, temperature, ignore_index, n_iter, acc, layout) -> _FSpec:
+def _f_spec(family, alpha, temperature, ignore_index, n_iter, acc, layout, shard_op=None) -> _FSpec:
     from .fdiv_call import DEFAULT_MAX_SWEEPS
 
     sweeps = DEFAULT_MAX_SWEEPS if n_iter is None else int(n_iter)
     tol = 1e-12 if acc == torch.float64 else 1e-7
-    return _FSpec(family, float(alpha), float(temperature), int(ignore_index), sweeps, tol, layout)
+    return _FSpec(family, float(alpha), float(temperature), int(ignore_index), sweeps, tol, layout, shard_op)
+
+
+def _shard_op(backend) -> str | None:
+    """The fdiv_shard op of a picked f-divergence backend (fdiv_call.pick_backend): the C++ kernels for CPU
+    tensors, Triton for CUDA tensors (the CUDA build has no shard kernel); None: PyTorch."""
+    if backend == "cpu" and hasattr(torch.ops.fdistill, "fdiv_shard"):  # (False for a stale build)
+        return "fdiv_shard"
+    if backend in ("cuda", "triton"):
+        from ._triton_dispatch import triton_available
+
+        if triton_available():
+            from .triton import fdiv as _triton_fdiv  # noqa: F401  (registers fdiv_shard_triton)
+
+            return "fdiv_shard_triton"
+    return None
 
 
 def _reference_value(reference, layout: ShardLayout, acc, device) -> torch.Tensor:
@@ -859,7 +878,8 @@ def _prepare_f(what, logits, f, alpha, reference, dim, n_iter, backend, group, v
     layout = _agree(group, what, _device_of(logits), check, options, vocab_size,
                     label_range=extra_check is not None)  # fmt: skip
     call = found["call"]
-    spec = _f_spec(call.family, call.alpha, 1.0, -100, n_iter, call.acc, layout)
+    shard_op = None if backend == "reference" else _shard_op(call.backend)
+    spec = _f_spec(call.family, call.alpha, 1.0, -100, n_iter, call.acc, layout, shard_op)
     if call.ref_tensor is not None:
         q = call.ref_tensor
     else:
@@ -888,7 +908,7 @@ def fy_loss(logits, target, f, *, alpha, reference, ignore_index, reduction, tem
                vocab_size)  # fmt: skip
     call, layout, spec, q = _prepare_f(what, logits, f, alpha, reference, -1, n_iter, backend, group,
                                        vocab_size, options, check_target)  # fmt: skip
-    spec = _f_spec(call.family, call.alpha, temperature, ignore_index, n_iter, call.acc, layout)
+    spec = replace(spec, temperature=float(temperature), ignore_index=int(ignore_index))
     rows = _FYRows.apply(call.rows, q, found["labels"], found["probs"], spec)
     return reduce_rows(rows, reduction, call.lead_shape, found["labels"], ignore_index)
 
@@ -897,9 +917,12 @@ def fy_rows(logits, target_labels, target_probs, layout: ShardLayout, f="alpha",
             temperature=1.0, ignore_index=-100, n_iter=None) -> torch.Tensor:  # fmt: skip
     """Per-row FY loss of ``[rows, V_local]`` shards (already agreed on: no checks). ``reference``:
     a 0-dim or ``[rows, V_local]`` tensor; None is the uniform ``1/V``."""
+    from .fdiv_call import pick_backend as _pick_fdiv_backend
+
     family, alpha = fref.canonical_f(f, float(alpha))
     acc = accumulate_dtype(logits.dtype)
-    spec = _f_spec(family, alpha, temperature, ignore_index, n_iter, acc, layout)
+    shard_op = _shard_op(_pick_fdiv_backend(None, logits))
+    spec = _f_spec(family, alpha, temperature, ignore_index, n_iter, acc, layout, shard_op)
     if reference is None:
         reference = _reference_value("uniform", layout, acc, logits.device)
     return _FYRows.apply(logits, reference.to(acc), target_labels, target_probs, spec)

@@ -208,17 +208,58 @@ KERNEL_BACKENDS = [
 ]
 
 
+TINY_Q_KERNEL_CASES = [("js", 1.5), ("reverse_kl", 1.5), ("alpha", 0.7), ("alpha", 0.1), ("alpha", 1 - 1e-6)]
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("family", ["js", "reverse_kl"])
-def test_kernels_with_a_tiny_reference_measure(family, dtype, backend, seed):
-    """The kernels search sigma = tau + pole, the argmax's distance to the pole of (f*)': with q = 1e-30
-    they gave NaN in every dtype (tau = -1 + 1e-30 is -1); p* is the one-hot at the argmax."""
+@pytest.mark.parametrize(
+    ("family", "alpha"), TINY_Q_KERNEL_CASES, ids=["js", "rkl", "a0.7", "a0.1", "a1-1e-6"]
+)
+def test_kernels_with_a_tiny_reference_measure(family, alpha, dtype, backend, seed):
+    """The kernels search sigma = tau + pole, the argmax's distance to the pole of (f*)' (reverse KL, JS), and
+    r = log(1 - (alpha - 1) tau) (alpha): with q = 1e-30 they gave NaN in every dtype (tau = -1 + 1e-30 is
+    -1), and alpha = 0.7 put 0.97 on a non-argmax entry in float32 (1 + (alpha - 1) v lost the argmax's
+    s ~ q^0.3 = 1e-9); p* is the one-hot at the argmax (alpha near 1: close to softmax)."""
     theta64, _, _ = _rows(seed, rows=3, vocab=9)
     q64 = torch.full_like(theta64, 1e-30)
-    want = _mp_rows(theta64, q64, family, 1.5)
-    got = fdistill.f_softargmax(theta64.to(dtype), family, reference=q64.to(dtype), backend=backend)
+    want = _mp_rows(theta64, q64, family, alpha)
+    got = fdistill.f_softargmax(
+        theta64.to(dtype), family, alpha=alpha, reference=q64.to(dtype), backend=backend
+    )
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("alpha", [20.0, 1000.0], ids=["a20", "a1000"])
+def test_kernels_with_a_large_alpha(alpha, dtype, backend, seed):
+    """alpha = 1000: tau's bracket end (1 - q^(1 - alpha)) / (alpha - 1) overflows (NaN); the kernels search
+    r = log(1 - (alpha - 1) tau), whose end is -(alpha - 1) log q. Against mpmath where the problem allows.
+    An entry entering the support has p_j = q_j z^(1/(alpha - 1)), steep in its base z (relative to the
+    argmax's): an ulp of z moves it by q_j (eps (alpha - 1) |x|)^(1/(alpha - 1)), 0.2 q_j at alpha = 20 in
+    float64 and 0.6 q_j in float32. At alpha = 1000 no dtype resolves such an entry (z ~ 1e-50 gives
+    0.9 q_j; nor does mpmath at 50 digits): S0 jumps over 1 when it enters, and the kernels keep the side
+    nearer 1 (TauSearch::best_t), so the entries well inside the support (p_j >= 0.99 q_j, z >= 4e-5) are
+    exact up to that renormalisation (< half a jump, 0.5 q_max), and the edge entries lie in [0, q_j]."""
+    theta64, _, q64 = _rows(seed, rows=3, vocab=40)
+    want = _mp_rows(theta64, q64, "alpha", alpha)
+    got = fdistill.f_softargmax(
+        theta64.to(dtype), "alpha", alpha=alpha, reference=q64.to(dtype), backend=backend
+    )
+    got = got.double()
+    torch.testing.assert_close(got.sum(-1), torch.ones(3, dtype=torch.float64))
+    atol = 1e-10 if dtype == torch.float64 else 1e-5
+    err = (got - want).abs()
+    if alpha == 20:
+        c = alpha - 1
+        assert (err <= atol + q64 * (torch.finfo(dtype).eps * c * 16) ** (1 / c)).all(), (err / q64).max()
+        return
+    inside = want >= 0.99 * q64
+    assert inside.sum() > 20  # most of the vocabulary
+    renorm = 0.5 * q64.amax(-1, keepdim=True) * want
+    assert (err <= atol + renorm)[inside].all(), (err / want)[inside].max()
+    assert ((got >= 0) & (got <= q64 * (1 + 1e-4)))[~inside].all()
 
 
 @pytest.mark.parametrize("family", ["js", "reverse_kl"])

@@ -1,4 +1,4 @@
-// CPU implementation of fdistill::fdiv_fwd / fdiv_bwd / fdiv_softargmax_bwd: the f-divergence row
+// CPU implementation of fdistill::fdiv_fwd / fdiv_bwd / fdiv_softargmax_bwd / fdiv_shard: the f-divergence row
 // kernels of the best instruction set, over rows with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +13,7 @@ namespace fdistill::cpu {
   void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end);  \
   void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end); \
   void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end); \
+  void fdiv_shard_rows(const FDivArgs& a, int64_t begin, int64_t end);              \
   }
 FDISTILL_DECLARE_FDIV_KERNELS(DEFAULT)
 #if defined(__x86_64__)
@@ -24,11 +25,13 @@ using FDivFn = void (*)(const FDivArgs&, int64_t, int64_t);
 
 // The row kernels of one instruction set.
 struct FDivKernels {
-  FDivFn forward, backward, softargmax_backward;
+  FDivFn forward, backward, softargmax_backward, shard;
 };
 
-#define FDISTILL_FDIV_KERNELS(ISA) \
-  FDivKernels { ISA::fdiv_forward_rows, ISA::fdiv_backward_rows, ISA::fdiv_softargmax_backward_rows }
+#define FDISTILL_FDIV_KERNELS(ISA)                                                                          \
+  FDivKernels {                                                                                            \
+    ISA::fdiv_forward_rows, ISA::fdiv_backward_rows, ISA::fdiv_softargmax_backward_rows, ISA::fdiv_shard_rows \
+  }
 
 static FDivKernels fdiv_kernels() {
 #if defined(__x86_64__)
@@ -83,10 +86,21 @@ at::Tensor fdiv_softargmax_bwd_cpu(const at::Tensor& grad, const at::Tensor& p,
   return out;
 }
 
+at::Tensor fdiv_shard_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& reference,
+                          const at::Tensor& stats, c10::string_view f, double alpha, double reference_value,
+                          double temperature, int64_t mode) {
+  FDivArgs a = make_fdiv_args(logits, reference, std::nullopt, std::nullopt, std::string(f), alpha, reference_value,
+                              temperature, /*ignore_index=*/-100, /*max_sweeps=*/1, /*tol=*/0, /*mode=*/0);
+  at::Tensor out = prepare_fdiv_shard(logits, stats, a, mode);
+  run_fdiv_rows(a, &FDivKernels::shard);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(fdistill, CPU, m) {
   m.impl("fdiv_fwd", &fdiv_fwd_cpu);
   m.impl("fdiv_bwd", &fdiv_bwd_cpu);
   m.impl("fdiv_softargmax_bwd", &fdiv_softargmax_bwd_cpu);
+  m.impl("fdiv_shard", &fdiv_shard_cpu);
 }
 
 }  // namespace fdistill::cpu

@@ -47,37 +47,49 @@ struct FDivRow {
   Vectorized<acc_t> q_at(int64_t i) const { return q ? Vectorized<acc_t>::loadu(q + i) : Vectorized<acc_t>(q_value); }
 };
 
-// (S0, S1) = sum q ((f*)'(x - tau), (f*)''(x - tau)).
+// (S0, S1) = sum q ((f*)'(x - tau), (f*)''(x - tau)) at the search variable t (S1' for the general alpha:
+// SweepPoint), and the terms q (f*)'(x - tau) of S0 into terms (padded length): p before its normalisation
+// when t is the answer (a store per entry, against a pass with exp and log1p per entry to form p again).
 template <FKind K, class acc_t>
-void conj_sums(const FDivRow<acc_t>& r, const FCoef& c, double tau, double& s0, double& s1) {
+void conj_sums(const FDivRow<acc_t>& r, const FCoef& c, double t, double& s0, double& s1, acc_t* terms) {
   using Vec = Vectorized<acc_t>;
-  using O = Ops<Vec>;
-  const Vec t = O::splat(tau), am1 = O::splat(c.alpha - 1), inv_am1 = O::splat(c.inv_am1);
+  const TilePoint<Vec> pt = tile_point<Vec>(sweep_point<acc_t>(K, c, t), c);
   ChunkedSum<acc_t> sum0, sum1;
   for (int64_t i = 0; i < r.padded; i += Vec::size()) {
-    const Vec v = Vec::loadu(r.x + i) - t, q = r.q_at(i);
+    const Vec x = Vec::loadu(r.x + i), q = r.q_at(i);
+    Vec d1, d2;
     if constexpr (K == FKind::KL) {
-      sum0.add(q * conj_grad<K>(v, am1, inv_am1));
+      d1 = conj_grad_at<K>(x, pt);
     } else {
-      Vec d1, d2;
-      conj_grads<K>(v, am1, inv_am1, d1, d2);
-      sum0.add(q * d1);
+      conj_grads_at<K>(x, pt, d1, d2);
       sum1.add(q * d2);
     }
+    const Vec term = q * d1;
+    sum0.add(term);
+    if (terms) term.store(terms + i);
   }
   s0 = sum0.flush();
   s1 = sum1.flush();
 }
 
-// p = q (f*)'(x - tau) / S0 into dst (acc_t, padded length).
+// p = q (f*)'(x - tau) / S0 at the search variable t, into dst (acc_t, padded length); the same bits as
+// scale_terms on conj_sums's terms at t.
 template <FKind K, class acc_t>
-void write_probs(const FDivRow<acc_t>& r, const FCoef& c, double tau, double s0, acc_t* dst) {
+void write_probs(const FDivRow<acc_t>& r, const FCoef& c, double t, double s0, acc_t* dst) {
   using Vec = Vectorized<acc_t>;
-  using O = Ops<Vec>;
-  const Vec t = O::splat(tau), am1 = O::splat(c.alpha - 1), inv_am1 = O::splat(c.inv_am1), inv_s0 = O::splat(1 / s0);
+  const TilePoint<Vec> pt = tile_point<Vec>(sweep_point<acc_t>(K, c, t), c);
+  const Vec inv_s0 = Vec(static_cast<acc_t>(1 / s0));
   for (int64_t i = 0; i < r.padded; i += Vec::size()) {
-    (r.q_at(i) * conj_grad<K>(Vec::loadu(r.x + i) - t, am1, inv_am1) * inv_s0).store(dst + i);
+    (r.q_at(i) * conj_grad_at<K>(Vec::loadu(r.x + i), pt) * inv_s0).store(dst + i);
   }
+}
+
+// dst = terms / S0 in place (padded length): conj_sums's terms at the answer made p.
+template <class acc_t>
+void scale_terms(acc_t* dst, int64_t padded, double s0) {
+  using Vec = Vectorized<acc_t>;
+  const Vec inv_s0 = Vec(static_cast<acc_t>(1 / s0));
+  for (int64_t i = 0; i < padded; i += Vec::size()) (Vec::loadu(dst + i) * inv_s0).store(dst + i);
 }
 
 template <class acc_t>
@@ -102,50 +114,76 @@ const acc_t* load_reference(const FDivArgs& a, int64_t row, int64_t padded, RowS
   return buf.q.data();
 }
 
+// Loads theta = logits / T into x (padded with -inf).
+template <class scalar_t, class acc_t>
+void load_theta(const FDivArgs& a, int64_t row, FDivRow<acc_t>& r, RowScratch<acc_t>& buf) {
+  const auto* src = static_cast<const scalar_t*>(a.logits) + row * a.logits_stride;
+  r.x = buf.x.data();
+  r.padded = load_scaled(src, a.vocab, static_cast<acc_t>(a.inv_temperature), r.x);
+}
+
+// x = theta - m (m finite), and the row's reference measure.
+template <class acc_t>
+void shift_row(const FDivArgs& a, int64_t row, acc_t m, FDivRow<acc_t>& r, RowScratch<acc_t>& buf) {
+  using Vec = Vectorized<acc_t>;
+  const Vec shift = Vec(m);
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) (Vec::loadu(r.x + i) - shift).store(r.x + i);
+  r.q = load_reference(a, row, r.padded, buf);
+  r.q_value = static_cast<acc_t>(a.reference_value);
+}
+
 // Loads theta = logits / T into x, returns its max (NaN when the row has a NaN or
 // +inf, -inf when every entry is -inf) and shifts x by it.
 template <class scalar_t, class acc_t>
 acc_t load_shifted(const FDivArgs& a, int64_t row, FDivRow<acc_t>& r, RowScratch<acc_t>& buf) {
   using Vec = Vectorized<acc_t>;
   using O = Ops<Vec>;
-  const auto* src = static_cast<const scalar_t*>(a.logits) + row * a.logits_stride;
-  r.x = buf.x.data();
-  r.padded = load_scaled(src, a.vocab, static_cast<acc_t>(a.inv_temperature), r.x);
+  load_theta<scalar_t>(a, row, r, buf);
   Vec vmax = O::splat(-kInf);
   for (int64_t i = 0; i < r.padded; i += Vec::size()) vmax = O::max(vmax, Vec::loadu(r.x + i));
   const acc_t m = horizontal_max(vmax);
-  if (!(m > -kInf && m < kInf)) return m;
-  const Vec shift = O::splat(m);
-  for (int64_t i = 0; i < r.padded; i += Vec::size()) (Vec::loadu(r.x + i) - shift).store(r.x + i);
-  r.q = load_reference(a, row, r.padded, buf);
-  r.q_value = static_cast<acc_t>(a.reference_value);
+  if (m > -kInf && m < kInf) shift_row(a, row, m, r, buf);
   return m;
 }
 
-// Solves for tau; returns (tau, S0 at tau). KL: tau = 0 and S0 = sum q exp(x) (closed form).
+// Solves for tau; returns (t, S0 at t) (TauSearch's best point), and whether terms (padded length) holds that
+// point's q (f*)'(x - tau) (the last sweep's: scale_terms makes them p). KL: tau = 0 and S0 = sum q exp(x)
+// (closed form).
 template <FKind K, class acc_t>
-void solve_tau(const FDivArgs& a, const FDivRow<acc_t>& r, double& tau, double& s0) {
+bool solve_tau(const FDivArgs& a, const FDivRow<acc_t>& r, double& tau, double& s0, acc_t* terms) {
+  using Vec = Vectorized<acc_t>;
+  using O = Ops<Vec>;
   double s1 = 0;
   if constexpr (K == FKind::KL) {
     tau = 0;
-    conj_sums<K>(r, a.coef, tau, s0, s1);
-    return;
+    conj_sums<K>(r, a.coef, tau, s0, s1, terms);
+    return true;
   }
-  // the bracket needs q at an argmax (x = 0) and the total q of the entries that are not -inf
-  double q_max = r.q_value, q_total = 0;
+  // the bracket needs q at an argmax (x = 0), the total q of the entries that are not -inf and their
+  // q-weighted sum of x (Jensen's start)
+  double q_max = r.q_value;
   int64_t argmax = 0;
   while (r.x[argmax] != 0) ++argmax;
   if (r.q) q_max = r.q[argmax];
-  for (int64_t j = 0; j < a.vocab; ++j) {
-    if (r.x[j] > -kInf) q_total += r.q ? r.q[j] : 1.0;
+  ChunkedSum<acc_t> live_q, live_qx;
+  const Vec zero = O::splat(0), ninf = O::splat(-kInf);
+  for (int64_t i = 0; i < r.padded; i += Vec::size()) {
+    const Vec x = Vec::loadu(r.x + i), q = r.q_at(i);
+    const auto live = O::gt(x, ninf);
+    live_q.add(O::where(live, q, zero));
+    live_qx.add(O::where(live, q * x, zero));
   }
-  if (!r.q) q_total *= r.q_value;
-  TauSearch search = start_tau_search(K, a.coef, q_max, q_total, std::numeric_limits<acc_t>::epsilon());
+  const double q_total = live_q.flush(), x_mean = live_qx.flush() / q_total;
+  TauSearch search = start_tau_search(K, a.coef, q_max, q_total, x_mean, std::numeric_limits<acc_t>::epsilon());
+  double last = search.tau;
   for (int64_t sweep = 0;; ++sweep) {
-    tau = search.tau;
-    conj_sums<K>(r, a.coef, tau, s0, s1);
-    if (tau_step(search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps) return;
+    last = search.tau;
+    conj_sums<K>(r, a.coef, last, s0, s1, terms);
+    if (tau_step(search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps) break;
   }
+  tau = search.best_t;
+  s0 = search.best_s0;
+  return tau == last;
 }
 
 // The FY target row as probabilities in acc_t (padding 0), or null when there is none.
@@ -247,9 +285,12 @@ void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     double tau = 0, s0 = 1;
-    solve_tau<K, acc_t>(a, r, tau, s0);
+    if (solve_tau<K, acc_t>(a, r, tau, s0, buf.p.data())) {
+      scale_terms(buf.p.data(), r.padded, s0);
+    } else {
+      write_probs<K>(r, a.coef, tau, s0, buf.p.data());
+    }
     st[0] = m, st[1] = static_cast<acc_t>(tau), st[2] = static_cast<acc_t>(s0);
-    write_probs<K>(r, a.coef, tau, s0, buf.p.data());
     if (probs) {
       store_converted(buf.p.data(), a.vocab, probs);
     } else {
@@ -353,6 +394,36 @@ void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end
   }
 }
 
+// fdiv_shard: a vocabulary shard at the given stats [m, t, S0] (m the max theta of the whole row): the shard's
+// sums of a sweep at t (ShardSums), or its p (ShardProbs). Rows whose m is not finite give 0 (the caller
+// flags them); entries above m would be outside the bracket's domain (the caller passes the true max).
+template <FKind K, class scalar_t, class acc_t>
+void fdiv_shard_rows(const FDivArgs& a, int64_t begin, int64_t end) {
+  RowScratch<acc_t> buf;
+  buf.reserve(a.vocab + Vectorized<acc_t>::size());
+  const auto* stats = static_cast<const acc_t*>(a.stats);
+  for (int64_t row = begin; row < end; ++row) {
+    const acc_t* st = stats + row * kFDivStats;
+    double* sums = a.mode == FDivMode::ShardSums ? static_cast<double*>(a.out) + row * a.out_stride : nullptr;
+    acc_t* probs = a.mode == FDivMode::ShardProbs ? static_cast<acc_t*>(a.out) + row * a.out_stride : nullptr;
+    const acc_t m = st[0];
+    if (!(m > -kInf && m < kInf)) {
+      if (sums) sums[0] = sums[1] = 0;
+      if (probs) std::fill(probs, probs + a.vocab, acc_t(0));
+      continue;
+    }
+    FDivRow<acc_t> r;
+    load_theta<scalar_t>(a, row, r, buf);
+    shift_row(a, row, m, r, buf);
+    if (sums) {
+      conj_sums<K>(r, a.coef, st[1], sums[0], sums[1], static_cast<acc_t*>(nullptr));
+    } else {
+      write_probs<K>(r, a.coef, st[1], st[2], buf.p.data());
+      std::copy(buf.p.data(), buf.p.data() + a.vocab, probs);
+    }
+  }
+}
+
 // Runtime (f kind, dtype) -> template instantiation; the entry points of this instruction set.
 template <template <FKind, class, class> class Fn>
 void dispatch_fdiv(const FDivArgs& a, int64_t begin, int64_t end) {
@@ -390,7 +461,13 @@ struct FDivSoftargmaxBackwardFn {
   }
 };
 
+template <FKind K, class scalar_t, class acc_t>
+struct FDivShardFn {
+  static void run(const FDivArgs& a, int64_t b, int64_t e) { fdiv_shard_rows<K, scalar_t, acc_t>(a, b, e); }
+};
+
 void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivForwardFn>(a, begin, end); }
+void fdiv_shard_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivShardFn>(a, begin, end); }
 void fdiv_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) { dispatch_fdiv<FDivBackwardFn>(a, begin, end); }
 void fdiv_softargmax_backward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
   dispatch_fdiv<FDivSoftargmaxBackwardFn>(a, begin, end);

@@ -120,30 +120,32 @@ template <class A>
 struct MaxScratch {
   A m[kMaxWarps];
   int i[kMaxWarps];
-  double q[kMaxWarps];
+  double q[kMaxWarps], qt[kMaxWarps];
 };
 
-// Warp-wide (max, first argmax, sum), in every lane.
+// Warp-wide (max, first argmax, two sums), in every lane.
 template <class A>
-__device__ __forceinline__ void warp_argmax_sum(A& m, int& idx, double& qs) {
+__device__ __forceinline__ void warp_argmax_sum(A& m, int& idx, double& qs, double& qt) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const A m2 = __shfl_xor_sync(0xffffffffu, m, o);
     const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
     arg_combine(m, idx, m2, i2);
     qs += __shfl_xor_sync(0xffffffffu, qs, o);
+    qt += __shfl_xor_sync(0xffffffffu, qt, o);
   }
 }
 
-// Block-wide (max, first argmax, sum), valid in thread 0; caller syncs before the next use.
+// Block-wide (max, first argmax, two sums), valid in thread 0; caller syncs before the next use.
 template <class A>
-__device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, MaxScratch<A>& sh) {
+__device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, double& qt, MaxScratch<A>& sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  warp_argmax_sum(m, idx, qs);
+  warp_argmax_sum(m, idx, qs, qt);
   if (lane == 0) {
     sh.m[warp] = m;
     sh.i[warp] = idx;
     sh.q[warp] = qs;
+    sh.qt[warp] = qt;
   }
   __syncthreads();
   if (warp == 0) {
@@ -151,7 +153,8 @@ __device__ __forceinline__ void block_argmax_sum(A& m, int& idx, double& qs, Max
     m = lane < nw ? sh.m[lane] : static_cast<A>(-kInf);
     idx = lane < nw ? sh.i[lane] : INT_MAX;
     qs = lane < nw ? sh.q[lane] : 0.0;
-    warp_argmax_sum(m, idx, qs);
+    qt = lane < nw ? sh.qt[lane] : 0.0;
+    warp_argmax_sum(m, idx, qs, qt);
   }
 }
 
@@ -227,14 +230,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
   __shared__ MaxScratch<A> sh_max;
   __shared__ double sh_a[kMaxWarps], sh_b[kMaxWarps];
   __shared__ A sh_m;
-  __shared__ double sh_qmax, sh_qtotal, sh_tau, sh_s0;
+  __shared__ double sh_qmax, sh_qtotal, sh_xmean, sh_tau, sh_s0;
   __shared__ TauSearch sh_search;  // thread 0's: not held in every thread's registers through the sweeps
   __shared__ int sh_done;
 
   const int tid = threadIdx.x, nt = blockDim.x;
   const int V = static_cast<int>(a.vocab);
   const A ninf = O::splat(-kInf), inf = O::splat(kInf);
-  const A am1 = O::splat(a.coef.alpha - 1), inv_am1 = O::splat(a.coef.inv_am1), alpha = O::splat(a.coef.alpha);
+  const A inv_am1 = O::splat(a.coef.inv_am1), alpha = O::splat(a.coef.alpha);
   const A inv_t = O::splat(a.inv_temperature), q_value = O::splat(a.reference_value);
   A* const xs = use_smem ? reinterpret_cast<A*>(fdiv_smem) : nullptr;
 
@@ -268,17 +271,22 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
     const bool need_q = K != FKind::KL || a.mode == FDivMode::SoftmaxValue;
     A m = ninf;
     int idx = INT_MAX;
-    double qs = 0;
+    double qs = 0, qt = 0;  // live q mass, and its q-weighted sum of theta (Jensen's start of the search)
     for_each_theta(logits, V, inv_t, tid, nt, [&](int j, A th) {
       if (xs) xs[j] = th;
       arg_combine(m, idx, th, j);
-      if (need_q && th > ninf) qs += q_row ? static_cast<double>(q_row[j]) : 1.0;
+      if (need_q && th > ninf) {
+        const double q = q_row ? static_cast<double>(q_row[j]) : 1.0;
+        qs += q;
+        qt += q * static_cast<double>(th);
+      }
     });
-    block_argmax_sum(m, idx, qs, sh_max);
+    block_argmax_sum(m, idx, qs, qt, sh_max);
     if (tid == 0) {
       sh_m = m;
       sh_qmax = q_row && idx < V ? static_cast<double>(q_row[idx]) : a.reference_value;  // idx = V: no live entry
       sh_qtotal = q_row ? qs : qs * a.reference_value;
+      sh_xmean = qt / qs - static_cast<double>(m);
     }
     __syncthreads();  // also orders the writes of xs before any thread reads them
     m = sh_m;
@@ -310,20 +318,19 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
     } else {
       if (tid == 0) {
         const double eps = sizeof(A) == 8 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
-        sh_search = start_tau_search(K, a.coef, sh_qmax, sh_qtotal, eps);
+        sh_search = start_tau_search(K, a.coef, sh_qmax, sh_qtotal, sh_xmean, eps);
         sh_tau = sh_search.tau;
       }
       __syncthreads();
       for (int64_t sweep = 0;; ++sweep) {
-        const double tau = sh_tau;
-        const A t = static_cast<A>(tau);
+        const TilePoint<A> pt = tile_point<A>(sweep_point<A>(K, a.coef, sh_tau), a.coef);
         double s0 = 0, s1 = 0;
         for_each([&](int j, A th) {
           const A x = th - m;
           if (!(x > ninf)) return;  // masked: no mass
-          const A v = x - t, q = q_at(j);
+          const A q = q_at(j);
           A d1, d2;
-          conj_grads<K>(v, am1, inv_am1, d1, d2);
+          conj_grads_at<K>(x, pt, d1, d2);
           s0 += static_cast<double>(q * d1);
           s1 += static_cast<double>(q * d2);
         });
@@ -331,8 +338,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
         if (tid == 0) {
           const bool done = tau_step(sh_search, s0, s1, a.tol) || sweep + 1 >= a.max_sweeps;
           sh_done = done;
-          if (done) {
-            sh_s0 = s0;  // sh_tau keeps the evaluated tau
+          if (done) {  // the evaluated point with S0 nearest 1
+            sh_tau = sh_search.best_t;
+            sh_s0 = sh_search.best_s0;
           } else {
             sh_tau = sh_search.tau;
           }
@@ -343,8 +351,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
     }
     const double tau = sh_tau, s0 = sh_s0;
     if (tid == 0) st[0] = m, st[1] = static_cast<A>(tau), st[2] = static_cast<A>(s0);
-    const A t = static_cast<A>(tau), inv_s0 = static_cast<A>(1 / s0), zero = O::splat(0);
-    auto prob = [&](A x, A q) { return x > ninf ? q * conj_grad<K>(x - t, am1, inv_am1) * inv_s0 : zero; };
+    const TilePoint<A> pt = tile_point<A>(sweep_point<A>(K, a.coef, tau), a.coef);
+    const A inv_s0 = static_cast<A>(1 / s0), zero = O::splat(0);
+    auto prob = [&](A x, A q) { return x > ninf ? q * conj_grad_at<K>(x, pt) * inv_s0 : zero; };
 
     if (probs) {
       if (xs) {
@@ -387,7 +396,6 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks) fdiv_backward_kern
   using O = Ops<A>;
   const int V = static_cast<int>(a.vocab);
   const A ninf = O::splat(-kInf), inf = O::splat(kInf), zero = O::splat(0);
-  const A am1 = O::splat(a.coef.alpha - 1), inv_am1 = O::splat(a.coef.inv_am1);
   const A inv_t = O::splat(a.inv_temperature), q_value = O::splat(a.reference_value);
   const int j0 = blockIdx.x * blockDim.x + threadIdx.x, dj = gridDim.x * blockDim.x;  // thread j0 of dj >= 256 on a row
   for (int64_t row = blockIdx.y; row < a.rows; row += gridDim.y) {
@@ -408,7 +416,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks) fdiv_backward_kern
     }
     const T* const logits = static_cast<const T*>(a.logits) + row * a.logits_stride;
     const A* const q_row = a.reference ? static_cast<const A*>(a.reference) + row * a.reference_stride : nullptr;
-    const A t = static_cast<A>(static_cast<double>(st[1]));
+    const TilePoint<A> pt = tile_point<A>(sweep_point<A>(K, a.coef, static_cast<double>(st[1])), a.coef);
     const A inv_s0 = static_cast<A>(1 / static_cast<double>(st[2]));
     if (a.labels && !(label >= 0 && label < V)) {  // a label outside the vocabulary
       const T nan = from_acc<T>(O::splat(NAN));
@@ -420,7 +428,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdMinBlocks) fdiv_backward_kern
     map_theta(logits, out, V, inv_t, j0, dj, [&](int j, A th) {
       const A x = th - m;
       const A q = q_row ? q_row[j] : q_value;
-      const A p = x > ninf ? q * conj_grad<K>(x - t, am1, inv_am1) * inv_s0 : zero;
+      const A p = x > ninf ? q * conj_grad_at<K>(x, pt) * inv_s0 : zero;
       A d;
       if (fy && a.target) {
         d = (p - load_target<A>(a.target, a.target_dtype, y_off + j)) * g;

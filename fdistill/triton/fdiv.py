@@ -13,8 +13,9 @@ closed form: ``tau = 0`` and ``S0 = sum_j q_j exp(x_j)``, as the C++ kernels), t
   probabilities or one-hot labels (``ignore_index`` rows: loss 0, stats ``[0, 0, 1]``);
 * mode 2: ``out[row]`` = f-softmax value ``m + sum_j (p_j x_j - q f(p_j / q_j))``.
 
-``stats [rows, 3] = [max theta, t, S0]`` (accumulation dtype; t = tau, or tau + the pole of (f*)' for
-reverse KL and JS: fdiv_math.py ``start_tau_search``) let the backward
+``stats [rows, 3] = [max theta, t, S0]`` (accumulation dtype; t = tau, tau + the pole of (f*)' for
+reverse KL and JS, r = log(1 - (alpha - 1) tau) for the general alpha: fdiv_math.py ``start_tau_search``,
+``sweep_point``) let the backward
 ``grad_rows / T * (p - y)`` recompute ``p`` without saving anything of size ``[rows, V]``.
 
 One program per row walks the vocabulary in tiles of ``BLOCK`` entries: pass 1 finds the max (and
@@ -35,15 +36,19 @@ import triton.language as tl
 from ..fdiv_ops import (
     FDIV_BWD_SCHEMA,
     FDIV_FWD_SCHEMA,
+    FDIV_SHARD_SCHEMA,
     MODE_FY,
     MODE_SOFTARGMAX,
     NUM_FDIV_STATS,
+    SHARD_PROBS,
+    SHARD_SUMS,
     register_fdiv_ops,
+    register_shard_op,
 )
 from ..ops import accumulate_dtype
 from .fdiv_math import (
-    conj_grad,
-    conj_grad2,
+    conj_grad_at,
+    conj_grads_at,
     f_at_zero,
     fcoef,
     fy_entry,
@@ -51,6 +56,7 @@ from .fdiv_math import (
     q_f,
     resolve_f,
     start_tau_search,
+    sweep_point,
     tau_step,
 )
 from .tiles import FDIV_TILE, tiling
@@ -68,12 +74,13 @@ def _load_params(inv_t, alpha, inv_am1, ref_value, tol, ACC: tl.constexpr):
 
 
 @triton.jit
-def _tile_probs(l_row, q_row, cols, mask, inv_t, m, tau, inv_s0, ref_value, alpha_m1, inv_am1,
+def _tile_probs(l_row, q_row, cols, mask, inv_t, m, pt_t, pt_k, pt_m, inv_s0, ref_value, alpha_m1, inv_am1,
                 F: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """(x, q, p) of a tile: x = theta - max, p = q (f*)'(x - tau) / S0 (forward output and backward alike)."""
+    """(x, q, p) of a tile: x = theta - max, p = q (f*)'(x - tau) / S0 at the sweep point (pt_t, pt_k, pt_m)
+    (forward output and backward alike)."""
     x = _load_theta(l_row, cols, mask, inv_t, ACC) - m
     q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
-    return x, q, q * conj_grad(x - tau, alpha_m1, inv_am1, F) * inv_s0
+    return x, q, q * conj_grad_at(x, pt_t, pt_k, pt_m, alpha_m1, inv_am1, F) * inv_s0
 
 
 @triton.jit
@@ -119,21 +126,25 @@ def _load_y(y_row, cols, mask, label, ACC: tl.constexpr, TARGET: tl.constexpr, B
 
 
 @triton.jit
-def _sums(l_row, q_row, n_cols, V, m, tau, inv_t, ref_value, alpha_m1, inv_am1,
+def _sums(l_row, q_row, n_cols, V, m, pt_t, pt_k, pt_m, inv_t, ref_value, alpha_m1, inv_am1,
           F: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One sweep over the row: S0 = sum q (f*)'(x - tau) and S1 = sum q (f*)''(x - tau) (S1 only where
-    Newton needs it): each tile reduced in the accumulation dtype, the totals across tiles in float64."""
+    """One sweep over the row at a sweep point: S0 = sum q (f*)'(x - tau) and S1 = sum q (f*)''(x - tau)
+    (S1' for the general alpha; S1 only where Newton needs it): each tile reduced in the accumulation
+    dtype, the totals across tiles in float64."""
     s0 = tl.zeros([], tl.float64)
     s1 = tl.zeros([], tl.float64)
     offs = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < V
-        v = (_load_theta(l_row, cols, mask, inv_t, ACC) - m) - tau
+        x = _load_theta(l_row, cols, mask, inv_t, ACC) - m
         q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
-        s0 += tl.sum(q * conj_grad(v, alpha_m1, inv_am1, F), axis=0).to(tl.float64)
-        if F != 0:
-            s1 += tl.sum(q * conj_grad2(v, alpha_m1, inv_am1, F), axis=0).to(tl.float64)
+        if F == 0:
+            s0 += tl.sum(q * conj_grad_at(x, pt_t, pt_k, pt_m, alpha_m1, inv_am1, F), axis=0).to(tl.float64)
+        else:
+            d1, d2 = conj_grads_at(x, pt_t, pt_k, pt_m, alpha_m1, inv_am1, F)
+            s0 += tl.sum(q * d1, axis=0).to(tl.float64)
+            s1 += tl.sum(q * d2, axis=0).to(tl.float64)
     return s0, s1
 
 
@@ -167,11 +178,13 @@ def _fdiv_fwd_kernel(
         label_ok = (label >= 0) & (label < V)  # out of range: NaN loss (as the CPU kernels)
     n_cols = tl.where(ignored, 0, V)  # ignored rows read nothing
 
-    # pass 1: max theta, its first argmax, NaN / +inf, and the total q over entries that are not -inf
+    # pass 1: max theta, its first argmax, NaN / +inf, and the total q over entries that are not -inf (and
+    # their q-weighted sum of theta: Jensen's start of the search)
     m = tl.full([], NEG_INF, ACC)
     arg = tl.zeros([], tl.int32)
     has_nan = tl.zeros([], tl.int1)
     q_total = tl.zeros([], F64)
+    q_theta = tl.zeros([], F64)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < V
@@ -184,12 +197,14 @@ def _fdiv_fwd_kernel(
         m = tl.where(raise_max, tile_max, m)
         if F != 0 or MODE == 2:  # the bracket; and the f-softmax value's sum of q f(0)
             finite = theta > NEG_INF
-            if HAS_REF:
+            if HAS_REF:  # noqa: SIM108  (a constexpr branch)
                 q = tl.load(q_row + cols, mask=mask, other=0.0).to(ACC)
-                q_total += tl.sum(tl.where(finite, q, 0.0), axis=0).to(F64)
             else:
-                q_total += tl.sum(finite.to(tl.int32), axis=0).to(F64)
+                q = tl.full([BLOCK], 1.0, ACC)  # (times reference_value below)
+            q_total += tl.sum(tl.where(finite, q, 0.0), axis=0).to(F64)
+            q_theta += tl.sum(tl.where(finite, q * theta, 0.0).to(F64), axis=0)
     m = tl.where(has_nan, NAN, m)  # the max of a row with a NaN is NaN; +inf with a +inf
+    x_mean = q_theta / q_total - m.to(F64)
     if HAS_REF:
         q_max = tl.load(q_row + arg).to(F64)
     else:
@@ -207,25 +222,31 @@ def _fdiv_fwd_kernel(
     # tau, and S0 at tau: KL in one sweep (tau = 0, S0 = sum q exp(x)); otherwise the safeguarded
     # Newton search from the left end of the bracket, at most max_sweeps evaluations
     if F == 0:
-        s0, s1 = _sums(l_row, q_row, tl.where(active, V, 0), V, m, tl.zeros([], ACC), inv_t, ref_value,
-                       alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
+        zero_acc = tl.zeros([], ACC)
+        s0, s1 = _sums(l_row, q_row, tl.where(active, V, 0), V, m, zero_acc, zero_acc, zero_acc, inv_t,
+                       ref_value, alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
         tau = tl.zeros([], F64)
     else:
-        lo, hi = start_tau_search(q_max, q_total, alpha64, inv_am1_64, F)
+        lo, hi = start_tau_search(q_max, q_total, x_mean, alpha64, inv_am1_64, F)
         c = newton_power(alpha64, F)
-        tau = lo  # the point evaluated last (the answer when the search stops)
+        # the answer: the evaluated point with S0 nearest 1 (C++ TauSearch::best_t: S0 may jump over 1)
+        tau = lo
+        s0 = tl.full([], float("nan"), F64)  # none yet
         nxt = lo  # the next point to evaluate
-        s0 = tl.full([], 1.0, F64)
         sweeps = tl.zeros([], tl.int32)
         done = (~active).to(tl.int32)
         while done == 0:
-            tau = nxt
-            s0, s1 = _sums(l_row, q_row, V, V, m, tau.to(ACC), inv_t, ref_value, alpha_m1, inv_am1,
-                           F, HAS_REF, ACC, BLOCK)  # fmt: skip
+            pt_t, pt_k, pt_m = sweep_point(nxt, alpha64, inv_am1_64, ACC, F)
+            s0_now, s1 = _sums(l_row, q_row, V, V, m, pt_t, pt_k, pt_m, inv_t, ref_value, alpha_m1, inv_am1,
+                               F, HAS_REF, ACC, BLOCK)  # fmt: skip
             sweeps += 1
-            stop, nxt, lo, hi = tau_step(tau, lo, hi, s0, s1, c, tol, EPS, F)
+            better = (s0 != s0) | (tl.abs(s0_now - 1.0) <= tl.abs(s0 - 1.0))  # a NaN only if first
+            tau = tl.where(better, nxt, tau)
+            s0 = tl.where(better, s0_now, s0)
+            stop, nxt, lo, hi = tau_step(nxt, lo, hi, s0_now, s1, c, tol, EPS, F)
             done = (stop | (sweeps >= max_sweeps)).to(tl.int32)
     tau_acc = tl.where(active, tau, 0.0).to(ACC)
+    pt_t, pt_k, pt_m = sweep_point(tau_acc.to(F64), alpha64, inv_am1_64, ACC, F)
     s0_acc = tl.where(active, s0, 1.0).to(ACC)
     inv_s0 = (1.0 / s0_acc.to(F64)).to(ACC)  # from the stored S0, as the backward
 
@@ -246,8 +267,8 @@ def _fdiv_fwd_kernel(
             cols = start + offs
             mask = cols < V
             load = cols < n_eval
-            x, q, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, tau_acc, inv_s0, ref_value, alpha_m1,
-                                  inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
+            x, q, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, pt_t, pt_k, pt_m, inv_s0, ref_value,
+                                  alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
             p = tl.where(active, p, fill)
             tl.store(o_row + cols, p.to(OUT.dtype.element_ty), mask=mask)
     else:
@@ -255,8 +276,8 @@ def _fdiv_fwd_kernel(
         for start in range(0, n_eval, BLOCK):
             cols = start + offs
             mask = cols < V
-            x, q, p = _tile_probs(l_row, q_row, cols, mask, inv_t, m, tau_acc, inv_s0, ref_value, alpha_m1,
-                                  inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
+            x, q, p = _tile_probs(l_row, q_row, cols, mask, inv_t, m, pt_t, pt_k, pt_m, inv_s0, ref_value,
+                                  alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
             if MODE == 1:
                 y = _load_y(y_row, cols, mask, label, ACC, TARGET_KIND, BLOCK)
                 term = fy_entry(x, p, y, q, alpha, inv_am1, F)
@@ -285,7 +306,7 @@ def _fdiv_bwd_kernel(
     inv_am1 = inv_am1_64.to(ACC)
     stats = STATS + row * 3
     m = tl.load(stats + 0)
-    tau = tl.load(stats + 1)
+    pt_t, pt_k, pt_m = sweep_point(tl.load(stats + 1).to(tl.float64), alpha64, inv_am1_64, ACC, F)
     inv_s0 = (1.0 / tl.load(stats + 2).to(tl.float64)).to(ACC)
     g = tl.load(GRAD_ROWS + row * stride_gr).to(ACC) * inv_t
     label = tl.zeros([], tl.int64)
@@ -309,11 +330,48 @@ def _fdiv_bwd_kernel(
         cols = start + offs
         mask = cols < V
         load = cols < n_load
-        _, _, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, tau, inv_s0, ref_value, alpha_m1, inv_am1,
-                              F, HAS_REF, ACC, BLOCK)  # fmt: skip
+        _, _, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, pt_t, pt_k, pt_m, inv_s0, ref_value,
+                              alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
         y = _load_y(y_row, cols, load, label, ACC, TARGET_KIND, BLOCK)
         grad = tl.where(compute, (p - y) * g, fill)
         tl.store(g_row + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fdiv_shard_kernel(
+    LOGITS, REF, STATS, OUT,
+    inv_t: tl.float64, alpha: tl.float64, inv_am1: tl.float64, ref_value: tl.float64,
+    V, stride_l, stride_q, stride_out,
+    F: tl.constexpr, MODE: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """fdiv_shard (C++ fdiv_shard_rows): a vocabulary shard at the given stats [m, t, S0] (m the max theta of
+    the whole row). MODE 0: the shard's [S0, S1] at t (float64); 1: p. Rows whose m is not finite give 0."""
+    row = tl.program_id(0).to(tl.int64)
+    ACC: tl.constexpr = STATS.dtype.element_ty
+    inv_t, alpha64, inv_am1_64, ref_value, _ = _load_params(inv_t, alpha, inv_am1, ref_value, 0.0, ACC)
+    alpha_m1 = (alpha64 - 1.0).to(ACC)
+    inv_am1 = inv_am1_64.to(ACC)
+    stats = STATS + row * 3
+    m = tl.load(stats + 0)
+    active = (m > float("-inf")) & (m < float("inf"))
+    m = tl.where(active, m, 0.0)
+    pt_t, pt_k, pt_m = sweep_point(tl.load(stats + 1).to(tl.float64), alpha64, inv_am1_64, ACC, F)
+    l_row, q_row, _ = _row_pointers(LOGITS, REF, LOGITS, row, stride_l, stride_q, 0, HAS_REF, 0)
+    n_eval = tl.where(active, V, 0)  # rows not computed read nothing
+    if MODE == 0:
+        s0, s1 = _sums(l_row, q_row, n_eval, V, m, pt_t, pt_k, pt_m, inv_t, ref_value, alpha_m1, inv_am1,
+                       F, HAS_REF, ACC, BLOCK)  # fmt: skip
+        tl.store(OUT + row * stride_out, s0)
+        tl.store(OUT + row * stride_out + 1, s1)
+    else:
+        inv_s0 = (1.0 / tl.load(stats + 2).to(tl.float64)).to(ACC)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            load = cols < n_eval
+            _, _, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, pt_t, pt_k, pt_m, inv_s0, ref_value,
+                                  alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
+            tl.store(OUT + row * stride_out + cols, tl.where(active, p, 0.0).to(ACC), mask=cols < V)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -463,17 +521,47 @@ def fdiv_bwd_triton(
     return grad
 
 
+def fdiv_shard_triton(logits, reference, stats, f, alpha, reference_value, temperature, mode):
+    code, _ = _check_common(
+        logits, reference, None, None, f, alpha, reference_value, temperature, MODE_SOFTARGMAX
+    )
+    if mode not in (SHARD_SUMS, SHARD_PROBS):
+        raise ValueError(f"fdistill: fdiv_shard mode must be 0 (sums) or 1 (probabilities), got {mode}")
+    rows, vocab = logits.shape
+    acc = accumulate_dtype(logits.dtype)
+    if stats.shape != (rows, NUM_FDIV_STATS) or not stats.is_contiguous():
+        raise ValueError(f"fdistill: stats must be a contiguous [{rows}, {NUM_FDIV_STATS}] tensor")
+    if stats.dtype != acc:
+        raise TypeError(f"fdistill: stats must be {acc}")
+    if mode == SHARD_SUMS:
+        out = torch.empty((rows, 2), dtype=torch.float64, device=logits.device)
+    else:
+        out = torch.empty((rows, vocab), dtype=acc, device=logits.device)
+    if rows > 0:
+        block, warps = tiling(vocab, logits.dtype, FDIV_TILE)
+        inv_t, a, inv_am1, ref_value, _ = _params(f, alpha, reference_value, temperature, 0.0)
+        _fdiv_shard_kernel[(rows,)](
+            logits, reference, stats, out, inv_t, a, inv_am1, ref_value,
+            vocab, logits.stride(0), 0 if reference is None else reference.stride(0), out.stride(0),
+            F=code, MODE=mode, HAS_REF=reference is not None, BLOCK=block,
+            num_warps=warps, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+    return out
+
+
 # The same schemas as the C++ ops fdiv_fwd / fdiv_bwd, so one set of fakes and one autograd
 # formula (fdistill/fdiv_ops.py) serve both.
 _lib = torch.library.Library("fdistill", "FRAGMENT")
 for _name, _schema, _impl in (
     ("fdiv_fwd_triton", FDIV_FWD_SCHEMA, fdiv_fwd_triton),
     ("fdiv_bwd_triton", FDIV_BWD_SCHEMA, fdiv_bwd_triton),
+    ("fdiv_shard_triton", FDIV_SHARD_SCHEMA, fdiv_shard_triton),
 ):
     _lib.define(_name + _schema)
     for _key in ("CPU", "CUDA"):  # CPU tensors only under TRITON_INTERPRET=1 (checked by the caller)
         _lib.impl(_name, _impl, _key)
 register_fdiv_ops("fdiv_fwd_triton", "fdiv_bwd_triton")
+register_shard_op("fdiv_shard_triton")
 
 
 def fdiv_forward_op():

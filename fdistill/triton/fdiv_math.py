@@ -82,32 +82,45 @@ def newton_power(alpha, F: tl.constexpr):
 
 @triton.jit
 def _shifted_tau_bound(q, alpha, inv_am1, F: tl.constexpr):
-    """-f'(1 / q) + pole (C++ ``shifted_tau_bound``): q for reverse KL, log1p(q) for JS (the argmax's
-    distance to the pole, without the cancellation of pole - f'(1/q)), -f'(1 / q) otherwise."""
+    """tau = -f'(1 / q) as the search variable t (C++ ``shifted_tau_bound``): q for reverse KL, log1p(q)
+    for JS (the argmax's distance to the pole, without the cancellation of pole - f'(1/q)), r for the
+    general alpha (``sweep_point``), -f'(1 / q) otherwise."""
     if F == 1:
         r = q
     elif F == 5:
         r = _log1p(q)
+    elif F == 2:  # the general alpha's r = log(1 - (alpha - 1) tau) = -(alpha - 1) log q (sweep_point)
+        r = -(alpha - 1.0) * tl.log(q)
     else:
         r = -f_prime(1.0 / q, alpha, inv_am1, F)
     return r
 
 
 @triton.jit
-def start_tau_search(q_max, q_total, alpha, inv_am1, F: tl.constexpr):
-    """(lo, hi) of the kernels' shifted t = tau + pole (C++ ``kFDivStats``; sigma for reverse KL and JS):
-    tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1), tau_hi = -f'(1 / q_total) (every entry
-    at most 1 / q_total), both inside the domain of (f*)'. q_max is q at an argmax of theta, q_total
-    the sum of q over the entries that are not -inf (float64)."""
+def start_tau_search(q_max, q_total, x_mean, alpha, inv_am1, F: tl.constexpr):
+    """(lo, hi) of the kernels' search variable t (C++ ``start_tau_search``; sigma for reverse KL and JS, r
+    for the general alpha): tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1),
+    tau_hi = -f'(1 / q_total) (every entry at most 1 / q_total), both inside the domain of (f*)'; then,
+    where (f*)' is convex (alpha <= 2, reverse KL, JS), Jensen's tau_J = x_mean + tau_hi replaces lo when it
+    lies inside the bracket. q_max is q at an argmax of theta, q_total the sum of q over the entries that are
+    not -inf, x_mean their q-weighted mean of theta - max (float64)."""
     lo = _shifted_tau_bound(q_max, alpha, inv_am1, F)
     hi = _shifted_tau_bound(q_total, alpha, inv_am1, F)
-    return lo, hi
+    if F == 2:  # r_J = log(e^r_hi - (alpha - 1) x_mean)
+        t_j = tl.log(tl.exp(hi) - (alpha - 1.0) * x_mean)
+        convex = alpha <= 2.0
+    else:
+        t_j = hi + x_mean
+        convex = True
+    inside = convex & ((t_j - lo) * (t_j - hi) < 0.0)  # (false for NaN or inf)
+    return tl.where(inside, t_j, lo), hi
 
 
 @triton.jit
 def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
     """One step of the safeguarded Newton search (C++ ``tau_step``), given S0 and
-    S1 = -dS0/dtau = sum q (f*)''(x - tau) at tau. Returns (stop, tau, lo, hi): stop is true when
+    S1 = -dS0/dtau = sum q (f*)''(x - tau) at tau (the general alpha: t = r and S1' = s S1, the same
+    iterates in log s, ``sweep_point``). Returns (stop, tau, lo, hi): stop is true when
     |S0 - 1| <= tol, the Newton step is at most eps (1 + |tau|) (eps of the accumulation dtype:
     the resolution of x - tau; near a pole S0 moves in steps of eps S1), or the bracket cannot shrink
     further (then tau is unchanged and is the answer); otherwise tau is the next point to evaluate.
@@ -118,14 +131,21 @@ def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
     above = s0 > 1.0
     lo = tl.where(above, tau, lo)  # (updated also when converged: unused then)
     hi = tl.where(above, hi, tau)
-    nxt = tau - s0 * expm1(-c * tl.log(s0)) / (c * s1)
-    newton = (nxt > lo) & (nxt < hi)
-    # a step below what x - tau can resolve: p would not change (pole families: d = sigma - x at the argmax
-    # resolves sigma relative to itself)
-    if F == 1 or F == 5:  # noqa: SIM108  (a constexpr branch: no runtime select in the kernel)
+    num = s0 * expm1(-c * tl.log(s0))
+    # a step below what the sweep can resolve: p would not change (pole families: d = sigma - x at the
+    # argmax resolves sigma relative to itself; the general alpha's r: the argmax's log (f*)' is r / c)
+    if F == 1 or F == 5:
+        nxt = tau - num / (c * s1)
         resolution = eps * tl.abs(tau)
+    elif F == 2:  # t = r = log s: s_next = s (1 + num / S1'), S1' = s S1 (sweep_point)
+        nxt = tau + _log1p(num / s1)
+        resolution = eps * (tl.abs(tau) + tl.abs(c))
     else:
+        nxt = tau - num / (c * s1)
         resolution = eps * (1.0 + tl.abs(tau))
+    newton = (nxt - lo) * (
+        nxt - hi
+    ) < 0.0  # inside the bracket, either orientation (r's is reversed for alpha > 1)
     small = newton & (tl.abs(nxt - tau) <= resolution)
     nxt = tl.where(newton, nxt, 0.5 * (lo + hi))  # bisection; also catches NaN (S0 = 0 or S1 = 0)
     stop = converged | small | (nxt == lo) | (nxt == hi)  # or the bracket at rounding level
@@ -137,9 +157,57 @@ def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
 
 
 @triton.jit
+def sweep_point(t, alpha, inv_am1, ACC: tl.constexpr, F: tl.constexpr):
+    """(t, k, m) of a sweep at the float64 search variable t (C++ ``sweep_point``), all in ACC: t rounded
+    to ACC first (the statistics' t, so the backward evaluates the same point). The general alpha (F = 2)
+    searches r = log s, s = 1 - (alpha - 1) tau: (f*)'(x - tau) = exp(m + log1p(k x) / (alpha - 1)) with
+    k = (alpha - 1) e^-r (clamped to ACC's range) and m = r / (alpha - 1); the other kinds use t alone."""
+    t_acc = t.to(ACC)
+    if F == 2:
+        r = t_acc.to(tl.float64)
+        if ACC == tl.float64:  # noqa: SIM108, SIM300  (constexpr)
+            lim = 1.7976931348623157e308
+        else:
+            lim = 3.4028234663852886e38
+        k = tl.minimum(tl.maximum((alpha - 1.0) * tl.exp(-r), -lim), lim).to(ACC)
+        m = (r * inv_am1).to(ACC)
+    else:
+        k = t_acc
+        m = t_acc
+    return t_acc, k, m
+
+
+@triton.jit
+def conj_grad_at(x, t, k, m, alpha_m1, inv_am1, F: tl.constexpr):
+    """(f*)'(x - tau) of a tile at a sweep point (``sweep_point``); masked entries (x = -inf) give 0."""
+    if F == 2:  # w <= -1 (alpha > 1): outside the support; alpha < 1 gives w >= 0
+        w = k * x
+        r = tl.where(w > -1.0, tl.exp(m + _log1p(w) * inv_am1), 0.0)
+    else:
+        r = conj_grad(x - t, alpha_m1, inv_am1, F)
+    return r
+
+
+@triton.jit
+def conj_grads_at(x, t, k, m, alpha_m1, inv_am1, F: tl.constexpr):
+    """(f*)' and the sweep's slope term of a tile: (f*)''(x - t), or (f*)' / (1 + w) for the general alpha
+    (S1' = s S1: one log1p and one exp per entry)."""
+    if F == 2:
+        w = k * x
+        inside = w > -1.0
+        d1 = tl.where(inside, tl.exp(m + _log1p(w) * inv_am1), 0.0)
+        d2 = tl.where(inside, d1 / (1.0 + w), 0.0)
+    else:
+        d1 = conj_grad(x - t, alpha_m1, inv_am1, F)
+        d2 = conj_grad2(x - t, alpha_m1, inv_am1, F)
+    return d1, d2
+
+
+@triton.jit
 def conj_grad(v, alpha_m1, inv_am1, F: tl.constexpr):
     """(f*)'(v) of a tile for v = x - t (t the shifted tau: for reverse KL and JS v - pole, so -v = d is the
-    distance to the pole); the bracket keeps v inside the domain. Masked entries (v = -inf) give 0."""
+    distance to the pole); the bracket keeps v inside the domain. Masked entries (v = -inf) give 0.
+    Every kind but the general alpha (``conj_grad_at``)."""
     if F == 0:  # kl: exp(v)
         r = tl.exp(v)
     elif F == 1:  # reverse_kl: 1 / (1 - (v + 1)) = 1 / d
@@ -149,11 +217,9 @@ def conj_grad(v, alpha_m1, inv_am1, F: tl.constexpr):
         r = x * x
     elif F == 4:  # alpha = 2: [1 + v]_+
         r = tl.maximum(1.0 + v, 0.0)
-    elif F == 5:  # js: e^(v + log 2) / (2 - e^(v + log 2)) = 1 / expm1(d)
+    else:  # js: e^(v + log 2) / (2 - e^(v + log 2)) = 1 / expm1(d)
+        tl.static_assert(F == 5, "the general alpha is evaluated at a sweep point (conj_grad_at)")
         r = 1.0 / expm1(-v)
-    else:  # x^(1/(a-1)) = exp(log1p(w) / (a - 1)), x = 1 + w, w = (a - 1) v: exact near a = 1; x <= 0 gives 0
-        w = alpha_m1 * v
-        r = tl.where(w > -1.0, tl.exp(_log1p(w) * inv_am1), 0.0)
     return r
 
 
@@ -169,12 +235,10 @@ def conj_grad2(v, alpha_m1, inv_am1, F: tl.constexpr):
         r = tl.maximum(1.0 + 0.5 * v, 0.0)
     elif F == 4:
         r = tl.where(1.0 + v > 0.0, 1.0, 0.0)
-    elif F == 5:  # e^d / expm1(d)^2 = w (1 + w), w = 1 / expm1(d): 0 at d = inf
+    else:  # js: e^d / expm1(d)^2 = w (1 + w), w = 1 / expm1(d): 0 at d = inf
+        tl.static_assert(F == 5, "the general alpha is evaluated at a sweep point (conj_grads_at)")
         w = 1.0 / expm1(-v)
         r = w * (1.0 + w)
-    else:  # x^(1/(a-1) - 1) = x^((2 - a)/(a - 1)), x = 1 + w as in conj_grad
-        w = alpha_m1 * v
-        r = tl.where(w > -1.0, tl.exp(_log1p(w) * (inv_am1 - 1.0)), 0.0)
     return r
 
 

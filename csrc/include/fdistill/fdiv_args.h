@@ -14,6 +14,9 @@ enum class FDivMode : int32_t {
   SoftArgmax = 0,    // out [rows, vocab] (logits' dtype): p*
   FYLoss = 1,        // out [rows] (acc): <p* - y, theta> - D_f(p*, q) + D_f(y, q)
   SoftmaxValue = 2,  // out [rows] (acc): softmax_f = <p*, theta> - D_f(p*, q)
+  // fdiv_shard, on a vocabulary shard at the given stats [max theta of the whole row, t, S0]:
+  ShardSums = 3,   // out [rows, 2] (double): the shard's S0 and S1 at t (the sums of a sweep, to be merged)
+  ShardProbs = 4,  // out [rows, vocab] (acc): p = q (f*)'(x - tau) / S0
 };
 
 struct FDivArgs {
@@ -45,7 +48,7 @@ struct FDivArgs {
 
   void* out = nullptr;  // see FDivMode; SoftArgmax rows are out_stride apart
   int64_t out_stride = 0;
-  void* stats = nullptr;  // [rows, kFDivStats] in the accumulation type
+  void* stats = nullptr;  // [rows, kFDivStats] in the accumulation type (an input of the backward and fdiv_shard)
 
   // backward of FYLoss / SoftmaxValue: grad_logits = grad_rows / T (p* - y)
   const void* grad_rows = nullptr;  // [rows] (acc), any stride

@@ -9,6 +9,8 @@
 //   root from below; a bracket keeps the steps safe for alpha > 2.
 #pragma once
 
+#include <cfloat>
+
 #include "fdistill/divergence_math.h"
 
 namespace fdistill {
@@ -48,10 +50,14 @@ FDISTILL_HD double f_prime(FKind k, const FCoef& c, double u) {
 // to the pole, and (f*)'(v) is written in d = sigma - x, exact however close to the pole (sigma = q_max
 // ~ 1e-30 for a tiny reference measure, where tau = -1 + 1e-30 rounds to -1; sigma ~ 4e-6 at V = 256001,
 // where float32's tau carried 3% of it).
+// The general alpha family searches t = r = log(1 - (a - 1) tau) instead (SweepPoint).
 constexpr int kFDivStats = 3;
 
 // Whether the kernels' t is tau + pole (reverse_kl: pole 1, js: log 2) rather than tau.
 FDISTILL_HD constexpr bool has_pole(FKind k) { return k == FKind::ReverseKL || k == FKind::JS; }
+
+// Whether the kernels' t is r = log s, s = 1 - (a - 1) tau (the general alpha family, SweepPoint).
+FDISTILL_HD constexpr bool has_log_scale(FKind k) { return k == FKind::Alpha; }
 
 // Safeguarded Newton on phi(tau) = S0(tau)^c - 1, S0(tau) = sum_j q_j (f*)'(x_j - tau),
 // x = theta - max theta. phi has the root of S0 = 1 and is convex or concave in the way
@@ -60,12 +66,21 @@ FDISTILL_HD constexpr bool has_pole(FKind k) { return k == FKind::ReverseKL || k
 // 1 < alpha <= 2; linear when one entry dominates or alpha = 2), and c = -1 does the
 // same for reverse KL (alpha -> 0); JS takes c = 1 (S0 itself is convex). Steps that
 // leave the bracket [lo, hi] (alpha > 2, rounding) fall back to bisection.
+//
+// In r = log s (the general alpha family) the Newton iterates are the same: s is affine in tau,
+// s_next = s (1 + S0 expm1(-c log S0) / S1') with S1' = s S1 (SweepPoint), so r_next = r + log1p(that).
+// In r the bracket may be reversed (r decreases with tau for alpha > 1).
 struct TauSearch {
-  double lo, hi;  // S0(lo) >= 1 >= S0(hi)
-  double tau;     // the next point to evaluate (the shifted t, see kFDivStats)
-  double c;       // the Newton power
-  double eps;     // machine epsilon of the sums' terms: Newton steps below eps (1 + |tau|) are noise
-  bool relative;  // a pole family: t = sigma is resolved to eps sigma (d = sigma - x at the argmax)
+  double lo, hi;   // S0(lo) >= 1 >= S0(hi)
+  double tau;      // the next point to evaluate (the search variable t, see kFDivStats)
+  double c;        // the Newton power
+  double eps;      // machine epsilon of the sums' terms: Newton steps below eps (1 + |tau|) are noise
+  bool relative;   // a pole family: t = sigma is resolved to eps sigma (d = sigma - x at the argmax)
+  bool log_scale;  // t = r: resolved to eps (|r| + |c|) (the argmax's log (f*)' is r / c)
+  // The evaluated point with S0 nearest 1: the answer (p is renormalised by its S0). Where S0 jumps over 1
+  // (alpha >> 1: an entry entering the support adds q (1e-308)^(1/(a-1)), half its q at a = 1000) the
+  // bisection ends on either side; this keeps the smaller renormalisation.
+  double best_t, best_s0;
 };
 
 FDISTILL_HD double newton_power(FKind k, const FCoef& c) {
@@ -76,35 +91,56 @@ FDISTILL_HD double newton_power(FKind k, const FCoef& c) {
   }
 }
 
-// -f'(1 / q) + pole, the end of the bracket in t: for the pole families without the cancellation of
-// pole - f'(1/q) (reverse_kl: 1 - (1 - q) = q; js: log 2 - log(2 / (1 + q)) = log1p(q)).
+// tau = -f'(1 / q) as the search variable t, an end of the bracket: for the pole families
+// -f'(1 / q) + pole without its cancellation (reverse_kl: 1 - (1 - q) = q; js: log 2 - log(2 / (1 + q)) =
+// log1p(q)); for the general alpha r = log(1 - (a - 1) tau) = log(q^(1 - a)) = -(a - 1) log q.
 FDISTILL_HD double shifted_tau_bound(FKind k, const FCoef& c, double q) {
   switch (k) {
     case FKind::ReverseKL: return q;
     case FKind::JS: return std::log1p(q);
+    case FKind::Alpha: return -(c.alpha - 1) * std::log(q);
     default: return -f_prime(k, c, 1 / q);
   }
 }
 
-// q_max: q at an argmax of theta; q_total: sum of q over the entries that are not -inf.
-// tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1), tau_hi = -f'(1 / q_total)
-// (every entry at most 1 / q_total): both keep (f*)' inside its domain (in t: shifted_tau_bound).
-FDISTILL_HD TauSearch start_tau_search(FKind k, const FCoef& c, double q_max, double q_total, double eps) {
+// Whether (f*)' is convex (every family but KL, which needs no search, and alpha > 2).
+FDISTILL_HD bool convex_conj_grad(FKind k, const FCoef& c) {
+  return k == FKind::ReverseKL || k == FKind::JS || (k != FKind::KL && c.alpha <= 2);
+}
+
+// q_max: q at an argmax of theta; q_total: sum of q over the entries that are not -inf; x_mean: their
+// q-weighted mean of x = theta - max theta. tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1),
+// tau_hi = -f'(1 / q_total) (every entry at most 1 / q_total): both keep (f*)' inside its domain (in t:
+// shifted_tau_bound). For a convex (f*)', Jensen's S0(tau) >= q_total (f*)'(x_mean - tau) is 1 at
+// tau_J = x_mean + tau_hi (r_J = log(e^r_hi - (a - 1) x_mean)), a left end nearer the root when it lies
+// inside the bracket: about one Newton sweep fewer from V ~ 32k entries of similar q (at tau_lo S0 ~ V).
+FDISTILL_HD TauSearch start_tau_search(FKind k, const FCoef& c, double q_max, double q_total, double x_mean,
+                                       double eps) {
   TauSearch s;
   s.lo = shifted_tau_bound(k, c, q_max);
   s.hi = shifted_tau_bound(k, c, q_total);
+  if (convex_conj_grad(k, c)) {
+    const double t_j = has_log_scale(k) ? std::log(std::exp(s.hi) - (c.alpha - 1) * x_mean) : s.hi + x_mean;
+    if ((t_j - s.lo) * (t_j - s.hi) < 0) s.lo = t_j;  // (false for NaN or inf)
+  }
   s.tau = s.lo;
   s.c = newton_power(k, c);
   s.eps = eps;
   s.relative = has_pole(k);
+  s.log_scale = has_log_scale(k);
+  s.best_t = s.lo;
+  s.best_s0 = NAN;  // none yet
   return s;
 }
 
 // Given S0 and S1 = -dS0/dtau = sum q (f*)''(x - tau) at s.tau: true when |S0 - 1| <= tol, when
 // the Newton step is below the resolution eps (1 + |tau|) of x - tau (near a pole of (f*)' S0 moves
 // in steps of eps S1 there, so tol may be out of reach), or when the bracket cannot shrink further (then
-// s.tau is the answer: the caller renormalises p by S0); otherwise moves s.tau.
+// (s.best_t, s.best_s0) is the answer: the caller renormalises p by that S0); otherwise moves s.tau.
 FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
+  if (s.best_s0 != s.best_s0 || std::fabs(s0 - 1) <= std::fabs(s.best_s0 - 1)) {  // a NaN only if first
+    s.best_t = s.tau, s.best_s0 = s0;
+  }
   if (std::fabs(s0 - 1) <= tol) return true;
   if (s0 > 1) {
     s.lo = s.tau;
@@ -113,11 +149,15 @@ FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
   }
   // phi / phi' with phi = S0^c - 1, phi' = -c S0^(c-1) S1: the step (S0 - S0^(1-c)) / (c S1), its numerator
   // as -S0 expm1(-c log S0) (no cancellation for c = alpha - 1 near 0)
-  double next = s.tau - s0 * std::expm1(-s.c * std::log(s0)) / (s.c * s1);
-  if (!(next > s.lo && next < s.hi)) {
+  const double num = s0 * std::expm1(-s.c * std::log(s0));
+  double next = s.log_scale ? s.tau + std::log1p(num / s1) : s.tau - num / (s.c * s1);
+  const double resolution = s.relative    ? std::fabs(s.tau)
+                            : s.log_scale ? std::fabs(s.tau) + std::fabs(s.c)
+                                          : 1 + std::fabs(s.tau);
+  if (!((next - s.lo) * (next - s.hi) < 0)) {  // outside the bracket (either orientation)
     next = 0.5 * (s.lo + s.hi);  // bisection; also catches NaN (S0 = 0 or S1 = 0)
-  } else if (std::fabs(next - s.tau) <= s.eps * (s.relative ? std::fabs(s.tau) : 1 + std::fabs(s.tau))) {
-    return true;  // a step below what x - tau can resolve: p would not change
+  } else if (std::fabs(next - s.tau) <= s.eps * resolution) {
+    return true;  // a step below what the sweep can resolve: p would not change
   }
   if (next == s.lo || next == s.hi) return true;  // bracket at rounding level
   s.tau = next;
@@ -126,6 +166,7 @@ FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
 
 // (f*)'(v) and (f*)''(v) of a tile for v = x - t (t the shifted tau: for reverse_kl and js v - pole, so
 // -v = d = sigma - x >= sigma > 0 is the distance to the pole); the bracket keeps v inside the domain.
+// Every kind but the general alpha, whose sweeps take r = log s instead (SweepPoint, conj_grad_at).
 template <FKind K, class V>
 FDISTILL_HD V conj_grad(V v, V alpha_m1, V inv_am1) {
   using O = Ops<V>;
@@ -139,12 +180,9 @@ FDISTILL_HD V conj_grad(V v, V alpha_m1, V inv_am1) {
     return x * x;
   } else if constexpr (K == FKind::Alpha2) {
     return O::max(one + v, zero);
-  } else if constexpr (K == FKind::JS) {  // e^(v + log 2) / (2 - e^(v + log 2)) = 1 / expm1(d)
-    return one / accurate_expm1(zero - v);
-  } else {  // x^(1/(a-1)) = exp(log1p(w) / (a - 1)), x = 1 + w, w = (a - 1) v: exact near a = 1, where w
-    // is tiny and 1 + w would lose it; x <= 0 gives 0 for a > 1
-    const V w = alpha_m1 * v;
-    return O::where(O::gt(w, O::splat(-1)), O::exp(O::log1p(w) * inv_am1), zero);
+  } else {
+    static_assert(K == FKind::JS, "the general alpha is evaluated at a SweepPoint (conj_grad_at)");
+    return one / accurate_expm1(zero - v);  // e^(v + log 2) / (2 - e^(v + log 2)) = 1 / expm1(d)
   }
 }
 
@@ -161,12 +199,10 @@ FDISTILL_HD V conj_grad2(V v, V alpha_m1, V inv_am1) {
     return O::max(one + O::splat(0.5) * v, zero);
   } else if constexpr (K == FKind::Alpha2) {
     return O::where(O::gt(one + v, zero), one, zero);
-  } else if constexpr (K == FKind::JS) {  // e^d / expm1(d)^2 = r (1 + r), r = 1 / expm1(d): 0 at d = inf
+  } else {  // js: e^d / expm1(d)^2 = r (1 + r), r = 1 / expm1(d): 0 at d = inf
+    static_assert(K == FKind::JS, "the general alpha is evaluated at a SweepPoint (conj_grads_at)");
     const V r = one / accurate_expm1(zero - v);
     return r * (one + r);
-  } else {  // x^(1/(a-1) - 1) = x^((2 - a)/(a - 1)), x = 1 + w as in conj_grad
-    const V w = alpha_m1 * v;
-    return O::where(O::gt(w, O::splat(-1)), O::exp(O::log1p(w) * (inv_am1 - one)), zero);
   }
 }
 
@@ -195,19 +231,67 @@ FDISTILL_HD V jacobian_weight(V p, V q, V two_minus_alpha, V alpha_m1) {
   return O::where(O::gt(p, zero), w, zero);
 }
 
-// (f*)'(v) and (f*)''(v) together, for the Newton sweeps: the general alpha's (f*)'' is (f*)' / (1 + w)
-// (one log1p and one exp per entry instead of two each); the other kinds as conj_grad, conj_grad2.
+// Where a sweep evaluates (f*)'(x - tau) given the search variable t (kFDivStats):
+// - every kind but the general alpha: at v = x - t (tau, or the pole distance for reverse_kl and js);
+// - the general alpha: t = r = log s, s = 1 - (a - 1) tau > 0 the argmax's base 1 + (a - 1) v. An entry's
+//   base is s + (a - 1) x = s (1 + w) with w = k x, k = (a - 1) e^-r, so
+//     (f*)'(x - tau) = exp(m + log1p(w) / (a - 1)),  m = r / (a - 1),
+//   and the sweep's slope S1' = s S1 = sum q (f*)' / (1 + w). No cancellation for alpha < 1 (w >= 0, where
+//   s ~ q_max^(1 - a) is tiny for a tiny reference measure and tau's 1 + (a - 1) v lost it) and no overflow
+//   for alpha >> 1 (tau's bracket end (1 - q^(1 - a)) / (a - 1) overflows at a = 1000, r's is -(a - 1) log q).
+// t is rounded to the accumulation type A first, as the statistics store it: the backward evaluates the
+// same point.
+struct SweepPoint {
+  double t;  // v = x - t
+  double k;  // alpha: w = k x (clamped to A's range: at k = +-inf the argmax's w = 0 * inf is NaN)
+  double m;  // alpha: the log of the argmax's (f*)'
+};
+
+template <class A>
+FDISTILL_HD SweepPoint sweep_point(FKind kind, const FCoef& c, double t) {
+  const double r = static_cast<double>(static_cast<A>(t));
+  if (!has_log_scale(kind)) return {r, 0, 0};
+  const double lim = sizeof(A) == 8 ? DBL_MAX : FLT_MAX;
+  return {r, std::fmin(std::fmax((c.alpha - 1) * std::exp(-r), -lim), lim), r * c.inv_am1};
+}
+
+// A SweepPoint and the coefficients as tile values (vector splats or scalars).
+template <class V>
+struct TilePoint {
+  V t, k, m, alpha_m1, inv_am1;
+};
+
+template <class V>
+FDISTILL_HD TilePoint<V> tile_point(const SweepPoint& p, const FCoef& c) {
+  using O = Ops<V>;
+  return {O::splat(p.t), O::splat(p.k), O::splat(p.m), O::splat(c.alpha - 1), O::splat(c.inv_am1)};
+}
+
+// (f*)'(x - tau) of a tile at the sweep point (masked entries, x = -inf, give 0).
 template <FKind K, class V>
-FDISTILL_HD void conj_grads(V v, V alpha_m1, V inv_am1, V& d1, V& d2) {
+FDISTILL_HD V conj_grad_at(V x, const TilePoint<V>& p) {
+  using O = Ops<V>;
+  if constexpr (K == FKind::Alpha) {  // w <= -1 (a > 1): outside the support; a < 1 gives w >= 0
+    const V w = p.k * x;
+    return O::where(O::gt(w, O::splat(-1)), O::exp(p.m + O::log1p(w) * p.inv_am1), O::splat(0));
+  } else {
+    return conj_grad<K>(x - p.t, p.alpha_m1, p.inv_am1);
+  }
+}
+
+// (f*)' and the sweep's slope term together: (f*)''(x - t), or (f*)' / (1 + w) for the general alpha
+// (S1' above: one log1p and one exp per entry).
+template <FKind K, class V>
+FDISTILL_HD void conj_grads_at(V x, const TilePoint<V>& p, V& d1, V& d2) {
   using O = Ops<V>;
   if constexpr (K == FKind::Alpha) {
-    const V w = alpha_m1 * v, one = O::splat(1), zero = O::splat(0);
+    const V w = p.k * x, one = O::splat(1), zero = O::splat(0);
     const auto inside = O::gt(w, O::splat(-1));
-    d1 = O::where(inside, O::exp(O::log1p(w) * inv_am1), zero);
+    d1 = O::where(inside, O::exp(p.m + O::log1p(w) * p.inv_am1), zero);
     d2 = O::where(inside, d1 / (one + w), zero);
   } else {
-    d1 = conj_grad<K>(v, alpha_m1, inv_am1);
-    d2 = conj_grad2<K>(v, alpha_m1, inv_am1);
+    d1 = conj_grad<K>(x - p.t, p.alpha_m1, p.inv_am1);
+    d2 = conj_grad2<K>(x - p.t, p.alpha_m1, p.inv_am1);
   }
 }
 
