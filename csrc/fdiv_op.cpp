@@ -15,7 +15,7 @@ FKind resolve_f(const std::string& f, double alpha) {
                     alpha);
   if (alpha == 1.5) return FKind::Alpha15;
   if (alpha == 2) return FKind::Alpha2;
-  return FKind::Alpha;
+  return alpha_pow_n(alpha) ? FKind::AlphaPow : FKind::Alpha;
 }
 
 FDivArgs make_fdiv_args(const at::Tensor& logits, const std::optional<at::Tensor>& reference,

@@ -17,8 +17,9 @@ from utils import SKIP_WITHOUT_TRITON, TRITON_INTERPRETER_WARNINGS, generator
 import fdistill
 
 mpmath.mp.dps = 50
-ALPHAS = [1 + 1e-6, 1 - 1e-6, 1 + 1e-3, 1.25, 0.7]
-ALPHA_IDS = ["1+1e-6", "1-1e-6", "1+1e-3", "1.25", "0.7"]
+# 1.25, 4/3 and 1.125 (1 / (alpha - 1) = 4, 3, 8): the kernels' power kind (multiplications, no exp / log1p)
+ALPHAS = [1 + 1e-6, 1 - 1e-6, 1 + 1e-3, 1.25, 4 / 3, 1.125, 1.3, 0.7]
+ALPHA_IDS = ["1+1e-6", "1-1e-6", "1+1e-3", "1.25", "4/3", "1.125", "1.3", "0.7"]
 BACKENDS = [
     "cpu",
     "reference",

@@ -202,3 +202,15 @@ def test_shard_rows_without_a_finite_max_give_zero(seed):
     op = torch.ops.fdistill.fdiv_shard
     assert (op(theta, q, stats, "js", 1.5, 1.0, 1.0, SHARD_SUMS) == 0).all()
     assert (op(theta, q, stats, "js", 1.5, 1.0, 1.0, SHARD_PROBS) == 0).all()
+
+
+def test_alpha_power_kind_choice():
+    """alpha = 1 + 1/n for n = 3..8 (4/3 as a double too) takes the power kind (C++ alpha_pow_n)."""
+    pytest.importorskip("triton")
+    from fdistill.triton.fdiv_math import F_CODES, MAX_ALPHA_POW, alpha_pow_n, resolve_f
+
+    assert [alpha_pow_n(1 + 1 / n) for n in range(3, MAX_ALPHA_POW + 1)] == list(range(3, MAX_ALPHA_POW + 1))
+    assert alpha_pow_n(4 / 3) == 3
+    assert [alpha_pow_n(a) for a in (1.3, 1 + 1 / 9, 1.5, 2.0, 0.75, 1 + 1 / 3 + 1e-6)] == [0] * 6
+    assert resolve_f("alpha", 1.25) == F_CODES["alpha_pow"]
+    assert resolve_f("alpha", 1.3) == F_CODES["alpha"]

@@ -442,6 +442,7 @@ void dispatch_fdiv(const FDivArgs& a, int64_t begin, int64_t end) {
     case FKind::Alpha: return by_dtype(std::integral_constant<FKind, FKind::Alpha>{});
     case FKind::Alpha15: return by_dtype(std::integral_constant<FKind, FKind::Alpha15>{});
     case FKind::Alpha2: return by_dtype(std::integral_constant<FKind, FKind::Alpha2>{});
+    case FKind::AlphaPow: return by_dtype(std::integral_constant<FKind, FKind::AlphaPow>{});
     case FKind::JS: return by_dtype(std::integral_constant<FKind, FKind::JS>{});
   }
 }

@@ -503,6 +503,7 @@ void dispatch_kind(FKind kind, Fn&& fn) {
     case FKind::Alpha: return fn(KindTag<FKind::Alpha>{}, t, acc);
     case FKind::Alpha15: return fn(KindTag<FKind::Alpha15>{}, t, acc);
     case FKind::Alpha2: return fn(KindTag<FKind::Alpha2>{}, t, acc);
+    case FKind::AlphaPow: return fn(KindTag<FKind::AlphaPow>{}, t, acc);
     case FKind::JS: return fn(KindTag<FKind::JS>{}, t, acc);
   }
   throw std::runtime_error("fdistill: unknown f-divergence kind");

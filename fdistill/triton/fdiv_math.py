@@ -22,7 +22,15 @@ import triton.language as tl
 from fdistill.triton.math import expm1, weighted_expm1
 
 # The C++ FKind values: alpha = 1.5 and alpha = 2 have cheaper closed forms as kinds of their own.
-F_CODES = {"kl": 0, "reverse_kl": 1, "alpha": 2, "alpha15": 3, "alpha2": 4, "js": 5}
+F_CODES = {"kl": 0, "reverse_kl": 1, "alpha": 2, "alpha15": 3, "alpha2": 4, "js": 5, "alpha_pow": 6}
+MAX_ALPHA_POW = 8  # C++ kMaxAlphaPow: alpha = 1 + 1/n, n = 3..8, takes (1 + w)^n by multiplication
+
+
+def alpha_pow_n(alpha: float) -> int:
+    """n when 1 / (alpha - 1) is an integer 3..MAX_ALPHA_POW (to 1e-9 relative), else 0 (C++ alpha_pow_n)."""
+    inv = 1 / (alpha - 1)
+    n = math.floor(inv + 0.5)
+    return n if 3 <= n <= MAX_ALPHA_POW and abs(inv - n) <= 1e-9 * n else 0
 
 
 def resolve_f(f: str, alpha: float) -> int:
@@ -37,7 +45,7 @@ def resolve_f(f: str, alpha: float) -> int:
         return F_CODES["alpha15"]
     if alpha == 2:
         return F_CODES["alpha2"]
-    return F_CODES["alpha"]
+    return F_CODES["alpha_pow"] if alpha_pow_n(alpha) else F_CODES["alpha"]
 
 
 def fcoef(f: str, alpha: float) -> tuple[float, float]:
@@ -89,7 +97,7 @@ def _shifted_tau_bound(q, alpha, inv_am1, F: tl.constexpr):
         r = q
     elif F == 5:
         r = _log1p(q)
-    elif F == 2:  # the general alpha's r = log(1 - (alpha - 1) tau) = -(alpha - 1) log q (sweep_point)
+    elif F == 2 or F == 6:  # the general alpha's r = log(1 - (alpha - 1) tau) = -(alpha - 1) log q
         r = -(alpha - 1.0) * tl.log(q)
     else:
         r = -f_prime(1.0 / q, alpha, inv_am1, F)
@@ -106,7 +114,7 @@ def start_tau_search(q_max, q_total, x_mean, alpha, inv_am1, F: tl.constexpr):
     not -inf, x_mean their q-weighted mean of theta - max (float64)."""
     lo = _shifted_tau_bound(q_max, alpha, inv_am1, F)
     hi = _shifted_tau_bound(q_total, alpha, inv_am1, F)
-    if F == 2:  # r_J = log(e^r_hi - (alpha - 1) x_mean)
+    if F == 2 or F == 6:  # r_J = log(e^r_hi - (alpha - 1) x_mean)
         t_j = tl.log(tl.exp(hi) - (alpha - 1.0) * x_mean)
         convex = alpha <= 2.0
     else:
@@ -137,7 +145,7 @@ def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
     if F == 1 or F == 5:
         nxt = tau - num / (c * s1)
         resolution = eps * tl.abs(tau)
-    elif F == 2:  # t = r = log s: s_next = s (1 + num / S1'), S1' = s S1 (sweep_point)
+    elif F == 2 or F == 6:  # t = r = log s: s_next = s (1 + num / S1'), S1' = s S1 (sweep_point)
         nxt = tau + _log1p(num / s1)
         resolution = eps * (tl.abs(tau) + tl.abs(c))
     else:
@@ -161,16 +169,20 @@ def sweep_point(t, alpha, inv_am1, ACC: tl.constexpr, F: tl.constexpr):
     """(t, k, m) of a sweep at the float64 search variable t (C++ ``sweep_point``), all in ACC: t rounded
     to ACC first (the statistics' t, so the backward evaluates the same point). The general alpha (F = 2)
     searches r = log s, s = 1 - (alpha - 1) tau: (f*)'(x - tau) = exp(m + log1p(k x) / (alpha - 1)) with
-    k = (alpha - 1) e^-r (clamped to ACC's range) and m = r / (alpha - 1); the other kinds use t alone."""
+    k = (alpha - 1) e^-r (clamped to ACC's range) and m = r / (alpha - 1); F = 6 (1 / (alpha - 1) = n) the
+    same, with e^m in place of m (clamped): (f*)' = e^m (1 + k x)^n. The other kinds use t alone."""
     t_acc = t.to(ACC)
-    if F == 2:
+    if F == 2 or F == 6:
         r = t_acc.to(tl.float64)
         if ACC == tl.float64:  # noqa: SIM108, SIM300  (constexpr)
             lim = 1.7976931348623157e308
         else:
             lim = 3.4028234663852886e38
         k = tl.minimum(tl.maximum((alpha - 1.0) * tl.exp(-r), -lim), lim).to(ACC)
-        m = (r * inv_am1).to(ACC)
+        if F == 2:  # noqa: SIM108  (constexpr)
+            m = (r * inv_am1).to(ACC)
+        else:
+            m = tl.minimum(tl.exp(r * inv_am1), lim).to(ACC)
     else:
         k = t_acc
         m = t_acc
@@ -183,8 +195,28 @@ def conj_grad_at(x, t, k, m, alpha_m1, inv_am1, F: tl.constexpr):
     if F == 2:  # w <= -1 (alpha > 1): outside the support; alpha < 1 gives w >= 0
         w = k * x
         r = tl.where(w > -1.0, tl.exp(m + _log1p(w) * inv_am1), 0.0)
+    elif F == 6:  # m holds e^m
+        b = _pow_base(x, k)
+        r = m * (_int_pow(b, inv_am1, 1) * b)
     else:
         r = conj_grad(x - t, alpha_m1, inv_am1, F)
+    return r
+
+
+@triton.jit
+def _pow_base(x, k):
+    """F = 6's base 1 + k x, 0 outside the support (also for a NaN k x = 0 * -inf: masked)."""
+    w = k * x
+    return tl.where(w > -1.0, 1.0 + w, 0.0)
+
+
+@triton.jit
+def _int_pow(b, inv_am1, less: tl.constexpr):
+    """b^(n - less), n = 1 / (alpha - 1) rounded (F = 6: n - 1 multiplications at most)."""
+    n = (inv_am1 + 0.5).to(tl.int32) - less
+    r = b
+    for _ in range(1, n):
+        r = r * b
     return r
 
 
@@ -197,6 +229,11 @@ def conj_grads_at(x, t, k, m, alpha_m1, inv_am1, F: tl.constexpr):
         inside = w > -1.0
         d1 = tl.where(inside, tl.exp(m + _log1p(w) * inv_am1), 0.0)
         d2 = tl.where(inside, d1 / (1.0 + w), 0.0)
+    elif F == 6:  # e^m (1 + w)^(n - 1) and one more factor
+        b = _pow_base(x, k)
+        bn1 = _int_pow(b, inv_am1, 1)
+        d1 = m * (bn1 * b)
+        d2 = m * bn1
     else:
         d1 = conj_grad(x - t, alpha_m1, inv_am1, F)
         d2 = conj_grad2(x - t, alpha_m1, inv_am1, F)

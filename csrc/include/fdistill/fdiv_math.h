@@ -23,14 +23,26 @@ enum class FKind : int32_t {
   Alpha15 = 3,    // a = 3/2: [1 + v/2]_+^2
   Alpha2 = 4,     // a = 2:   [1 + v]_+
   JS = 5,         // exp(v) / (2 - exp(v)), v < log 2
+  AlphaPow = 6,   // a = 1 + 1/n, n = 3..kMaxAlphaPow (4/3, 1.25, 1.2, ...): [1 + (a - 1) v]_+^n by multiplication
 };
+
+// The largest n of AlphaPow: n - 1 multiplications per entry instead of an exp and a log1p (the power's
+// relative rounding grows as n eps).
+constexpr int kMaxAlphaPow = 8;
+
+// n when 1 / (alpha - 1) is an integer 3..kMaxAlphaPow (to 1e-9 relative: 4/3 as a double), else 0.
+FDISTILL_HD int alpha_pow_n(double alpha) {
+  const double inv = 1 / (alpha - 1), n = std::floor(inv + 0.5);
+  return n >= 3 && n <= kMaxAlphaPow && std::fabs(inv - n) <= 1e-9 * n ? static_cast<int>(n) : 0;
+}
 
 struct FCoef {
   double alpha = 1.5;
   double inv_am1 = 2;  // 1 / (alpha - 1)
+  int pow_n = 0;       // alpha_pow_n
 };
 
-FDISTILL_HD FCoef make_fcoef(double alpha) { return FCoef{alpha, 1.0 / (alpha - 1.0)}; }
+FDISTILL_HD FCoef make_fcoef(double alpha) { return FCoef{alpha, 1.0 / (alpha - 1.0), alpha_pow_n(alpha)}; }
 
 // f'(u) for u > 0, in double: the ends of the bracket for tau.
 FDISTILL_HD double f_prime(FKind k, const FCoef& c, double u) {
@@ -57,7 +69,7 @@ constexpr int kFDivStats = 3;
 FDISTILL_HD constexpr bool has_pole(FKind k) { return k == FKind::ReverseKL || k == FKind::JS; }
 
 // Whether the kernels' t is r = log s, s = 1 - (a - 1) tau (the general alpha family, SweepPoint).
-FDISTILL_HD constexpr bool has_log_scale(FKind k) { return k == FKind::Alpha; }
+FDISTILL_HD constexpr bool has_log_scale(FKind k) { return k == FKind::Alpha || k == FKind::AlphaPow; }
 
 // Safeguarded Newton on phi(tau) = S0(tau)^c - 1, S0(tau) = sum_j q_j (f*)'(x_j - tau),
 // x = theta - max theta. phi has the root of S0 = 1 and is convex or concave in the way
@@ -98,7 +110,8 @@ FDISTILL_HD double shifted_tau_bound(FKind k, const FCoef& c, double q) {
   switch (k) {
     case FKind::ReverseKL: return q;
     case FKind::JS: return std::log1p(q);
-    case FKind::Alpha: return -(c.alpha - 1) * std::log(q);
+    case FKind::Alpha:
+    case FKind::AlphaPow: return -(c.alpha - 1) * std::log(q);
     default: return -f_prime(k, c, 1 / q);
   }
 }
@@ -241,30 +254,51 @@ FDISTILL_HD V jacobian_weight(V p, V q, V two_minus_alpha, V alpha_m1) {
 //   for alpha >> 1 (tau's bracket end (1 - q^(1 - a)) / (a - 1) overflows at a = 1000, r's is -(a - 1) log q).
 // t is rounded to the accumulation type A first, as the statistics store it: the backward evaluates the
 // same point.
+// AlphaPow (1 / (a - 1) = n): (f*)'(x - tau) = e^m (1 + w)^n, its slope term e^m (1 + w)^(n - 1), by
+// multiplication.
 struct SweepPoint {
-  double t;  // v = x - t
-  double k;  // alpha: w = k x (clamped to A's range: at k = +-inf the argmax's w = 0 * inf is NaN)
-  double m;  // alpha: the log of the argmax's (f*)'
+  double t;   // v = x - t
+  double k;   // alpha: w = k x (clamped to A's range: at k = +-inf the argmax's w = 0 * inf is NaN)
+  double m;   // alpha: the log of the argmax's (f*)'
+  double em;  // AlphaPow: e^m (clamped to A's range)
 };
 
 template <class A>
 FDISTILL_HD SweepPoint sweep_point(FKind kind, const FCoef& c, double t) {
   const double r = static_cast<double>(static_cast<A>(t));
-  if (!has_log_scale(kind)) return {r, 0, 0};
-  const double lim = sizeof(A) == 8 ? DBL_MAX : FLT_MAX;
-  return {r, std::fmin(std::fmax((c.alpha - 1) * std::exp(-r), -lim), lim), r * c.inv_am1};
+  if (!has_log_scale(kind)) return {r, 0, 0, 0};
+  const double lim = sizeof(A) == 8 ? DBL_MAX : FLT_MAX, m = r * c.inv_am1;
+  return {r, std::fmin(std::fmax((c.alpha - 1) * std::exp(-r), -lim), lim), m, std::fmin(std::exp(m), lim)};
 }
 
 // A SweepPoint and the coefficients as tile values (vector splats or scalars).
 template <class V>
 struct TilePoint {
-  V t, k, m, alpha_m1, inv_am1;
+  V t, k, m, em, alpha_m1, inv_am1;
+  int pow_n;
 };
 
 template <class V>
 FDISTILL_HD TilePoint<V> tile_point(const SweepPoint& p, const FCoef& c) {
   using O = Ops<V>;
-  return {O::splat(p.t), O::splat(p.k), O::splat(p.m), O::splat(c.alpha - 1), O::splat(c.inv_am1)};
+  return {O::splat(p.t),           O::splat(p.k),         O::splat(p.m), O::splat(p.em),
+          O::splat(c.alpha - 1), O::splat(c.inv_am1), c.pow_n};
+}
+
+// b^n for n >= 1 (n - 1 multiplications: n <= kMaxAlphaPow).
+template <class V>
+FDISTILL_HD V int_pow(V b, int n) {
+  V r = b;
+  for (int i = 1; i < n; ++i) r = r * b;
+  return r;
+}
+
+// AlphaPow's base 1 + w of an entry, 0 outside the support (w <= -1; also a NaN w = 0 * -inf: masked).
+template <class V>
+FDISTILL_HD V pow_base(V x, const TilePoint<V>& p) {
+  using O = Ops<V>;
+  const V w = p.k * x;
+  return O::where(O::gt(w, O::splat(-1)), O::splat(1) + w, O::splat(0));
 }
 
 // (f*)'(x - tau) of a tile at the sweep point (masked entries, x = -inf, give 0).
@@ -274,13 +308,15 @@ FDISTILL_HD V conj_grad_at(V x, const TilePoint<V>& p) {
   if constexpr (K == FKind::Alpha) {  // w <= -1 (a > 1): outside the support; a < 1 gives w >= 0
     const V w = p.k * x;
     return O::where(O::gt(w, O::splat(-1)), O::exp(p.m + O::log1p(w) * p.inv_am1), O::splat(0));
+  } else if constexpr (K == FKind::AlphaPow) {
+    return p.em * int_pow(pow_base(x, p), p.pow_n);
   } else {
     return conj_grad<K>(x - p.t, p.alpha_m1, p.inv_am1);
   }
 }
 
 // (f*)' and the sweep's slope term together: (f*)''(x - t), or (f*)' / (1 + w) for the general alpha
-// (S1' above: one log1p and one exp per entry).
+// (S1' above: one log1p and one exp per entry; AlphaPow: n - 1 multiplications).
 template <FKind K, class V>
 FDISTILL_HD void conj_grads_at(V x, const TilePoint<V>& p, V& d1, V& d2) {
   using O = Ops<V>;
@@ -289,6 +325,10 @@ FDISTILL_HD void conj_grads_at(V x, const TilePoint<V>& p, V& d1, V& d2) {
     const auto inside = O::gt(w, O::splat(-1));
     d1 = O::where(inside, O::exp(p.m + O::log1p(w) * p.inv_am1), zero);
     d2 = O::where(inside, d1 / (one + w), zero);
+  } else if constexpr (K == FKind::AlphaPow) {  // (1 + w)^(n - 1) and one more factor
+    const V b = pow_base(x, p), bn1 = int_pow(b, p.pow_n - 1);
+    d1 = p.em * (bn1 * b);
+    d2 = p.em * bn1;
   } else {
     d1 = conj_grad<K>(x - p.t, p.alpha_m1, p.inv_am1);
     d2 = conj_grad2<K>(x - p.t, p.alpha_m1, p.inv_am1);
