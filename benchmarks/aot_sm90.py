@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fdistill.fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX  # noqa: E402
+from fdistill.fdiv_ops import MODE_FY, MODE_SOFTARGMAX, MODE_SOFTMAX, SHARD_PROBS, SHARD_SUMS  # noqa: E402
 from fdistill.ops import TWO_PASS_DIVERGENCES  # noqa: E402
 from fdistill.triton import divergence as tdiv  # noqa: E402
 from fdistill.triton import fdiv as tfdiv  # noqa: E402
@@ -63,6 +63,10 @@ class Config:
 def _tiles(dtype, wide=DIVERGENCE_TILE, kind=None):
     """The (BLOCK, num_warps) pairs the launchers pick for rows of ``dtype`` (fdistill.triton.tiles)."""
     return sorted({tiling(v, dtype, wide, kind) for v in tile_classes()})
+
+
+def _acc(dtype):
+    return triton.language.float64 if dtype == torch.float64 else triton.language.float32
 
 
 def _acc_ptr(dtype):
@@ -135,14 +139,45 @@ def _divergence_config(kind, code, dtype, op, labels, block, warps):
 
 
 def fdiv_configs():
-    """Every (f, mode, reference, target, dtype, BLOCK, num_warps) the f-divergence launchers can pick."""
+    """Every (f, mode, reference, target, dtype, BLOCK, num_warps) the f-divergence launchers can pick: the
+    forward, the FY / f-softmax backward, the f-softargmax backward and the vocabulary shard kernel."""
     targets = [(MODE_SOFTARGMAX, tfdiv.NO_TARGET), (MODE_FY, tfdiv.PROB_TARGET),
                (MODE_FY, tfdiv.LABEL_TARGET), (MODE_SOFTMAX, tfdiv.NO_TARGET)]  # fmt: skip
     for dtype, (f, code), has_ref, (mode, kind) in product(DTYPES, F_CODES.items(), (False, True), targets):
         for tile in _tiles(dtype, FDIV_TILE):
             yield _fdiv_config(f, code, dtype, mode, has_ref, kind, *tile, backward=False)
-            if mode != MODE_SOFTARGMAX:  # the softargmax's backward is composed in PyTorch
+            if mode != MODE_SOFTARGMAX:  # (the softargmax's backward: _softargmax_bwd_config)
                 yield _fdiv_config(f, code, dtype, mode, has_ref, kind, *tile, backward=True)
+    for dtype, (f, code), has_ref in product(DTYPES, F_CODES.items(), (False, True)):
+        for tile in _tiles(dtype, FDIV_TILE):
+            yield _softargmax_bwd_config(f, code, dtype, has_ref, *tile)
+            for mode in (SHARD_SUMS, SHARD_PROBS):
+                yield _shard_config(f, code, dtype, has_ref, mode, *tile)
+
+
+def _softargmax_bwd_config(f, code, dtype, has_ref, block, warps):
+    ptr, acc = PTR[dtype], _acc_ptr(dtype)
+    args = {"GRAD": ptr, "P": ptr, "REF": acc if has_ref else ("constexpr", None), "OUT": ptr,
+            "alpha": "fp64", "inv_t": "fp64", "ref_value": "fp64", "V": "i32", "stride_g": "i32",
+            "stride_p": "i32", "stride_q": "i32", "stride_out": "i32", "F": ("constexpr", code),
+            "HAS_REF": ("constexpr", has_ref), "BLOCK": ("constexpr", block),
+            "ACC": ("constexpr", _acc(dtype))}  # fmt: skip
+    label = f"{f} softargmax-bwd {str(dtype)[6:]}{' ref' if has_ref else ''} B{block}/w{warps}"
+    aligned = ("GRAD", "P", "REF", "OUT", "V", "stride_g", "stride_p", "stride_out")
+    return Config("fdiv", "_softargmax_bwd_kernel", label, args, warps, aligned, {"enable_fp_fusion": False})
+
+
+def _shard_config(f, code, dtype, has_ref, mode, block, warps):
+    ptr, acc = PTR[dtype], _acc_ptr(dtype)
+    args = {"LOGITS": ptr, "REF": acc if has_ref else ("constexpr", None), "STATS": acc,
+            "OUT": "*fp64" if mode == SHARD_SUMS else acc, "inv_t": "fp64", "alpha": "fp64",
+            "inv_am1": "fp64", "ref_value": "fp64", "V": "i32", "stride_l": "i32", "stride_q": "i32",
+            "stride_out": "i32",
+            "F": ("constexpr", code), "MODE": ("constexpr", mode), "HAS_REF": ("constexpr", has_ref),
+            "BLOCK": ("constexpr", block)}  # fmt: skip
+    label = f"{f} shard{mode} {str(dtype)[6:]}{' ref' if has_ref else ''} B{block}/w{warps}"
+    aligned = ("LOGITS", "REF", "STATS", "OUT", "V", "stride_l")
+    return Config("fdiv", "_fdiv_shard_kernel", label, args, warps, aligned, {"enable_fp_fusion": False})
 
 
 def _fdiv_config(f, code, dtype, mode, has_ref, kind, block, warps, backward):
@@ -183,6 +218,8 @@ KERNELS = {
     "_divergence_finish_kernel": tdiv._divergence_finish_kernel,
     "_fdiv_fwd_kernel": tfdiv._fdiv_fwd_kernel,
     "_fdiv_bwd_kernel": tfdiv._fdiv_bwd_kernel,
+    "_softargmax_bwd_kernel": tfdiv._softargmax_bwd_kernel,
+    "_fdiv_shard_kernel": tfdiv._fdiv_shard_kernel,
 }
 
 

@@ -27,7 +27,11 @@ FDIV_FWD_SCHEMA = (
     " float reference_value, float temperature, int ignore_index, int max_sweeps, float tol, int mode)"
     " -> (Tensor, Tensor)"
 )
-SOFTARGMAX_BWD_OP = "fdiv_softargmax_bwd"  # CPU only (csrc/cpu/fdiv_kernels.h)
+SOFTARGMAX_BWD_OP = "fdiv_softargmax_bwd"  # C++ (csrc/cpu/fdiv_kernels.h) and Triton (*_triton)
+SOFTARGMAX_BWD_SCHEMA = (
+    "(Tensor grad, Tensor p, Tensor? reference, str f, float alpha, float reference_value, float temperature)"
+    " -> Tensor"
+)
 FDIV_BWD_SCHEMA = (
     "(Tensor grad_rows, Tensor logits, Tensor? reference, Tensor? target, Tensor? labels, Tensor stats,"
     " str f, float alpha, float reference_value, float temperature, int ignore_index, int mode) -> Tensor"
@@ -68,6 +72,15 @@ def register_shard_op(name: str) -> None:
     torch.library.register_fake(f"fdistill::{name}")(_shard_fake)
 
 
+def register_softargmax_bwd_op(name: str) -> None:
+    """The fake kernel of one backend's fused f-softargmax backward (no second derivative: the composed
+    product serves create_graph=True)."""
+    torch.library.register_fake(f"fdistill::{name}")(_softargmax_bwd_fake)
+    torch.library.register_autograd(
+        f"fdistill::{name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
+
+
 def _softargmax_bwd_fake(grad, p, reference, f, alpha, reference_value, temperature):
     torch._check(grad.shape == p.shape, lambda: "grad must have p's shape")
     return p.new_empty(p.shape)
@@ -87,16 +100,31 @@ def _setup_context(ctx, inputs, output):
         ctx.options = (f, alpha, reference_value, temperature, ignore_index, mode)
 
 
+def _fused_softargmax_bwd(device: torch.device):
+    """The fused f-softargmax backward op for tensors on ``device``: C++ on the CPU, Triton on CUDA; None
+    where there is none (a stale build, no Triton)."""
+    if device.type == "cpu":
+        return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP, None)
+    if device.type == "cuda":
+        from ._triton_dispatch import triton_available
+
+        if triton_available():
+            from .triton import fdiv  # noqa: F401  (registers the op)
+
+            return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP + "_triton")
+    return None
+
+
 def softargmax_vjp(p, reference, f, alpha, reference_value, temperature, grad):
-    """w (g - <w, g> / sum w) / T with w = q (f*)''(theta - tau), in the accumulation dtype: the fused CPU op
-    where it applies, else PyTorch ops (differentiable: the second derivative)."""
-    fused = hasattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP)  # (False for a stale build)
-    if p.device.type == "cpu" and not torch.is_grad_enabled() and fused:
+    """w (g - <w, g> / sum w) / T with w = q (f*)''(theta - tau), in the accumulation dtype: the fused op
+    where it applies (not when the backward is itself differentiated), else PyTorch ops (differentiable:
+    the second derivative)."""
+    op = None if torch.is_grad_enabled() else _fused_softargmax_bwd(p.device)
+    if op is not None:
         grad = grad.to(p.dtype)
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP)(grad, p, reference, f, alpha, reference_value,
-                                                             temperature)  # fmt: skip
+        return op(grad, p, reference, f, alpha, reference_value, temperature)
     acc = accumulate_dtype(p.dtype)
     p = p.to(acc)
     q = reference if reference is not None else torch.full((), reference_value, dtype=acc, device=p.device)
@@ -138,7 +166,4 @@ if _C is not None:
     register_fdiv_ops("fdiv_fwd", "fdiv_bwd")
     if hasattr(torch.ops.fdistill, "fdiv_shard"):  # (False for a stale build)
         register_shard_op("fdiv_shard")
-    torch.library.register_fake(f"fdistill::{SOFTARGMAX_BWD_OP}")(_softargmax_bwd_fake)
-    torch.library.register_autograd(
-        f"fdistill::{SOFTARGMAX_BWD_OP}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
+    register_softargmax_bwd_op(SOFTARGMAX_BWD_OP)

@@ -129,6 +129,36 @@ def test_fused_softargmax_backward_against_float64(case, dtype, reference, seed)
     assert (got[3] == 0).all() and (got[0, :100] == 0).all()
 
 
+@pytest.mark.skipif(not (triton_available() and interpreter_enabled()), reason="needs Triton's interpreter")
+@pytest.mark.parametrize("reference", ["uniform", "tensor"])
+@pytest.mark.parametrize("case", F_CASES, ids=[f"{f}{a}" for f, a in F_CASES])
+def test_triton_fused_softargmax_backward_against_float64(case, reference, seed):
+    """The Triton backward (fdiv_softargmax_bwd_triton) on peaked fp32 rows with -inf entries and an empty
+    row, against the float64 product from the same p* and g, and against the CPU op."""
+    from fdistill.triton import fdiv  # noqa: F401  (registers the op)
+
+    f, alpha = case
+    g64 = generator(seed)
+    x = torch.randn(4, 1271, generator=g64, dtype=torch.float64) * 4
+    x[0, :100] = -math.inf
+    x[3] = -math.inf
+    q64 = torch.full((4, 1271), 1 / 1271, dtype=torch.float64)
+    ref, value = None, 1 / 1271
+    if reference == "tensor":
+        q64 = (torch.rand(1271, generator=g64, dtype=torch.float64) + 0.1).expand(4, -1)
+        ref, value = q64.float(), 1.0
+    name = "alpha" if f == "alpha" else f
+    p = fdistill.f_softargmax(x.float(), f, alpha=alpha, reference="uniform" if ref is None else ref[0])
+    g = torch.randn(p.shape, generator=g64, dtype=torch.float64).float()
+    got = torch.ops.fdistill.fdiv_softargmax_bwd_triton(g, p, ref, name, alpha, value, 2.0)
+    want = _vjp64(f, alpha, p.double(), q64, g.double()) / 2.0
+    scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    assert ((got.double() - want).abs() <= 1e-5 * scale).all(), ((got.double() - want).abs() / scale).max()
+    assert (got[3] == 0).all() and (got[0, :100] == 0).all()
+    cpu = torch.ops.fdistill.fdiv_softargmax_bwd(g, p, ref, name, alpha, value, 2.0)
+    torch.testing.assert_close(got, cpu, rtol=1e-5, atol=1e-7 * scale.max().item())
+
+
 def test_fused_softargmax_backward_opcheck():
     p = fdistill.f_softargmax(torch.randn(3, 50), "alpha", alpha=1.5, reference="unit", backend="cpu")
     q = torch.rand(50) + 0.1

@@ -42,8 +42,11 @@ from ..fdiv_ops import (
     NUM_FDIV_STATS,
     SHARD_PROBS,
     SHARD_SUMS,
+    SOFTARGMAX_BWD_OP,
+    SOFTARGMAX_BWD_SCHEMA,
     register_fdiv_ops,
     register_shard_op,
+    register_softargmax_bwd_op,
 )
 from ..ops import accumulate_dtype
 from .fdiv_math import (
@@ -52,6 +55,7 @@ from .fdiv_math import (
     f_at_zero,
     fcoef,
     fy_entry,
+    jacobian_weight,
     newton_power,
     q_f,
     resolve_f,
@@ -348,7 +352,7 @@ def _fdiv_shard_kernel(
     the whole row). MODE 0: the shard's [S0, S1] at t (float64); 1: p. Rows whose m is not finite give 0."""
     row = tl.program_id(0).to(tl.int64)
     ACC: tl.constexpr = STATS.dtype.element_ty
-    inv_t, alpha64, inv_am1_64, ref_value, _ = _load_params(inv_t, alpha, inv_am1, ref_value, 0.0, ACC)
+    inv_t, alpha64, inv_am1_64, ref_value, no_tol = _load_params(inv_t, alpha, inv_am1, ref_value, 0.0, ACC)
     alpha_m1 = (alpha64 - 1.0).to(ACC)
     inv_am1 = inv_am1_64.to(ACC)
     stats = STATS + row * 3
@@ -356,8 +360,8 @@ def _fdiv_shard_kernel(
     active = (m > float("-inf")) & (m < float("inf"))
     m = tl.where(active, m, 0.0)
     pt_t, pt_k, pt_m = sweep_point(tl.load(stats + 1).to(tl.float64), alpha64, inv_am1_64, ACC, F)
-    l_row, q_row, _ = _row_pointers(LOGITS, REF, LOGITS, row, stride_l, stride_q, 0, HAS_REF, 0)
-    n_eval = tl.where(active, V, 0)  # rows not computed read nothing
+    l_row, q_row, y_row = _row_pointers(LOGITS, REF, LOGITS, row, stride_l, stride_q, 0, HAS_REF, 0)
+    n_eval = tl.where(active, V, 0)  # rows not computed read nothing (y_row: unread)
     if MODE == 0:
         s0, s1 = _sums(l_row, q_row, n_eval, V, m, pt_t, pt_k, pt_m, inv_t, ref_value, alpha_m1, inv_am1,
                        F, HAS_REF, ACC, BLOCK)  # fmt: skip
@@ -372,6 +376,65 @@ def _fdiv_shard_kernel(
             _, _, p = _tile_probs(l_row, q_row, cols, load, inv_t, m, pt_t, pt_k, pt_m, inv_s0, ref_value,
                                   alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
             tl.store(OUT + row * stride_out + cols, tl.where(active, p, 0.0).to(ACC), mask=cols < V)
+
+
+@triton.jit
+def _softargmax_bwd_kernel(
+    GRAD, P, REF, OUT, alpha: tl.float64, inv_t: tl.float64, ref_value: tl.float64,
+    V, stride_g, stride_p, stride_q, stride_out,
+    F: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """f-softargmax's backward (C++ fdiv_softargmax_backward_rows): w (g - <w, g> / sum w) / T from the saved
+    p* and the incoming g, w = jacobian_weight, g taken relative to g* at the largest w (where one entry
+    holds most of the weight, g* - <w, g> / sum w cancels; sum w (g - g*) / sum w does not). Three passes:
+    the largest w and its g, the two sums (float64 totals), the output."""
+    row = tl.program_id(0).to(tl.int64)
+    zero = tl.zeros([], tl.float64)
+    alpha64 = zero + alpha
+    two_minus_alpha = (2.0 - alpha64).to(ACC)
+    alpha_m1 = (alpha64 - 1.0).to(ACC)
+    ref_value = zero + ref_value
+    g_row = GRAD + row * stride_g
+    p_row = P + row * stride_p
+    q_row = p_row  # (unread without a reference)
+    if HAS_REF:
+        q_row = REF + row * stride_q
+    offs = tl.arange(0, BLOCK)
+    top = tl.zeros([], ACC)
+    g_star = tl.zeros([], ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        p = tl.maximum(tl.load(p_row + cols, mask=mask, other=0.0).to(ACC), 0.0)
+        q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
+        w = jacobian_weight(p, q, two_minus_alpha, alpha_m1, F)
+        tile_top = tl.max(w, axis=0)
+        at = tl.argmax(w, axis=0)  # the first on ties
+        g_at = tl.sum(tl.where(offs == at, tl.load(g_row + cols, mask=mask, other=0.0).to(ACC), 0.0), axis=0)
+        raise_top = tile_top > top
+        g_star = tl.where(raise_top, g_at, g_star)
+        top = tl.maximum(top, tile_top)
+    total = tl.zeros([], tl.float64)
+    weighted = tl.zeros([], tl.float64)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        p = tl.maximum(tl.load(p_row + cols, mask=mask, other=0.0).to(ACC), 0.0)
+        q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
+        w = jacobian_weight(p, q, two_minus_alpha, alpha_m1, F)
+        dg = tl.load(g_row + cols, mask=mask, other=0.0).to(ACC) - g_star  # NaN / inf g: the NaN row
+        total += tl.sum(w, axis=0).to(tl.float64)
+        weighted += tl.sum(tl.where(mask, w * dg, 0.0), axis=0).to(tl.float64)
+    mean = tl.where(total > 0.0, weighted / tl.where(total > 0.0, total, 1.0), 0.0).to(ACC)
+    scale = (zero + inv_t).to(ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        p = tl.maximum(tl.load(p_row + cols, mask=mask, other=0.0).to(ACC), 0.0)
+        q = _load_q(q_row, cols, mask, ref_value, HAS_REF, ACC, BLOCK)
+        w = jacobian_weight(p, q, two_minus_alpha, alpha_m1, F)
+        dg = tl.load(g_row + cols, mask=mask, other=0.0).to(ACC) - g_star
+        tl.store(OUT + row * stride_out + cols, (w * (dg - mean) * scale).to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -549,6 +612,27 @@ def fdiv_shard_triton(logits, reference, stats, f, alpha, reference_value, tempe
     return out
 
 
+def fdiv_softargmax_bwd_triton(grad, p, reference, f, alpha, reference_value, temperature):
+    code, _ = _check_common(p, reference, None, None, f, alpha, reference_value, temperature, MODE_SOFTARGMAX)
+    if grad.shape != p.shape or (grad.stride(-1) != 1 and p.shape[1] > 1):
+        raise ValueError(f"fdistill: grad must be {tuple(p.shape)} with unit stride along the vocabulary")
+    if grad.dtype != p.dtype or grad.device != p.device:
+        raise TypeError(f"fdistill: grad must be {p.dtype} on {p.device}")
+    rows, vocab = p.shape
+    out = torch.empty_like(p)
+    if rows > 0:
+        block, warps = tiling(vocab, p.dtype, FDIV_TILE)
+        a, _ = fcoef(f, alpha)
+        _softargmax_bwd_kernel[(rows,)](
+            grad, p, reference, out, float(a), 1.0 / temperature, float(reference_value),
+            vocab, grad.stride(0), p.stride(0), 0 if reference is None else reference.stride(0),
+            out.stride(0), F=code, HAS_REF=reference is not None, BLOCK=block,
+            ACC=tl.float64 if p.dtype == torch.float64 else tl.float32, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
+    return out
+
+
 # The same schemas as the C++ ops fdiv_fwd / fdiv_bwd, so one set of fakes and one autograd
 # formula (fdistill/fdiv_ops.py) serve both.
 _lib = torch.library.Library("fdistill", "FRAGMENT")
@@ -556,12 +640,14 @@ for _name, _schema, _impl in (
     ("fdiv_fwd_triton", FDIV_FWD_SCHEMA, fdiv_fwd_triton),
     ("fdiv_bwd_triton", FDIV_BWD_SCHEMA, fdiv_bwd_triton),
     ("fdiv_shard_triton", FDIV_SHARD_SCHEMA, fdiv_shard_triton),
+    (SOFTARGMAX_BWD_OP + "_triton", SOFTARGMAX_BWD_SCHEMA, fdiv_softargmax_bwd_triton),
 ):
     _lib.define(_name + _schema)
     for _key in ("CPU", "CUDA"):  # CPU tensors only under TRITON_INTERPRET=1 (checked by the caller)
         _lib.impl(_name, _impl, _key)
 register_fdiv_ops("fdiv_fwd_triton", "fdiv_bwd_triton")
 register_shard_op("fdiv_shard_triton")
+register_softargmax_bwd_op(SOFTARGMAX_BWD_OP + "_triton")
 
 
 def fdiv_forward_op():

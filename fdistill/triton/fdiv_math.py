@@ -288,6 +288,26 @@ def _log1p(z):
 
 
 @triton.jit
+def jacobian_weight(p, q, two_minus_alpha, alpha_m1, F: tl.constexpr):
+    """w = q (f*)''(theta - tau) = q / f''(p / q) of an entry in p = p* and q, 0 off the support (C++
+    ``jacobian_weight``): kl p, reverse_kl p (p / q), js p (1 + p / q), alpha p^(2 - a) q^(a - 1) (sqrt(p q)
+    at 3/2, q at 2). The weights of f-softargmax's Jacobian diag(w) - w w^T / sum w."""
+    if F == 0:
+        w = p
+    elif F == 1:
+        w = p * (p / q)
+    elif F == 5:
+        w = p * (1.0 + p / q)
+    elif F == 3:
+        w = tl.sqrt(p * q)
+    elif F == 4:
+        w = q
+    else:
+        w = tl.exp(two_minus_alpha * tl.log(p) + alpha_m1 * tl.log(q))
+    return tl.where(p > 0.0, w, 0.0)
+
+
+@triton.jit
 def f_at_zero(alpha, F: tl.constexpr):
     """f(0) (C++ ``f_at_zero``): 1 for KL, 1/alpha, log 2 for JS; 0 for reverse KL (f(0) = inf: its
     q_f is the whole q f(p/q), only evaluated where p > 0)."""
