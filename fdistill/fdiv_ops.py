@@ -3,12 +3,14 @@
 The op contract (C++ ``fdistill::fdiv_fwd`` / ``fdiv_bwd``, see csrc/include/fdistill/fdiv_args.h, and
 their Triton twins ``*_triton``): the forward solves for tau on each row of ``[rows, V]`` logits and,
 by ``mode``, returns p* ``[rows, V]`` (0), the Fenchel–Young loss per row (1) or the f-softmax value
-per row (2), plus ``[rows, 3]`` statistics ``[max theta, t, S0]`` (t = tau, or tau + the pole of (f*)' for
-reverse_kl and js: csrc/include/fdistill/fdiv_math.h, kFDivStats) from which the backward of modes
-1 and 2 (``fdiv_bwd``: ``grad_rows / T (p* - y)``) recomputes p*. Mode 0's backward is the Jacobian
-product ``w (g - <w, g> / sum w)``, ``w = q (f*)''(theta - tau)``, from the output p*: on CPU tensors the
-fused ``fdiv_softargmax_bwd`` (one read of p* and g, one write), elsewhere, and whenever the backward
-itself is differentiated (``create_graph=True``: the second derivative), composed here of PyTorch ops.
+per row (2), plus ``[rows, 3]`` statistics ``[max theta, t, S0]`` (t the search variable: tau, tau + the
+pole of (f*)' for reverse_kl and js, log(1 - (alpha - 1) tau) for the other alphas:
+csrc/include/fdistill/fdiv_math.h, kFDivStats) from which the backward of modes 1 and 2 (``fdiv_bwd``:
+``grad_rows / T (p* - y)``) recomputes p*. Mode 0's backward is the Jacobian product
+``w (g - <w, g> / sum w)``, ``w = q (f*)''(theta - tau)``, from the output p*: the fused
+``fdiv_softargmax_bwd`` (C++ on CPU tensors, ``*_triton`` on CUDA tensors); whenever the backward itself
+is differentiated (``create_graph=True``: the second derivative), composed here of PyTorch ops.
+``fdiv_shard`` evaluates a vocabulary shard at given statistics (the vocabulary-parallel search).
 """
 
 from __future__ import annotations
