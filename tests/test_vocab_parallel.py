@@ -320,6 +320,10 @@ def _fy_cases():
         ),  # fmt: skip
         "fy:alpha0.7-labels-unit": fy_case("alpha", {"alpha": 0.7, "reference": "unit"}, 308),
         "fy:alpha1.5-labels-float32": fy_case("alpha", {"alpha": 1.5}, 309, dtype=torch.float32),
+        # the search on PyTorch sweeps (fdiv_search.sweep_terms) rather than the fdiv_shard kernel
+        "fy:alpha1.25-probs-reference": fy_case("alpha", {"alpha": 1.25, "backend": "reference"}, 310,
+                                                target="probs"),  # fmt: skip
+        "fy:alpha1.3-labels-float32": fy_case("alpha", {"alpha": 1.3}, 311, dtype=torch.float32),
     }
 
 
@@ -460,6 +464,8 @@ def _softargmax_cases():
         "softargmax:js-unit": softargmax_case("js", {"reference": "unit"}, 801),
         "softargmax:kl-dim0": softargmax_case("kl", {}, 802, dim=0),
         "softargmax:chi2-dim0": softargmax_case("chi2", {"reference": "unit"}, 803, dim=0),
+        "softargmax:alpha1.25": softargmax_case("alpha", {"alpha": 1.25}, 806, neg_inf_frac=0.1),
+        "softargmax:rkl-reference": softargmax_case("reverse_kl", {"backend": "reference"}, 807),
         "softmax:alpha1.5": softmax_case("alpha", {"alpha": 1.5}, 804),
         "softmax:kl": softmax_case("kl", {}, 805),
     }
