@@ -100,7 +100,7 @@ def test_monitor_flags_a_u_at_or_before_its_minimum_and_not_a_power_law():
     u, law = TeacherHackingMonitor(), TeacherHackingMonitor()
     steps = list(range(0, 601, 30))
     proxy = [2.0 * (1 + s) ** -0.5 for s in steps]
-    golden = [1.5 * p**0.7 + 0.004 * s / 30 for p, s in zip(proxy, steps, strict=True)]  # falls, then rises
+    golden = [1.5 * p**0.7 + 0.02 * s / 30 for p, s in zip(proxy, steps, strict=True)]  # falls, then rises
     for s, p, g in zip(steps, proxy, golden, strict=True):
         u.update(s, proxy=p, golden=g)
         law.update(s, proxy=p, golden=1.5 * p**0.7)

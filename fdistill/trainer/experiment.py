@@ -140,7 +140,7 @@ PRESETS = {
             Source("offline 512x1", "offline", prompts=512, generations=1),
             Source("online teacher", "online", lmbda=0.0),
         ),
-        monitor={"fit_points": 4, "skip": 2, "tolerance": 0.1, "patience": 2},
+        monitor={"fit_points": 4, "skip": 3, "tolerance": 0.1, "patience": 3},
         seeds=(0, 1, 2),
     ),
     "small": Preset(
