@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="experiment", required=True)
     th = sub.add_parser("teacher-hacking", help="oracle -> teacher -> student, offline vs online data")
-    th.add_argument("--preset", default="tiny", help="tiny (< 10 min on 2 cores), small, or smoke (CI)")
+    th.add_argument("--preset", default="tiny", help="tiny (3 seeds, ~9 min, 1 thread), small, smoke (CI)")
     th.add_argument("--out", default=None, help="output directory (default runs/teacher-hacking-<preset>)")
     seeds = th.add_mutually_exclusive_group()
     seeds.add_argument(

@@ -7,24 +7,26 @@ Setup (Tiapkin et al., 2025, at toy scale; see docs/algorithms.md#teacher-hackin
   the whole sequence, exactly computable, and free to sample — a synthetic language with known
   probabilities, so golden metrics are exact expectations rather than estimates against a corpus.
 - **teacher**: a larger model than the student, distilled (forward KL, fresh oracle samples) from the
-  oracle **tilted** by a fixed random bigram bias of scale ``teacher_tilt``
-  (:class:`~fdistill.trainer.model.TiltedLM`): good on the oracle's contextual structure, with a
-  systematic error that is simple to learn — the imperfect teacher a student can hack. (An attention
+  oracle, with a fixed random **tilt** of scale ``teacher_tilt``
+  (:class:`~fdistill.trainer.model.TiltedLM`, keyed on ``tilt_key``) either on its training target
+  (``tilt_on="target"``) or added to the trained teacher (``"teacher"``, the tiny preset: an exactly
+  known error keyed on (position, token)): good on the oracle's contextual structure, with a
+  systematic error that a student can learn — the imperfect teacher a student can hack. (An attention
   window, ``LMConfig.attn_window``, is the other structured error on offer; at this scale it did not make
   the student hack: see the README.)
-- **student**: smaller; starts from likelihood training (SFT) on plenty of fresh oracle samples (real
-  oracle knowledge, worse than the teacher's), then is distilled from the teacher, once per data source,
-  from the same start:
-  ``offline`` fixed datasets of ``prompts x generations`` teacher completions generated once (two
-  sizes / diversities), and ``online`` fresh completions every step, from the teacher or on-policy
-  from the student (GKD's lambda).
+- **student**: smaller; starts from ``sft_steps`` of likelihood training (SFT) on fresh oracle samples
+  (tiny: none, a random student), then is distilled from the teacher, once per data source, from the
+  same start: ``offline`` fixed datasets of ``prompts x generations`` teacher completions generated
+  once, and ``online`` fresh completions every step, from the teacher or on-policy from the student
+  (GKD's lambda).
 - **metrics** on held-out prompts every ``eval_every`` steps: proxy = per-token KL(teacher || student)
   on completions sampled from the teacher, golden = per-token KL(oracle || student) on completions
   sampled from the oracle (each the sequence-level KL per token, by the chain rule). A
   :class:`~fdistill.trainer.monitor.TeacherHackingMonitor` per run fits the early golden-vs-proxy
   power law and flags departures and "golden up while proxy down".
 
-Every stage checkpoints (safetensors, atomic) and a rerun resumes where it stopped.
+The whole pipeline runs once per seed (``Preset.seeds``); the report gives every seed's curves and their
+mean and min–max band. Every stage checkpoints (safetensors, atomic) and a rerun resumes where it stopped.
 
 Under ``torchrun --nproc_per_node N`` (gloo, CPU) the stages are data parallel
 (:mod:`~fdistill.trainer.distributed`): every rank draws the same global batches and trains on its
