@@ -4,6 +4,12 @@ band math, the aggregate, resume after an interruption) and the monitor on a U-s
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +27,7 @@ from fdistill.trainer.experiment import (
 from fdistill.trainer.report import band_cell, seed_band
 
 CFG = LMConfig(vocab=17, width=32, depth=2, heads=4, context=20, head_scale=3.0)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _base(seed):
@@ -110,11 +117,11 @@ def test_monitor_flags_a_u_at_or_before_its_minimum_and_not_a_power_law():
 
 
 def _fast_preset():
-    """Seconds per seed: a smoke preset cut down further, one offline source."""
+    """Seconds per seed: a smoke preset cut down further (short sequences), one offline source."""
     smoke = preset_config("smoke")
     source = Source("offline 4x2", "offline", prompts=4, generations=2)
     steps = {"teacher_steps": 4, "sft_steps": 4, "distill_steps": 12, "eval_every": 4, "ckpt_every": 4}
-    return dataclasses.replace(smoke, **steps, eval_prompts=8, sources=(source,), tilt_key="token_position")
+    return dataclasses.replace(smoke, **steps, prompt_len=4, length=8, eval_prompts=8, sources=(source,))
 
 
 def _run(out, seeds):
@@ -123,18 +130,27 @@ def _run(out, seeds):
     )
 
 
-def test_seeds_in_one_run_match_separate_runs_and_resume_after_an_interruption(tmp_path, monkeypatch):
-    both = _run(tmp_path / "both", (0, 1))
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """(curves, out) of an uninterrupted run of seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    return _run(out, (0, 1)), out
+
+
+def test_seeds_in_one_run_match_separate_runs(two_seeds, tmp_path):
+    both, out = two_seeds
     alone = _run(tmp_path / "one", (1,))
     assert both["per_seed"]["1"] == alone["per_seed"]["1"] and both["seeds"] == [0, 1]
     g = both["sources"]["offline 4x2"]["golden"]
     assert all(lo <= m <= hi for lo, m, hi in zip(g["min"], g["mean"], g["max"], strict=True))
-    assert (tmp_path / "both" / "checkpoints" / "seed1" / "distill_offline_4x2.safetensors").exists()
+    assert (out / "checkpoints" / "seed1" / "distill_offline_4x2.safetensors").exists()
 
-    # interrupted in seed 1's distillation, after its step-8 checkpoint; the rerun resumes there
+
+def test_interrupted_in_the_second_seed_resumes_to_the_same_bytes(two_seeds, tmp_path, monkeypatch):
+    _, reference = two_seeds
     real, calls = experiment.distillation_loss, [0]
 
-    def stopping(*args, **kwargs):
+    def stopping(*args, **kwargs):  # interrupted in seed 1's distillation, after its step-8 checkpoint
         calls[0] += 1
         if calls[0] == (4 + 12) + 4 + 10:  # seed 0: 4 teacher + 12 distill calls; seed 1: 4, then step 10
             raise KeyboardInterrupt
@@ -147,8 +163,35 @@ def test_seeds_in_one_run_match_separate_runs_and_resume_after_an_interruption(t
     assert not (out / "curves.json").exists()
     monkeypatch.setattr(experiment, "distillation_loss", real)
     _run(out, (0, 1))
-    assert (out / "curves.json").read_bytes() == (tmp_path / "both" / "curves.json").read_bytes()
-    assert (out / "summary.md").read_text() == (tmp_path / "both" / "summary.md").read_text()
+    assert (out / "curves.json").read_bytes() == (reference / "curves.json").read_bytes()
+    assert (out / "summary.md").read_text() == (reference / "summary.md").read_text()
+
+
+def test_kill_9_in_the_second_seed_then_resume_gives_the_same_bytes(two_seeds, tmp_path):
+    """A real SIGKILL right after seed 1's first distillation checkpoint, then a rerun."""
+    _, reference = two_seeds
+    killed = tmp_path / "killed"
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_teacher_hacking_seeds as t; "
+    )
+    script += f"t._run({str(killed)!r}, (0, 1))"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = killed / "checkpoints" / "seed1" / "distill_offline_4x2.safetensors"
+    deadline = time.monotonic() + 60
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "curves.json").exists(), "the run finished before it was killed"
+    _run(killed, (0, 1))
+    assert (killed / "curves.json").read_bytes() == (reference / "curves.json").read_bytes()
 
 
 def test_monitor_skip_fits_after_the_initial_transient():
@@ -167,3 +210,11 @@ def test_monitor_skip_fits_after_the_initial_transient():
     assert skipping.summary()["skip"] == 1
     with pytest.raises(ValueError, match="skip >= 0"):
         TeacherHackingMonitor(skip=-1)
+
+
+@pytest.mark.parametrize(("field", "value"), [("tilt_on", "student"), ("tilt_key", "prompt")])
+def test_bad_tilt_options_are_named_before_anything_is_written(tmp_path, field, value):
+    bad = dataclasses.replace(preset_config("smoke"), **{field: value})
+    with pytest.raises(ValueError, match=f"Preset.{field} must be one of"):
+        run_teacher_hacking(bad, tmp_path / "run", progress=False, plots=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

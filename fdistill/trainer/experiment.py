@@ -58,7 +58,7 @@ from .distill import (
 )
 from .extras import require_for_run
 from .loop import HELDOUT_SEED, ORACLE_POOL, oracle_stage, run_loop
-from .model import LMConfig, TiltedLM, TinyLM
+from .model import TILT_KEYS, LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
 from .report import (
     TEACHER_HACKING_DPI,
@@ -253,6 +253,10 @@ def run_teacher_hacking(
     cfg = preset if isinstance(preset, Preset) else preset_config(preset)
     preset = "custom" if isinstance(preset, Preset) else preset
     cfg = replace(cfg, seeds=check_seeds(cfg.seeds if seeds is None else seeds))
+    if cfg.tilt_on not in TILT_ON:
+        raise ValueError(f"Preset.tilt_on must be one of {list(TILT_ON)}, got {cfg.tilt_on!r}")
+    if cfg.tilt_key not in TILT_KEYS:
+        raise ValueError(f"Preset.tilt_key must be one of {list(TILT_KEYS)}, got {cfg.tilt_key!r}")
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
     require_for_run(progress=progress, plots=plots)
@@ -301,10 +305,11 @@ def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, lo
     torch.manual_seed(seed + 1)
     teacher = TinyLM(cfg.teacher)
     check_compatible(oracle, teacher, task)
-    if cfg.tilt_on not in TILT_ON:
-        raise ValueError(f"Preset.tilt_on must be one of {list(TILT_ON)}, got {cfg.tilt_on!r}")
-    tilt = TiltedLM(oracle, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7), cfg.tilt_key)
-    target = tilt if cfg.tilt_on == "target" else oracle
+
+    def tilted(model):  # the same table for either placement: its own generator
+        return TiltedLM(model, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7), cfg.tilt_key)
+
+    target = tilted(oracle) if cfg.tilt_on == "target" else oracle
     log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g} on the {cfg.tilt_on}, key {cfg.tilt_key})")
     distill_from_oracle = lambda seqs: distillation_loss(teacher, target, seqs, task.prompt_len)  # noqa: E731
     _train_on_oracle(oracle, teacher, "teacher", ckpt("teacher"), cfg.teacher_steps,
@@ -313,8 +318,7 @@ def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, lo
     for p in teacher.parameters():
         p.requires_grad_(False)
     if cfg.tilt_on == "teacher":  # the trained teacher plus the tilt's table: an exactly known error
-        teacher = TiltedLM(teacher, 0.0, torch.Generator(), cfg.tilt_key)
-        teacher.table.copy_(tilt.table)
+        teacher = tilted(teacher)
     proxy_seqs = teacher.sample(eval_prompts, task.length, generator=gen_eval)
 
     # stage 2: the student's start, likelihood training on fresh oracle samples (cached)
