@@ -1,6 +1,6 @@
 """``python -m fdistill <experiment> ...``: the trainer's experiments.
 
-python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seed 0]
+python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seeds 0,1,2]
     [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1]
 python -m fdistill rlhf --method {rl,warp,bond,warm,irl} --preset tiny [--out runs/rlhf-<method>-<preset>]
     [--seed 0] [--fresh] [--no-progress] [--no-plots] [--threads 1]
@@ -23,9 +23,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="experiment", required=True)
     th = sub.add_parser("teacher-hacking", help="oracle -> teacher -> student, offline vs online data")
-    th.add_argument("--preset", default="tiny", help="tiny (< 10 min on 2 cores), small, or smoke (CI)")
+    th.add_argument("--preset", default="tiny", help="tiny (3 seeds, ~9 min, 1 thread), small, smoke (CI)")
     th.add_argument("--out", default=None, help="output directory (default runs/teacher-hacking-<preset>)")
-    th.add_argument("--seed", type=int, default=0)
+    seeds = th.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, one run each (default: the preset's)",
+    )
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
     th.add_argument("--divergence", default="forward_kl", help="any fdistill divergence, or 'fy'")
     th.add_argument("--fused", action="store_true", help="use the fused-linear loss from hidden states")
     th.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
@@ -79,11 +85,26 @@ def _teacher_hacking(args):
     preset_config(args.preset)
     if args.divergence not in LOSSES:
         raise ValueError(f"unknown divergence {args.divergence!r}; choose one of {list(LOSSES)}")
+    seeds = _seeds(args.seeds) if args.seeds is not None else None if args.seed is None else (args.seed,)
     out = args.out or f"runs/teacher-hacking-{args.preset}"
     return out, lambda: run_teacher_hacking(
-        args.preset, out, seed=args.seed, divergence=args.divergence, fused=args.fused,
+        args.preset, out, seeds=seeds, divergence=args.divergence, fused=args.fused,
         progress=not args.no_progress, plots=not args.no_plots,
     )  # fmt: skip
+
+
+def _seeds(text: str) -> tuple:
+    """``--seeds 0,1,2`` as a tuple of ints."""
+    from .trainer.experiment import check_seeds
+
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    try:
+        return check_seeds(seeds)
+    except ValueError as exc:
+        raise ValueError(f"--seeds: {exc}") from None
 
 
 def _rlhf(args):

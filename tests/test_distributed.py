@@ -57,6 +57,12 @@ def _curves(out: Path) -> dict:
 
 def _assert_same_curves(got: dict, want: dict) -> None:
     assert got["run"] == want["run"]
+    assert got["per_seed"].keys() == want["per_seed"].keys()
+    for seed, run in want["per_seed"].items():
+        _assert_same_seed(got["per_seed"][seed], run)
+
+
+def _assert_same_seed(got: dict, want: dict) -> None:
     np.testing.assert_allclose(got["teacher_golden"], want["teacher_golden"], rtol=1e-5)
     for key in ("proxy", "golden"):
         np.testing.assert_allclose(got["student_start"][key], want["student_start"][key], rtol=1e-5)
@@ -112,7 +118,7 @@ def test_interrupted_on_two_processes_resumes_on_one(tmp_path, reference):
     out = tmp_path / "run"
     stopped = _run([str(script), *SMOKE, "--out", str(out)], tmp_path, nproc=2)
     assert stopped.returncode != 0 and not (out / "curves.json").exists()
-    assert (out / "checkpoints" / "distill_offline_8x1.safetensors").exists()
+    assert (out / "checkpoints" / "seed0" / "distill_offline_8x1.safetensors").exists()
     resumed = _run(["-m", "fdistill", *SMOKE, "--out", str(out)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming student at step 20" in resumed.stdout

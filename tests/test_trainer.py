@@ -240,8 +240,8 @@ def test_experiment_smoke_run_and_resume(tmp_path, capsys):
     saved = json.loads((out / "curves.json").read_text())
     assert set(saved["sources"]) == {"offline 8x1", "online teacher"}
     for c in saved["sources"].values():
-        assert len(c["steps"]) == len(c["proxy"]) == len(c["golden"]) == 5 and c["steps"][-1] == 40
-        assert all(v >= 0 for v in c["proxy"] + c["golden"])
+        assert len(c["steps"]) == len(c["proxy"]["mean"]) == len(c["golden"]["max"]) == 5
+        assert c["steps"][-1] == 40 and all(v >= 0 for v in c["proxy"]["min"] + c["golden"]["min"])
     assert (out / "curves.png").stat().st_size > 0 and (out / "golden_vs_proxy.png").stat().st_size > 0
     assert "| data source |" in (out / "summary.md").read_text()
     # a rerun resumes from the finished checkpoints and reproduces the curves
@@ -263,11 +263,11 @@ def test_experiment_smoke_run_and_resume(tmp_path, capsys):
 def test_corrupt_stage_checkpoint_is_reported(tmp_path, capsys):
     out = tmp_path / "run"
     run_teacher_hacking("smoke", out, progress=False, plots=False, log=lambda *_: None)
-    (out / "checkpoints" / "teacher.safetensors").write_bytes(b"garbage")
+    (out / "checkpoints" / "seed0" / "teacher.safetensors").write_bytes(b"garbage")
     assert (
         cli(["teacher-hacking", "--preset", "smoke", "--out", str(out), "--no-progress", "--no-plots"]) == 2
     )
-    assert "teacher.safetensors is corrupt" in capsys.readouterr().err
+    assert "seed0/teacher.safetensors is corrupt" in capsys.readouterr().err
 
 
 def test_package_exports_the_losses_the_trainer_uses():

@@ -7,24 +7,26 @@ Setup (Tiapkin et al., 2025, at toy scale; see docs/algorithms.md#teacher-hackin
   the whole sequence, exactly computable, and free to sample — a synthetic language with known
   probabilities, so golden metrics are exact expectations rather than estimates against a corpus.
 - **teacher**: a larger model than the student, distilled (forward KL, fresh oracle samples) from the
-  oracle **tilted** by a fixed random bigram bias of scale ``teacher_tilt``
-  (:class:`~fdistill.trainer.model.TiltedLM`): good on the oracle's contextual structure, with a
-  systematic error that is simple to learn — the imperfect teacher a student can hack. (An attention
+  oracle, with a fixed random **tilt** of scale ``teacher_tilt``
+  (:class:`~fdistill.trainer.model.TiltedLM`, keyed on ``tilt_key``) either on its training target
+  (``tilt_on="target"``) or added to the trained teacher (``"teacher"``, the tiny preset: an exactly
+  known error keyed on (position, token)): good on the oracle's contextual structure, with a
+  systematic error that a student can learn — the imperfect teacher a student can hack. (An attention
   window, ``LMConfig.attn_window``, is the other structured error on offer; at this scale it did not make
   the student hack: see the README.)
-- **student**: smaller; starts from likelihood training (SFT) on plenty of fresh oracle samples (real
-  oracle knowledge, worse than the teacher's), then is distilled from the teacher, once per data source,
-  from the same start:
-  ``offline`` fixed datasets of ``prompts x generations`` teacher completions generated once (two
-  sizes / diversities), and ``online`` fresh completions every step, from the teacher or on-policy
-  from the student (GKD's lambda).
+- **student**: smaller; starts from ``sft_steps`` of likelihood training (SFT) on fresh oracle samples
+  (tiny: none, a random student), then is distilled from the teacher, once per data source, from the
+  same start: ``offline`` fixed datasets of ``prompts x generations`` teacher completions generated
+  once, and ``online`` fresh completions every step, from the teacher or on-policy from the student
+  (GKD's lambda).
 - **metrics** on held-out prompts every ``eval_every`` steps: proxy = per-token KL(teacher || student)
   on completions sampled from the teacher, golden = per-token KL(oracle || student) on completions
   sampled from the oracle (each the sequence-level KL per token, by the chain rule). A
   :class:`~fdistill.trainer.monitor.TeacherHackingMonitor` per run fits the early golden-vs-proxy
   power law and flags departures and "golden up while proxy down".
 
-Every stage checkpoints (safetensors, atomic) and a rerun resumes where it stopped.
+The whole pipeline runs once per seed (``Preset.seeds``); the report gives every seed's curves and their
+mean and min–max band. Every stage checkpoints (safetensors, atomic) and a rerun resumes where it stopped.
 
 Under ``torchrun --nproc_per_node N`` (gloo, CPU) the stages are data parallel
 (:mod:`~fdistill.trainer.distributed`): every rank draws the same global batches and trains on its
@@ -56,9 +58,20 @@ from .distill import (
 )
 from .extras import require_for_run
 from .loop import HELDOUT_SEED, ORACLE_POOL, oracle_stage, run_loop
-from .model import LMConfig, TiltedLM, TinyLM
+from .model import TILT_KEYS, LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
-from .report import TEACHER_HACKING_DPI, argmin, markdown_table, publish, pyplot, save_figure
+from .report import (
+    TEACHER_HACKING_DPI,
+    argmin,
+    band_cell,
+    markdown_table,
+    mean,
+    plot_band,
+    publish,
+    pyplot,
+    save_figure,
+    seed_band,
+)
 from .rundir import checkpoint_path, claim_out_dir, jsonable, slug
 
 
@@ -74,6 +87,9 @@ class Source:
     lmbda: float = 0.0
 
 
+TILT_ON = ("target", "teacher")
+
+
 @dataclass(frozen=True)
 class Preset:
     vocab: int = 32
@@ -82,7 +98,9 @@ class Preset:
     oracle: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24, head_scale=8.0, attn_gain=6.0)
     teacher: LMConfig = LMConfig(width=64, depth=2, heads=4, context=24)
     student: LMConfig = LMConfig(width=32, depth=1, heads=2, context=24)
-    teacher_tilt: float = 0.7  # scale of the bigram tilt of the teacher's target (0: the oracle itself)
+    teacher_tilt: float = 0.7  # scale of the tilt of the teacher's target (0: the oracle itself)
+    tilt_key: str = "token"  # what the tilt is keyed on: TiltedLM's key (model.TILT_KEYS)
+    tilt_on: str = "target"  # TILT_ON: tilt the teacher's training target, or the trained teacher itself
     teacher_steps: int = 300
     sft_steps: int = 300
     distill_steps: int = 600
@@ -98,10 +116,35 @@ class Preset:
         Source("online teacher", "online", lmbda=0.0),
     )
     monitor: dict = field(default_factory=lambda: {"fit_points": 5, "tolerance": 0.1, "patience": 2})
+    seeds: tuple = (0,)  # one run per seed (oracle, teacher, student and data all drawn from it)
 
+
+# the tiny preset's teacher error and student schedule (the smoke preset shares them; README)
+USHAPE = {
+    "teacher_tilt": 1.0,
+    "tilt_key": "token_position",
+    "tilt_on": "teacher",
+    "teacher_steps": 200,
+    "sft_steps": 0,
+    "distill_lr": 3e-3,
+}
 
 PRESETS = {
-    "tiny": Preset(),
+    "tiny": Preset(
+        **USHAPE,
+        distill_steps=400,
+        eval_every=20,
+        eval_prompts=128,
+        ckpt_every=100,
+        sources=(
+            Source("offline 128x1", "offline", prompts=128, generations=1),
+            Source("offline 128x4", "offline", prompts=128, generations=4),
+            Source("offline 512x1", "offline", prompts=512, generations=1),
+            Source("online teacher", "online", lmbda=0.0),
+        ),
+        monitor={"fit_points": 4, "skip": 3, "tolerance": 0.1, "patience": 3},
+        seeds=(0, 1, 2),
+    ),
     "small": Preset(
         vocab=64,
         length=24,
@@ -121,8 +164,7 @@ PRESETS = {
         ),
     ),
     "smoke": Preset(
-        teacher_steps=20,
-        sft_steps=20,
+        **{**USHAPE, "teacher_steps": 20, "sft_steps": 20},
         distill_steps=40,
         eval_every=10,
         eval_prompts=32,
@@ -192,23 +234,29 @@ def _train_on_oracle(oracle, model, name, ckpt, steps, loss_fn, task, cfg, seed,
 
 
 def run_teacher_hacking(
-    preset: str = "tiny",
+    preset: str | Preset = "tiny",
     out: str | Path = "runs/teacher-hacking",
     *,
-    seed: int = 0,
+    seeds=None,
     divergence: str = "forward_kl",
     fused: bool = False,
     progress: bool = True,
     plots: bool = True,
     log=print,
 ) -> dict:
-    """Run (or resume) the experiment; writes ``out/curves.json``, ``out/summary.md`` and PNG plots;
-    returns the curves dict.
+    """Run (or resume) the experiment once per seed (``seeds``, default the preset's); writes
+    ``out/curves.json`` (every seed's curves and, per data source, their mean and min/max band),
+    ``out/summary.md`` and PNG plots; returns the curves dict.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and trains data parallel;
     ``batch`` must divide by the world size. Rank 0 writes the files and logs."""
     cfg = preset if isinstance(preset, Preset) else preset_config(preset)
     preset = "custom" if isinstance(preset, Preset) else preset
+    cfg = replace(cfg, seeds=check_seeds(cfg.seeds if seeds is None else seeds))
+    if cfg.tilt_on not in TILT_ON:
+        raise ValueError(f"Preset.tilt_on must be one of {list(TILT_ON)}, got {cfg.tilt_on!r}")
+    if cfg.tilt_key not in TILT_KEYS:
+        raise ValueError(f"Preset.tilt_key must be one of {list(TILT_KEYS)}, got {cfg.tilt_key!r}")
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
     require_for_run(progress=progress, plots=plots)
@@ -218,16 +266,36 @@ def run_teacher_hacking(
     if not main:
         log, progress, plots = (lambda *_: None), False, False
     out = Path(out)
-    run_config = {
-        "preset": preset,
-        "seed": seed,
-        "divergence": divergence,
-        "fused": fused,
-        "config": jsonable(cfg),
-    }
-    claim_out_dir(out, run_config, "preset/seed/divergence/sizes")
+    run_config = {"preset": preset, "divergence": divergence, "fused": fused, "config": jsonable(cfg)}
+    claim_out_dir(out, run_config, "preset/seeds/divergence/sizes")
+    per_seed = {}
+    for seed in cfg.seeds:
+        log(f"seed {seed}")
+        per_seed[str(seed)] = _run_seed(cfg, out, seed, divergence, fused, progress, log)
+    curves = {"run": run_config, **aggregate_seeds(per_seed, cfg.monitor), "per_seed": per_seed}
+    publish(out, curves, summary_table(curves), plot_curves, main=main, plots=plots, log=log)
+    return curves
+
+
+def check_seeds(seeds) -> tuple:
+    """``seeds`` as a tuple of distinct ints (at least one)."""
+    seeds = tuple(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be one or more ints, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds!r}")
+    return seeds
+
+
+def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, log) -> dict:
+    """One seed's oracle, teacher, student start and distillation runs (checkpoints under
+    ``checkpoints/seed<seed>/``); returns its curves."""
+
+    def ckpt(stage):
+        return checkpoint_path(out, f"seed{seed}/{stage}")
+
     task = Task(cfg.vocab, cfg.prompt_len, cfg.length)
-    oracle = oracle_stage(cfg.oracle, out, seed)
+    oracle = oracle_stage(cfg.oracle, out, seed, f"seed{seed}/oracle")
 
     gen_eval = torch.Generator().manual_seed(seed + HELDOUT_SEED)  # held-out prompts: their own stream
     eval_prompts = task.prompts(cfg.eval_prompts, gen_eval)
@@ -237,23 +305,29 @@ def run_teacher_hacking(
     torch.manual_seed(seed + 1)
     teacher = TinyLM(cfg.teacher)
     check_compatible(oracle, teacher, task)
-    target = TiltedLM(oracle, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7))
-    log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g})")
+
+    def tilted(model):  # the same table for either placement: its own generator
+        return TiltedLM(model, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7), cfg.tilt_key)
+
+    target = tilted(oracle) if cfg.tilt_on == "target" else oracle
+    log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g} on the {cfg.tilt_on}, key {cfg.tilt_key})")
     distill_from_oracle = lambda seqs: distillation_loss(teacher, target, seqs, task.prompt_len)  # noqa: E731
-    _train_on_oracle(oracle, teacher, "teacher", checkpoint_path(out, "teacher"), cfg.teacher_steps,
+    _train_on_oracle(oracle, teacher, "teacher", ckpt("teacher"), cfg.teacher_steps,
                      distill_from_oracle, task, cfg, seed + 1, progress, log)  # fmt: skip
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cfg.tilt_on == "teacher":  # the trained teacher plus the tilt's table: an exactly known error
+        teacher = tilted(teacher)
     proxy_seqs = teacher.sample(eval_prompts, task.length, generator=gen_eval)
 
     # stage 2: the student's start, likelihood training on fresh oracle samples (cached)
     torch.manual_seed(seed + 2)
     student0 = TinyLM(cfg.student)
     check_compatible(teacher, student0, task)
-    log("stage 2: student SFT on oracle samples")
+    log(f"stage 2: student SFT on oracle samples ({cfg.sft_steps} steps)")
     sft_on_oracle = lambda seqs: sft_loss(student0, seqs, task.prompt_len)  # noqa: E731
-    _train_on_oracle(oracle, student0, "student", checkpoint_path(out, "student_sft"), cfg.sft_steps,
+    _train_on_oracle(oracle, student0, "student", ckpt("student_sft"), cfg.sft_steps,
                      sft_on_oracle, task, cfg, seed + 2, progress, log)  # fmt: skip
 
     # each rank scores its part of the held-out set; count-weighted means over ranks
@@ -267,15 +341,10 @@ def run_teacher_hacking(
         return distributed.weighted_mean(local, proxy_part.shape[0])
 
     teacher_golden = distributed.weighted_mean({"golden": golden(teacher)}, golden_part.shape[0])["golden"]
-    curves = {
-        "run": run_config,
-        "teacher_golden": teacher_golden,
-        "student_start": metrics(student0),
-        "sources": {},
-    }
+    curves = {"teacher_golden": teacher_golden, "student_start": metrics(student0), "sources": {}}
     start = curves["student_start"]
     log(
-        f"teacher golden KL(oracle || teacher) = {curves['teacher_golden']:.4f}; "
+        f"teacher golden KL(oracle || teacher) = {teacher_golden:.4f}; "
         f"student start: proxy {start['proxy']:.4f}, golden {start['golden']:.4f}"
     )
 
@@ -291,7 +360,7 @@ def run_teacher_hacking(
         record = _train(
             student,
             "student",
-            checkpoint_path(out, f"distill_{slug(source.name)}"),
+            ckpt(f"distill_{slug(source.name)}"),
             cfg.distill_steps,
             lambda d=data, g=gen: d.batch(cfg.batch, g),
             lambda seqs, s=student: distillation_loss(s, teacher, seqs, task.prompt_len, divergence, fused),
@@ -304,71 +373,126 @@ def run_teacher_hacking(
             progress=progress,
             log=log,
         )
-        monitor = TeacherHackingMonitor(**cfg.monitor)
-        events = []
-        for point in record["eval"]:
-            events += monitor.update(point["step"], proxy=point["proxy"], golden=point["golden"])
+        steps = [p["step"] for p in record["eval"]]
+        proxy, gold = [p["proxy"] for p in record["eval"]], [p["golden"] for p in record["eval"]]
+        monitor, events = watch(cfg.monitor, steps, proxy, gold)
         curves["sources"][source.name] = {
             "source": asdict(source),
-            "steps": [p["step"] for p in record["eval"]],
-            "proxy": [p["proxy"] for p in record["eval"]],
-            "golden": [p["golden"] for p in record["eval"]],
+            "steps": steps,
+            "proxy": proxy,
+            "golden": gold,
             "train_loss": [t["loss"] for t in record["train"]],
-            "monitor": monitor.summary(),
+            "monitor": monitor,
             "events": events,
         }
-    publish(out, curves, summary_table(curves), plot_curves, main=main, plots=plots, log=log)
     return curves
 
 
+def watch(options: dict, steps, proxy, golden) -> tuple[dict, list]:
+    """A :class:`~.monitor.TeacherHackingMonitor` (``options``) fed one curve; (its summary, events)."""
+    monitor = TeacherHackingMonitor(**options)
+    events = []
+    for step, p, g in zip(steps, proxy, golden, strict=True):
+        events += monitor.update(step, proxy=p, golden=g)
+    return monitor.summary(), events
+
+
+def aggregate_seeds(per_seed: dict, monitor: dict) -> dict:
+    """Across the seeds' curves (``per_seed``: seed -> curves): the teacher's golden, the student's
+    start and, per data source, the proxy and golden :func:`~.report.seed_band` (mean, std, min,
+    max per evaluation), each seed's golden minimum and flags, and the monitor run on the mean curve."""
+    runs = list(per_seed.values())
+    sources = {}
+    for name, first in runs[0]["sources"].items():
+        each = [r["sources"][name] for r in runs]
+        if any(c["steps"] != first["steps"] for c in each):
+            raise ValueError(f"the seeds evaluated {name!r} at different steps")
+        proxy, gold = seed_band(c["proxy"] for c in each), seed_band(c["golden"] for c in each)
+        summary, events = watch(monitor, first["steps"], proxy["mean"], gold["mean"])
+        sources[name] = {
+            "source": first["source"],
+            "steps": first["steps"],
+            "proxy": proxy,
+            "golden": gold,
+            "monitor": summary,
+            "events": events,
+            "golden_min_step": [c["steps"][argmin(c["golden"])] for c in each],
+            "departure_step": [c["monitor"]["departure_step"] for c in each],
+            "hacking_step": [c["monitor"]["hacking_step"] for c in each],
+        }
+    return {
+        "seeds": [int(s) for s in per_seed],
+        "teacher_golden": seed_band([[r["teacher_golden"]] for r in runs]),
+        "student_start": {k: seed_band([[r["student_start"][k]] for r in runs]) for k in ("proxy", "golden")},
+        "sources": sources,
+    }
+
+
 def summary_table(curves: dict) -> str:
-    """The Markdown summary: per data source, proxy and golden from start to end, and the flags."""
+    """The Markdown summary: per data source, proxy and golden (mean over the seeds, their min–max in
+    brackets) from start to end, the step of the mean golden's minimum and the monitor's flags on the
+    mean curve, each seed's in brackets."""
     head = [
         "data source",
         "proxy start → end",
-        "golden start → min (step) → end",
+        "golden start → min → end",
+        "golden-min step",
         "departure step",
         "hacking step",
     ]
     rows = []
     for name, c in curves["sources"].items():
-        best = argmin(c["golden"])
+        proxy, gold = c["proxy"], c["golden"]
+        best, last = argmin(gold["mean"]), len(c["steps"]) - 1
         m = c["monitor"]
         rows.append([
             name,
-            f"{c['proxy'][0]:.4f} → {c['proxy'][-1]:.4f}",
-            f"{c['golden'][0]:.4f} → {c['golden'][best]:.4f} ({c['steps'][best]}) → {c['golden'][-1]:.4f}",
-            m["departure_step"] if m["departure_step"] is not None else "-",
-            m["hacking_step"] if m["hacking_step"] is not None else "-",
+            f"{band_cell(proxy, 0)} → {band_cell(proxy, last)}",
+            f"{band_cell(gold, 0)} → {band_cell(gold, best)} → {band_cell(gold, last)}",
+            _steps_cell(c["steps"][best], c["golden_min_step"]),
+            _steps_cell(m["departure_step"], c["departure_step"]),
+            _steps_cell(m["hacking_step"], c["hacking_step"]),
         ])  # fmt: skip
-    return markdown_table(head, rows)
+    seeds = ", ".join(str(s) for s in curves["seeds"])
+    return (
+        f"Seeds {seeds}: mean (min–max over the seeds); steps: of the mean curve (each seed's).\n\n"
+        + markdown_table(head, rows)
+    )
+
+
+def _steps_cell(on_mean, per_seed) -> str:
+    show = lambda step: "-" if step is None else str(step)  # noqa: E731
+    return f"{show(on_mean)} ({', '.join(show(s) for s in per_seed)})" if len(per_seed) > 1 else show(on_mean)
 
 
 def plot_curves(curves: dict, out: Path) -> list[Path]:
-    """``curves.png`` (proxy and golden vs step, per data source) and ``golden_vs_proxy.png``
-    (log-log, with each run's fitted early power law and its flagged steps)."""
+    """``curves.png`` (proxy and golden vs step, per data source: the mean over the seeds and their
+    min–max band) and ``golden_vs_proxy.png`` (log-log mean curves with the golden band, the early
+    power law fitted to each mean curve and its flagged steps)."""
     plt = pyplot()
     sources = curves["sources"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in sources.items():
         steps = [max(s, 1) for s in c["steps"]]
-        axes[0].plot(steps, c["proxy"], label=name)
-        axes[1].plot(steps, c["golden"], label=name)
-    axes[1].axhline(curves["teacher_golden"], color="k", ls=":", lw=1, label="teacher's golden")
+        plot_band(axes[0], steps, c["proxy"], label=name)
+        plot_band(axes[1], steps, c["golden"], label=name)
+    axes[1].axhline(mean(curves["teacher_golden"]["mean"]), color="k", ls=":", lw=1, label="teacher's golden")
     for ax, title in zip(
         axes, ("proxy: KL(teacher || student)", "golden: KL(oracle || student)"), strict=True
     ):
-        ax.set(xscale="log", yscale="log", xlabel="step", title=title)
+        ax.set(xscale="log", yscale="log", xlabel="step", title=f"{title}; band: min–max over seeds")
+        ax.title.set_fontsize(9)
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7)
     first = save_figure(fig, out / "curves.png", TEACHER_HACKING_DPI)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, c in sources.items():
-        (line,) = ax.plot(c["proxy"], c["golden"], marker=".", label=name)
+        proxy, gold = c["proxy"]["mean"], c["golden"]["mean"]
+        line = plot_band(ax, proxy, c["golden"], marker=".", label=name)
         fit = c["monitor"]["fit"]
         if fit is not None:
-            lo, hi = min(c["proxy"]), max(c["proxy"])
+            lo, hi = min(proxy), max(proxy)
             xs = [lo * (hi / lo) ** (i / 20) for i in range(21)] if lo > 0 else []
             ax.plot(
                 xs,
@@ -381,17 +505,16 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
             step = c["monitor"][key]
             if step is not None:
                 i = c["steps"].index(step)
-                ax.plot(
-                    c["proxy"][i], c["golden"][i], marker=marker, ms=10, mfc="none", color=line.get_color()
-                )
+                ax.plot(proxy[i], gold[i], marker=marker, ms=10, mfc="none", color=line.get_color())
     ax.set(
         xscale="log",
         yscale="log",
-        xlabel="proxy",
+        xlabel="proxy (mean over seeds)",
         ylabel="golden",
-        title="golden vs proxy (dashed: early power-law fit; o departure, x hacking)",
+        title="golden vs proxy, mean over seeds (band: golden min–max; dashed: early power-law fit;\n"
+        "o departure, x hacking)",
     )
-    ax.title.set_fontsize(9)
+    ax.title.set_fontsize(8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     second = save_figure(fig, out / "golden_vs_proxy.png", TEACHER_HACKING_DPI)
@@ -401,6 +524,8 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
 __all__ = [
     "PRESETS",
     "Preset",
+    "aggregate_seeds",
+    "check_seeds",
     "Source",
     "CheckpointError",
     "plot_curves",

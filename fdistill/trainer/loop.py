@@ -114,12 +114,13 @@ def save_on_main(path: Path, **kwargs) -> None:
     distributed.barrier()
 
 
-def oracle_stage(config: LMConfig, out: Path, seed: int) -> TinyLM:
-    """The oracle: a random TinyLM drawn from ``seed``, saved by a run's first start and restored by
-    every rerun (so a resumed run never depends on the initialisation code), frozen."""
+def oracle_stage(config: LMConfig, out: Path, seed: int, name: str = "oracle") -> TinyLM:
+    """The oracle: a random TinyLM drawn from ``seed``, saved (as the checkpoint ``name``) by a run's
+    first start and restored by every rerun (so a resumed run never depends on the initialisation
+    code), frozen."""
     torch.manual_seed(seed)
     oracle = TinyLM(config)
-    path = checkpoint_path(out, "oracle")
+    path = checkpoint_path(out, name)
     if path.exists():
         load_checkpoint(path, models={"oracle": oracle})
     else:

@@ -146,25 +146,39 @@ class TinyLM(nn.Module):
         return logp.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
 
 
+TILT_KEYS = ("token", "token_position")
+
+
 class TiltedLM(nn.Module):
-    """``base``'s next-token logits plus a fixed random **bigram tilt**: ``logits[n] += table[token n]``
-    with ``table ~ scale * N(0, 1)`` of shape ``(vocab, vocab)``.
+    """``base``'s next-token logits plus a fixed random **tilt** keyed on the context:
+    ``logits[n] += table[key_n]`` with ``table ~ scale * N(0, 1)`` rows of ``vocab`` entries.
 
-    A model with a systematic, context-dependent error that is simple to learn (a preference for some
-    next tokens after each token, like a stylistic bias in a teacher's training data): trained to imitate
-    it, a model inherits the error, and a student can in turn pick it up from few examples. Sampling,
-    completion logits and log-probs are :class:`TinyLM`'s (they only use ``forward`` and ``cfg``)."""
+    ``key="token"``: a **bigram** tilt, ``key_n`` = token n (a ``(vocab, vocab)`` table): one global
+    preference for some next tokens after each token, learnable from any data. ``key="token_position"``:
+    ``key_n`` = (position n, token n) (a ``(context, vocab, vocab)`` table): the error differs at every
+    position, so a model learns it cell by cell from the contexts it sees, ``context`` times slower.
 
-    def __init__(self, base: TinyLM, scale: float, generator: torch.Generator):
+    A model with a systematic, context-dependent error (like a stylistic bias in a teacher's training
+    data): trained to imitate it, a model inherits the error, and a student can in turn pick it up.
+    Sampling, completion logits and log-probs are :class:`TinyLM`'s (they only use ``forward`` and
+    ``cfg``)."""
+
+    def __init__(self, base: TinyLM, scale: float, generator: torch.Generator, key: str = "token"):
         super().__init__()
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
-        self.base, self.cfg = base, base.cfg
+        if key not in TILT_KEYS:
+            raise ValueError(f"key must be one of {list(TILT_KEYS)}, got {key!r}")
+        self.base, self.cfg, self.key = base, base.cfg, key
         v = base.cfg.vocab
-        self.register_buffer("table", scale * torch.randn(v, v, generator=generator))
+        shape = (v, v) if key == "token" else (base.cfg.context, v, v)
+        self.register_buffer("table", scale * torch.randn(*shape, generator=generator))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.base(tokens) + self.table[tokens]
+        if self.key == "token":
+            return self.base(tokens) + self.table[tokens]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.base(tokens) + self.table[positions, tokens]
 
     sample = TinyLM.sample
     completion_logits = TinyLM.completion_logits

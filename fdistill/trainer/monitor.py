@@ -4,8 +4,9 @@ Distillation normally converges polynomially: ``log golden`` is linear in ``log 
 ``log step``). Teacher hacking (Tiapkin et al., 2025) is the student improving on the proxy
 (distance to the teacher) while the golden metric (distance to the oracle) gets worse. The monitor
 
-1. fits ``log y = a + b log x`` by least squares on the first ``fit_points`` evaluations, where
-   ``y`` is golden and ``x`` is proxy (``law="golden_vs_proxy"``) or the step (``"golden_vs_step"``);
+1. fits ``log y = a + b log x`` by least squares on ``fit_points`` evaluations after the first
+   ``skip`` (an initial transient, e.g. a student far from the teacher at step 0), where ``y`` is
+   golden and ``x`` is proxy (``law="golden_vs_proxy"``) or the step (``"golden_vs_step"``);
 2. flags the **departure step**: the first of ``patience`` consecutive later evaluations whose
    ``log y`` exceeds the fitted law by more than ``tolerance`` (natural-log units: 0.1 is 10%);
 3. flags the **hacking step**: the first of ``patience`` consecutive evaluations where golden is above
@@ -30,6 +31,7 @@ class TeacherHackingMonitor:
     tolerance: float = 0.1
     patience: int = 2
     law: str = "golden_vs_proxy"
+    skip: int = 0
     steps: list = field(default_factory=list)
     proxy: list = field(default_factory=list)
     golden: list = field(default_factory=list)
@@ -40,8 +42,8 @@ class TeacherHackingMonitor:
     def __post_init__(self):
         if self.law not in LAWS:
             raise ValueError(f"law must be one of {list(LAWS)}, got {self.law!r}")
-        if self.fit_points < 2 or self.patience < 1 or not self.tolerance > 0:
-            raise ValueError("fit_points must be >= 2, patience >= 1 and tolerance > 0")
+        if self.fit_points < 2 or self.patience < 1 or not self.tolerance > 0 or self.skip < 0:
+            raise ValueError("fit_points must be >= 2, patience >= 1, tolerance > 0 and skip >= 0")
 
     def _x(self, i: int) -> float:
         return self.proxy[i] if self.law == "golden_vs_proxy" else max(self.steps[i], 1)
@@ -53,12 +55,13 @@ class TeacherHackingMonitor:
         self.proxy.append(float(proxy))
         self.golden.append(float(golden))
         events = []
-        n = len(self.steps)
-        if n == self.fit_points:
-            self.fit = fit_power_law([self._x(i) for i in range(n)], self.golden)
-        if self.fit is not None and n > self.fit_points and self.departure_step is None:
+        n, end = len(self.steps), self.skip + self.fit_points  # the fit window: evaluations [skip, end)
+        if n == end:
+            window = range(self.skip, end)
+            self.fit = fit_power_law([self._x(i) for i in window], [self.golden[i] for i in window])
+        if self.fit is not None and n > end and self.departure_step is None:
             recent = range(n - self.patience, n)
-            if min(recent) >= self.fit_points and all(self.residual(i) > self.tolerance for i in recent):
+            if min(recent) >= end and all(self.residual(i) > self.tolerance for i in recent):
                 self.departure_step = self.steps[n - self.patience]
                 events.append(f"step {self.departure_step}: golden departs from the early power law")
         recent = range(n - self.patience, n)
@@ -81,6 +84,7 @@ class TeacherHackingMonitor:
             "law": self.law,
             "fit": None if self.fit is None else {"log_a": self.fit[0], "exponent": self.fit[1]},
             "fit_points": self.fit_points,
+            "skip": self.skip,
             "tolerance": self.tolerance,
             "departure_step": self.departure_step,
             "hacking_step": self.hacking_step,

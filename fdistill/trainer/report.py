@@ -31,6 +31,36 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
+def seed_band(runs) -> dict:
+    """Across seeds, point by point: ``runs`` is one equally long list of numbers per seed; returns
+    ``{"mean", "std", "min", "max"}``, each a list (``std`` is the population one, over the seeds)."""
+    runs = [list(r) for r in runs]
+    if not runs or any(len(r) != len(runs[0]) for r in runs):
+        raise ValueError(f"runs must be one or more equally long series, got {[len(r) for r in runs]}")
+    columns = list(zip(*runs, strict=True))
+    means = [mean(c) for c in columns]
+    return {
+        "mean": means,
+        "std": [mean([(v - m) ** 2 for v in c]) ** 0.5 for c, m in zip(columns, means, strict=True)],
+        "min": [min(c) for c in columns],
+        "max": [max(c) for c in columns],
+    }
+
+
+def band_cell(band: dict, i: int, digits: int = 3) -> str:
+    """Point ``i`` of a :func:`seed_band` as ``mean (min–max)``; just the mean for one seed."""
+    m, lo, hi = band["mean"][i], band["min"][i], band["max"][i]
+    return f"{m:.{digits}f}" if lo == hi else f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def plot_band(ax, x, band: dict, **line) -> object:
+    """The mean of a :func:`seed_band` as a line over ``x`` and its min–max as a shaded band of the
+    same colour; returns the line."""
+    (drawn,) = ax.plot(x, band["mean"], **line)
+    ax.fill_between(x, band["min"], band["max"], color=drawn.get_color(), alpha=0.2, lw=0)
+    return drawn
+
+
 def argmax(values) -> int:
     return max(range(len(values)), key=lambda i: values[i])
 
