@@ -177,7 +177,7 @@ def test_kill_9_in_the_second_seed_then_resume_gives_the_same_bytes(two_seeds, t
     script += f"t._run({str(killed)!r}, (0, 1))"
     env = dict(
         os.environ,
-        OMP_NUM_THREADS="1",
+        OMP_NUM_THREADS=str(torch.get_num_threads()),  # the reference's: reductions split by thread count
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     proc = subprocess.Popen(
