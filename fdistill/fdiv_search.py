@@ -75,6 +75,7 @@ class TauSearch:
         self.eps = eps
         self.lo = bracket_end(family, alpha, q_max)  # S0(lo) >= 1
         self.hi = bracket_end(family, alpha, q_total)  # S0(hi) <= 1
+        self.lo0 = self.lo  # tau_lo: lo again if Jensen's start turns out above the root
         if family in ("reverse_kl", "js") or alpha <= 2:  # (f*)' convex: Jensen's start (start_tau_search)
             x_mean = x_mean.to(_SUMS)
             if self.kind == "log_scale":
@@ -95,7 +96,8 @@ class TauSearch:
         self.best_s0 = torch.where(better, s0, self.best_s0)
         hit = (s0 - 1).abs() <= tol
         above = s0 > 1
-        self.lo = torch.where(live & above, self.t, self.lo)
+        restart = live & ~above & (self.t == self.lo)  # Jensen's start was above the root: from tau_lo again
+        self.lo = torch.where(live & above, self.t, torch.where(restart, self.lo0, self.lo))
         self.hi = torch.where(live & ~above, self.t, self.hi)
         # phi / phi' with phi = S0^c - 1: its numerator as -S0 expm1(-c log S0) (no cancellation near c = 0)
         num = s0 * torch.expm1(-self.c * torch.log(s0))

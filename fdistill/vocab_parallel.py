@@ -28,8 +28,7 @@ divergence_loss      fused backends: 1 all-gather of each rank's row         non
                      ``alpha``: also of ``alpha t + (1 - alpha) s``), 1
                      all-reduce of the partial sums (none for ``alpha``)
 fy_loss              1 all-gather (max, bracket; ``kl``: sum-exp), 1         none
-                     all-reduce per Newton sweep (none for ``kl``; the last
-                     sweep confirms that every rank has settled), 1
+                     all-reduce per Newton sweep (none for ``kl``), 1
                      all-reduce of the loss's partial sums
 f_softargmax         as ``fy_loss``, without the loss's all-reduce           1 all-reduce
 f_softmax            as ``fy_loss``                                          none
@@ -621,13 +620,12 @@ def _shard_stats(shift, t, norm, acc) -> torch.Tensor:
 
 def _shard_call(theta, q, stats, spec: _FSpec, mode: int) -> torch.Tensor:
     """fdiv_shard on the shard rows (theta already divided by T), q a 0-dim value or [rows, V_local]."""
-    op = getattr(torch.ops.fdistill, spec.shard_op)
-    f = "alpha" if spec.family == "alpha" else spec.family
+    op = getattr(torch.ops.fdistill, spec.shard_op)  # (spec.family is canonical: kl, reverse_kl, alpha, js)
     if q.dim() == 0:
-        return op(theta, None, stats, f, spec.alpha, float(q), 1.0, mode)
+        return op(theta, None, stats, spec.family, spec.alpha, float(q), 1.0, mode)
     ref = q.expand_as(theta)
     ref = ref if ref.stride(-1) == 1 else ref.contiguous()
-    return op(theta, ref, stats, f, spec.alpha, 1.0, 1.0, mode)
+    return op(theta, ref, stats, spec.family, spec.alpha, 1.0, 1.0, mode)
 
 
 def _probs(theta, q, live, shift, t, norm, spec: _FSpec) -> torch.Tensor:
@@ -664,8 +662,7 @@ def _solve(theta: torch.Tensor, q: torch.Tensor, spec: _FSpec, extra=None) -> _S
     summed over the ranks). Then, except for ``kl``, the search of :mod:`fdistill.fdiv_search` (the C++
     kernels' iteration and variables): each sweep is this shard's [S0, S1] (the fdiv_shard kernel, or
     PyTorch), all-reduced over the shards, then one search step, for at most ``spec.max_sweeps`` sweeps.
-    Every rank reports in each sweep's all-reduce how many rows it still updates, so all of them leave
-    the loop at the same sweep.
+    Every rank's search sees only the merged sums, so all of them settle at the same sweep.
     """
     group, acc = spec.layout.group, theta.dtype
     live = theta > _NEG_INF
@@ -677,7 +674,10 @@ def _solve(theta: torch.Tensor, q: torch.Tensor, spec: _FSpec, extra=None) -> _S
         qx.gather(-1, theta.argmax(-1, keepdim=True)).squeeze(-1),
         torch.where(live, qx, torch.zeros((), dtype=acc, device=q.device)).sum(-1),
         _nonfinite(theta).to(acc),
-        torch.where(live, qx * theta, torch.zeros((), dtype=acc, device=q.device)).sum(-1),  # Jensen's start
+        # Jensen's start: sum q (theta - this shard's max), merged below relative to the global max
+        torch.where(live, qx * (theta - top.unsqueeze(-1)), torch.zeros((), dtype=acc, device=q.device)).sum(
+            -1
+        ),
     ]
     if spec.family == "kl":
         cols.append(_local_lse(theta, qx)[:, 1])  # sum q exp(theta - local max)
@@ -697,16 +697,18 @@ def _solve(theta: torch.Tensor, q: torch.Tensor, spec: _FSpec, extra=None) -> _S
         q_star = stats[..., 1].gather(0, tops.argmax(0, keepdim=True)).squeeze(0)  # q at the argmax
         q_star = torch.where(skip, torch.ones_like(q_star), q_star)
         q_total = torch.where(skip, torch.ones_like(q_star), stats[..., 2].sum(0))
-        x_mean = stats[..., 4].to(_SUMS).sum(0) / q_total.to(_SUMS) - shift.to(_SUMS)
+        # sum q (theta - max) over the vocabulary from each shard's sum relative to its own max
+        shard_q, shard_qx = stats[..., 2].to(_SUMS), stats[..., 4].to(_SUMS)
+        rebase = torch.where(shard_q > 0, shard_q * (tops.to(_SUMS) - shift.to(_SUMS)), 0)
+        x_mean = (shard_qx + rebase).sum(0) / q_total.to(_SUMS)
         search = fsearch.TauSearch(
             spec.family, spec.alpha, q_star, q_total, x_mean, torch.finfo(acc).eps, skip
         )
         for _ in range(spec.max_sweeps):
-            active = (~search.done).sum().to(_SUMS).reshape(1)
-            local = _sweep_sums(theta, q, live, shift, search.t, spec)
-            sums = _all_reduce(torch.cat([local[:, 0], local[:, 1], active]), group)
-            if not bool(sums[-1] > 0):  # every rank had settled every row before this sweep
+            if bool(search.done.all()):  # (the same on every rank: it sees only merged sums)
                 break
+            local = _sweep_sums(theta, q, live, shift, search.t, spec)
+            sums = _all_reduce(torch.cat([local[:, 0], local[:, 1]]), group)
             search.step(sums[:rows], sums[rows : 2 * rows], spec.tol)
         t = torch.where(skip, torch.zeros_like(search.best_t), search.best_t)
         norm = torch.where(skip | search.best_s0.isnan(), ones, search.best_s0)

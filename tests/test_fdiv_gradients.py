@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from utils import generator
+from utils import SKIP_WITHOUT_TRITON, TRITON_DEVICE, generator
 
 import fdistill
 from fdistill._triton_dispatch import interpreter_enabled, triton_available
@@ -129,7 +129,7 @@ def test_fused_softargmax_backward_against_float64(case, dtype, reference, seed)
     assert (got[3] == 0).all() and (got[0, :100] == 0).all()
 
 
-@pytest.mark.skipif(not (triton_available() and interpreter_enabled()), reason="needs Triton's interpreter")
+@SKIP_WITHOUT_TRITON
 @pytest.mark.parametrize("reference", ["uniform", "tensor"])
 @pytest.mark.parametrize("case", F_CASES, ids=[f"{f}{a}" for f, a in F_CASES])
 def test_triton_fused_softargmax_backward_against_float64(case, reference, seed):
@@ -147,15 +147,17 @@ def test_triton_fused_softargmax_backward_against_float64(case, reference, seed)
     if reference == "tensor":
         q64 = (torch.rand(1271, generator=g64, dtype=torch.float64) + 0.1).expand(4, -1)
         ref, value = q64.float(), 1.0
-    name = "alpha" if f == "alpha" else f
     p = fdistill.f_softargmax(x.float(), f, alpha=alpha, reference="uniform" if ref is None else ref[0])
     g = torch.randn(p.shape, generator=g64, dtype=torch.float64).float()
-    got = torch.ops.fdistill.fdiv_softargmax_bwd_triton(g, p, ref, name, alpha, value, 2.0)
+    dev = TRITON_DEVICE
+    got = torch.ops.fdistill.fdiv_softargmax_bwd_triton(
+        g.to(dev), p.to(dev), None if ref is None else ref.to(dev), f, alpha, value, 2.0
+    ).cpu()
     want = _vjp64(f, alpha, p.double(), q64, g.double()) / 2.0
     scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     assert ((got.double() - want).abs() <= 1e-5 * scale).all(), ((got.double() - want).abs() / scale).max()
     assert (got[3] == 0).all() and (got[0, :100] == 0).all()
-    cpu = torch.ops.fdistill.fdiv_softargmax_bwd(g, p, ref, name, alpha, value, 2.0)
+    cpu = torch.ops.fdistill.fdiv_softargmax_bwd(g, p, ref, f, alpha, value, 2.0)
     torch.testing.assert_close(got, cpu, rtol=1e-5, atol=1e-7 * scale.max().item())
 
 

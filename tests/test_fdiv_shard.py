@@ -81,18 +81,19 @@ def _to_tau(family, alpha, t):
 def test_shard_sums_and_probs_match_the_unsharded_kernel(family, alpha, backend, seed):
     theta, q = _inputs(seed)
     fwd, shard = _fwd_op(backend), _shard_op(backend)
-    f = "alpha" if family == "alpha" else family
-    p, stats = fwd(theta, q, None, None, f, alpha, 1.0, 1.0, -100, 100, 1e-12, MODE_SOFTARGMAX)
+    p, stats = fwd(theta, q, None, None, family, alpha, 1.0, 1.0, -100, 100, 1e-12, MODE_SOFTARGMAX)
     # the whole row at the kernel's own t: S0 is the stored one (up to the renormalisation)
-    sums = shard(theta, q, stats, f, alpha, 1.0, 1.0, SHARD_SUMS)
+    sums = shard(theta, q, stats, family, alpha, 1.0, 1.0, SHARD_SUMS)
     torch.testing.assert_close(sums[:, 0], stats[:, 2].double(), rtol=1e-12, atol=0)
     # two uneven shards add up to it
     cut = 500
-    halves = [shard(theta[:, a:b].contiguous(), q[:, a:b].contiguous(), stats, f, alpha, 1.0, 1.0, SHARD_SUMS)
-              for a, b in ((0, cut), (cut, theta.shape[1]))]  # fmt: skip
+    halves = [
+        shard(theta[:, a:b].contiguous(), q[:, a:b].contiguous(), stats, family, alpha, 1.0, 1.0, SHARD_SUMS)
+        for a, b in ((0, cut), (cut, theta.shape[1]))
+    ]
     torch.testing.assert_close(halves[0] + halves[1], sums, rtol=1e-12, atol=0)
     # the probabilities are the forward's
-    probs = shard(theta, q, stats, f, alpha, 1.0, 1.0, SHARD_PROBS)
+    probs = shard(theta, q, stats, family, alpha, 1.0, 1.0, SHARD_PROBS)
     torch.testing.assert_close(probs, p, rtol=0, atol=1e-15)
     # independent: S0 as written in float64 at the same tau
     x = theta - theta.amax(-1, keepdim=True)
@@ -107,36 +108,35 @@ def test_sweep_terms_is_the_kernels_twin(family, alpha, dtype, seed):
     """The PyTorch evaluation of a sweep point (backend='reference' of the vocabulary-parallel path) gives the
     kernel's sums and probabilities at the same statistics."""
     theta, q = _inputs(seed, dtype=dtype)
-    f = "alpha" if family == "alpha" else family
     tol = 1e-12 if dtype == torch.float64 else 1e-7
-    _, stats = torch.ops.fdistill.fdiv_fwd(theta, q, None, None, f, alpha, 1.0, 1.0, -100, 100, tol, 0)
+    _, stats = torch.ops.fdistill.fdiv_fwd(theta, q, None, None, family, alpha, 1.0, 1.0, -100, 100, tol, 0)
     x = theta - stats[:, :1]
     d1, d2 = fdiv_search.sweep_terms(x, stats[:, 1].double(), family, alpha)
     live = x > -math.inf
     got = torch.stack([torch.where(live, q * d, 0).sum(-1, dtype=torch.float64) for d in (d1, d2)], -1)
-    want = torch.ops.fdistill.fdiv_shard(theta, q, stats, f, alpha, 1.0, 1.0, SHARD_SUMS)
+    want = torch.ops.fdistill.fdiv_shard(theta, q, stats, family, alpha, 1.0, 1.0, SHARD_SUMS)
     cols = 1 if family == "kl" else 2  # (kl has no Newton slope: the kernels leave S1 = 0)
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got[:, :cols], want[:, :cols], rtol=rtol, atol=0)
 
 
-def _sharded_softargmax(theta, q, family, alpha, cuts, tol):
-    """f_softargmax by fdiv_search over vocabulary shards swept with fdiv_shard (one process)."""
-    f = "alpha" if family == "alpha" else family
+def _sharded_softargmax(theta, q, family, alpha, cuts, tol, x_mean_error=0.0):
+    """f_softargmax by fdiv_search over vocabulary shards swept with fdiv_shard (one process); x_mean_error
+    moves Jensen's start (a start above the root must not end the search there)."""
     acc = theta.dtype
     bounds = list(zip([0, *cuts], [*cuts, theta.shape[1]], strict=True))
     m = theta.amax(-1)
     q_max = q.gather(-1, theta.argmax(-1, keepdim=True)).squeeze(-1)
     live = theta > -math.inf
     q_total = torch.where(live, q, 0).sum(-1)
-    x_mean = torch.where(live, q * (theta - m.unsqueeze(-1)), 0).sum(-1) / q_total
+    x_mean = torch.where(live, q * (theta - m.unsqueeze(-1)), 0).sum(-1) / q_total + x_mean_error
     done = torch.zeros_like(m, dtype=torch.bool)
     search = fdiv_search.TauSearch(family, alpha, q_max, q_total, x_mean, torch.finfo(acc).eps, done)
     for _ in range(100):
         stats = torch.stack([m, search.t.to(acc), torch.ones_like(m)], -1)
         sums = sum(
             torch.ops.fdistill.fdiv_shard(
-                theta[:, a:b].contiguous(), q[:, a:b].contiguous(), stats, f, alpha, 1.0, 1.0, SHARD_SUMS
+                theta[:, a:b].contiguous(), q[:, a:b].contiguous(), stats, family, alpha, 1.0, 1.0, SHARD_SUMS
             )  # fmt: skip
             for a, b in bounds
         )
@@ -144,7 +144,7 @@ def _sharded_softargmax(theta, q, family, alpha, cuts, tol):
         if bool(search.done.all()):
             break
     stats = torch.stack([m, search.best_t.to(acc), search.best_s0.to(acc)], -1)
-    return torch.ops.fdistill.fdiv_shard(theta, q, stats, f, alpha, 1.0, 1.0, SHARD_PROBS)
+    return torch.ops.fdistill.fdiv_shard(theta, q, stats, family, alpha, 1.0, 1.0, SHARD_PROBS)
 
 
 @pytest.mark.parametrize(("family", "alpha"), [c for c in CASES if c[0] != "kl"], ids=IDS[1:])
@@ -157,6 +157,21 @@ def test_tensor_search_over_shards_matches_the_kernel(family, alpha, dtype, seed
     got = _sharded_softargmax(theta, q, family, alpha, [100, 900], tol)
     want = fdistill.f_softargmax(theta.double(), family, alpha=alpha, reference=q.double(), backend="cpu")
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-12 if dtype == torch.float64 else 2e-6)
+
+
+@pytest.mark.parametrize(
+    ("family", "alpha"), [("alpha", 2.0), ("alpha", 1.3), ("js", 1.5)], ids=["a2", "a1.3", "js"]
+)
+def test_a_jensen_start_above_the_root_restarts_from_tau_lo(family, alpha, seed):
+    """Near-uniform rows make Jensen's bound tight: an x_mean rounded up puts the start above the root
+    (S0 < 1 there). The bracket then restarts from tau_lo instead of collapsing onto the start (which ended
+    the search at the wrong tau: 1e-4 relative in float32 through the vocabulary-parallel path)."""
+    g = generator(seed)
+    theta = torch.rand(3, 5000, generator=g, dtype=torch.float64) * 0.5
+    q = torch.full_like(theta, 1 / 5000)
+    want = fdistill.f_softargmax(theta, family, alpha=alpha, reference=q, backend="reference")
+    got = _sharded_softargmax(theta, q, family, alpha, [1000, 3000], 1e-12, x_mean_error=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
 
 
 def test_tensor_search_sparsemax_closed_form(seed):

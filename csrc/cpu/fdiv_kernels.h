@@ -285,7 +285,9 @@ void fdiv_forward_rows(const FDivArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     double tau = 0, s0 = 1;
-    if (solve_tau<K, acc_t>(a, r, tau, s0, buf.p.data())) {
+    const bool have_terms = solve_tau<K, acc_t>(a, r, tau, s0, buf.p.data());
+    s0 = static_cast<double>(static_cast<acc_t>(s0));  // the stored S0, as the backward divides by
+    if (have_terms) {
       scale_terms(buf.p.data(), r.padded, s0);
     } else {
       write_probs<K>(r, a.coef, tau, s0, buf.p.data());

@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fdiv_forward_kernel(const FDiv
         if (sh_done) break;
       }
     }
-    const double tau = sh_tau, s0 = sh_s0;
+    const double tau = sh_tau, s0 = static_cast<double>(static_cast<A>(sh_s0));  // the stored S0, as the backward
     if (tid == 0) st[0] = m, st[1] = static_cast<A>(tau), st[2] = static_cast<A>(s0);
     const TilePoint<A> pt = tile_point<A>(sweep_point<A>(K, a.coef, tau), a.coef);
     const A inv_s0 = static_cast<A>(1 / s0), zero = O::splat(0);

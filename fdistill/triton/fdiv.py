@@ -206,7 +206,7 @@ def _fdiv_fwd_kernel(
             else:
                 q = tl.full([BLOCK], 1.0, ACC)  # (times reference_value below)
             q_total += tl.sum(tl.where(finite, q, 0.0), axis=0).to(F64)
-            q_theta += tl.sum(tl.where(finite, q * theta, 0.0).to(F64), axis=0)
+            q_theta += tl.sum(tl.where(finite, q.to(F64) * theta.to(F64), 0.0), axis=0)  # (x_mean: m - m)
     m = tl.where(has_nan, NAN, m)  # the max of a row with a NaN is NaN; +inf with a +inf
     x_mean = q_theta / q_total - m.to(F64)
     if HAS_REF:
@@ -231,7 +231,7 @@ def _fdiv_fwd_kernel(
                        ref_value, alpha_m1, inv_am1, F, HAS_REF, ACC, BLOCK)  # fmt: skip
         tau = tl.zeros([], F64)
     else:
-        lo, hi = start_tau_search(q_max, q_total, x_mean, alpha64, inv_am1_64, F)
+        lo, hi, lo0 = start_tau_search(q_max, q_total, x_mean, alpha64, inv_am1_64, F)
         c = newton_power(alpha64, F)
         # the answer: the evaluated point with S0 nearest 1 (C++ TauSearch::best_t: S0 may jump over 1)
         tau = lo
@@ -247,7 +247,7 @@ def _fdiv_fwd_kernel(
             better = (s0 != s0) | (tl.abs(s0_now - 1.0) <= tl.abs(s0 - 1.0))  # a NaN only if first
             tau = tl.where(better, nxt, tau)
             s0 = tl.where(better, s0_now, s0)
-            stop, nxt, lo, hi = tau_step(nxt, lo, hi, s0_now, s1, c, tol, EPS, F)
+            stop, nxt, lo, hi = tau_step(nxt, lo, hi, lo0, s0_now, s1, c, tol, EPS, F)
             done = (stop | (sweeps >= max_sweeps)).to(tl.int32)
     tau_acc = tl.where(active, tau, 0.0).to(ACC)
     pt_t, pt_k, pt_m = sweep_point(tau_acc.to(F64), alpha64, inv_am1_64, ACC, F)

@@ -106,8 +106,8 @@ def _shifted_tau_bound(q, alpha, inv_am1, F: tl.constexpr):
 
 @triton.jit
 def start_tau_search(q_max, q_total, x_mean, alpha, inv_am1, F: tl.constexpr):
-    """(lo, hi) of the kernels' search variable t (C++ ``start_tau_search``; sigma for reverse KL and JS, r
-    for the general alpha): tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1),
+    """(lo, hi, tau_lo) of the kernels' search variable t (C++ ``start_tau_search``; sigma for reverse KL
+    and JS, r for the general alpha): tau_lo = -f'(1 / q_max) (the argmax entry alone gives S0 = 1),
     tau_hi = -f'(1 / q_total) (every entry at most 1 / q_total), both inside the domain of (f*)'; then,
     where (f*)' is convex (alpha <= 2, reverse KL, JS), Jensen's tau_J = x_mean + tau_hi replaces lo when it
     lies inside the bracket. q_max is q at an argmax of theta, q_total the sum of q over the entries that are
@@ -121,23 +121,27 @@ def start_tau_search(q_max, q_total, x_mean, alpha, inv_am1, F: tl.constexpr):
         t_j = hi + x_mean
         convex = True
     inside = convex & ((t_j - lo) * (t_j - hi) < 0.0)  # (false for NaN or inf)
-    return tl.where(inside, t_j, lo), hi
+    return tl.where(inside, t_j, lo), hi, lo
 
 
 @triton.jit
-def tau_step(tau, lo, hi, s0, s1, c, tol, eps, F: tl.constexpr):
+def tau_step(tau, lo, hi, lo0, s0, s1, c, tol, eps, F: tl.constexpr):
     """One step of the safeguarded Newton search (C++ ``tau_step``), given S0 and
     S1 = -dS0/dtau = sum q (f*)''(x - tau) at tau (the general alpha: t = r and S1' = s S1, the same
     iterates in log s, ``sweep_point``). Returns (stop, tau, lo, hi): stop is true when
-    |S0 - 1| <= tol, the Newton step is at most eps (1 + |tau|) (eps of the accumulation dtype:
-    the resolution of x - tau; near a pole S0 moves in steps of eps S1), or the bracket cannot shrink
-    further (then tau is unchanged and is the answer); otherwise tau is the next point to evaluate.
+    |S0 - 1| <= tol, the Newton step is below the sweep's resolution (eps of the accumulation dtype
+    times 1 + |tau|, sigma for the pole families, |r| + |c| for r; near a pole S0 moves in steps of
+    eps S1), or the bracket cannot shrink further (the caller's answer is then the evaluated point with
+    S0 nearest 1); otherwise tau is the next point to evaluate. lo0 is tau_lo (``start_tau_search``).
     Newton on phi = S0^c - 1, phi / phi' = -(S0 - S0^(1-c)) / (c S1), its numerator as
     -S0 expm1(-c log S0) (no cancellation for c = alpha - 1 near 0); a step outside (lo, hi)
     (alpha > 2, rounding, NaN from S0 = 0 or S1 = 0) falls back to bisection."""
     converged = tl.abs(s0 - 1.0) <= tol
     above = s0 > 1.0
-    lo = tl.where(above, tau, lo)  # (updated also when converged: unused then)
+    restart = ~above & (
+        tau == lo
+    )  # Jensen's start was not below the root: the bracket from tau_lo (lo0) again
+    lo = tl.where(above, tau, tl.where(restart, lo0, lo))  # (updated also when converged: unused then)
     hi = tl.where(above, hi, tau)
     num = s0 * expm1(-c * tl.log(s0))
     # a step below what the sweep can resolve: p would not change (pole families: d = sigma - x at the

@@ -5,8 +5,10 @@
 // For a generator f and a positive reference measure q (u = p / q, v = theta - tau):
 //   p*_j = q_j (f*)'(theta_j - tau),  tau such that sum_j p*_j = 1;
 //   g(tau) = sum_j q_j (f*)'(theta_j - tau) - 1 is decreasing and convex in tau for every
-//   family below except alpha > 2, so Newton steps from the left bracket end approach the
-//   root from below; a bracket keeps the steps safe for alpha > 2.
+//   family below except alpha > 2, so Newton steps from a left end of the bracket (tau_lo, or
+//   Jensen's bound) approach the root from below; a bracket keeps the steps safe for alpha > 2.
+//   The search runs in a variable t per family (kFDivStats): tau, sigma = tau + pole, or
+//   r = log(1 - (alpha - 1) tau), the same Newton iterates in each.
 #pragma once
 
 #include <cfloat>
@@ -77,16 +79,18 @@ FDISTILL_HD constexpr bool has_log_scale(FKind k) { return k == FKind::Alpha || 
 // S0^c a weighted power sum (sum q x^(1/c))^c of functions affine in tau (a norm for
 // 1 < alpha <= 2; linear when one entry dominates or alpha = 2), and c = -1 does the
 // same for reverse KL (alpha -> 0); JS takes c = 1 (S0 itself is convex). Steps that
-// leave the bracket [lo, hi] (alpha > 2, rounding) fall back to bisection.
+// leave the bracket [lo, hi] (alpha > 2, rounding) fall back to bisection. The first point is tau_lo
+// or Jensen's bound (start_tau_search), both below the root.
 //
 // In r = log s (the general alpha family) the Newton iterates are the same: s is affine in tau,
 // s_next = s (1 + S0 expm1(-c log S0) / S1') with S1' = s S1 (SweepPoint), so r_next = r + log1p(that).
 // In r the bracket may be reversed (r decreases with tau for alpha > 1).
 struct TauSearch {
   double lo, hi;   // S0(lo) >= 1 >= S0(hi)
+  double lo0;      // tau_lo: lo again if Jensen's start turns out above the root (rounding of x_mean)
   double tau;      // the next point to evaluate (the search variable t, see kFDivStats)
   double c;        // the Newton power
-  double eps;      // machine epsilon of the sums' terms: Newton steps below eps (1 + |tau|) are noise
+  double eps;      // machine epsilon of the sums' terms: a Newton step below eps times the resolution is noise
   bool relative;   // a pole family: t = sigma is resolved to eps sigma (d = sigma - x at the argmax)
   bool log_scale;  // t = r: resolved to eps (|r| + |c|) (the argmax's log (f*)' is r / c)
   // The evaluated point with S0 nearest 1: the answer (p is renormalised by its S0). Where S0 jumps over 1
@@ -130,7 +134,7 @@ FDISTILL_HD bool convex_conj_grad(FKind k, const FCoef& c) {
 FDISTILL_HD TauSearch start_tau_search(FKind k, const FCoef& c, double q_max, double q_total, double x_mean,
                                        double eps) {
   TauSearch s;
-  s.lo = shifted_tau_bound(k, c, q_max);
+  s.lo = s.lo0 = shifted_tau_bound(k, c, q_max);
   s.hi = shifted_tau_bound(k, c, q_total);
   if (convex_conj_grad(k, c)) {
     const double t_j = has_log_scale(k) ? std::log(std::exp(s.hi) - (c.alpha - 1) * x_mean) : s.hi + x_mean;
@@ -146,10 +150,11 @@ FDISTILL_HD TauSearch start_tau_search(FKind k, const FCoef& c, double q_max, do
   return s;
 }
 
-// Given S0 and S1 = -dS0/dtau = sum q (f*)''(x - tau) at s.tau: true when |S0 - 1| <= tol, when
-// the Newton step is below the resolution eps (1 + |tau|) of x - tau (near a pole of (f*)' S0 moves
-// in steps of eps S1 there, so tol may be out of reach), or when the bracket cannot shrink further (then
-// (s.best_t, s.best_s0) is the answer: the caller renormalises p by that S0); otherwise moves s.tau.
+// Given S0 and S1 = -dS0/dtau = sum q (f*)''(x - tau) at s.tau (S1' for t = r): true when |S0 - 1| <= tol,
+// when the Newton step is below the sweep's resolution (eps (1 + |tau|); eps sigma for the pole families,
+// eps (|r| + |c|) for r: near a pole of (f*)' S0 moves in steps of eps S1, so tol may be out of reach), or
+// when the bracket cannot shrink further; then (s.best_t, s.best_s0) is the answer (the caller renormalises
+// p by that S0). Otherwise moves s.tau.
 FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
   if (s.best_s0 != s.best_s0 || std::fabs(s0 - 1) <= std::fabs(s.best_s0 - 1)) {  // a NaN only if first
     s.best_t = s.tau, s.best_s0 = s0;
@@ -159,6 +164,7 @@ FDISTILL_HD bool tau_step(TauSearch& s, double s0, double s1, double tol) {
     s.lo = s.tau;
   } else {
     s.hi = s.tau;
+    if (s.tau == s.lo) s.lo = s.lo0;  // Jensen's start was not below the root: the bracket from tau_lo again
   }
   // phi / phi' with phi = S0^c - 1, phi' = -c S0^(c-1) S1: the step (S0 - S0^(1-c)) / (c S1), its numerator
   // as -S0 expm1(-c log S0) (no cancellation for c = alpha - 1 near 0)
