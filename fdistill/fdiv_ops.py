@@ -107,13 +107,8 @@ def _fused_softargmax_bwd(device: torch.device):
     where there is none (a stale build, no Triton)."""
     if device.type == "cpu":
         return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP, None)
-    if device.type == "cuda":
-        from ._triton_dispatch import triton_available
-
-        if triton_available():
-            from .triton import fdiv  # noqa: F401  (registers the op)
-
-            return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP + "_triton")
+    if device.type == "cuda":  # registered once fdistill.triton.fdiv is loaded (no import here: no cycle)
+        return getattr(torch.ops.fdistill, SOFTARGMAX_BWD_OP + "_triton", None)
     return None
 
 
