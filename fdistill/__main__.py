@@ -1,7 +1,7 @@
 """``python -m fdistill <experiment> ...``: the trainer's experiments.
 
 python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seeds 0,1,2]
-    [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1]
+    [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1] [--jobs N]
 python -m fdistill rlhf --method {rl,warp,bond,warm,irl} --preset tiny [--out runs/rlhf-<method>-<preset>]
     [--seed 0] [--fresh] [--no-progress] [--no-plots] [--threads 1]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     th.add_argument("--no-plots", action="store_true")
     th.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
+    th.add_argument("--jobs", type=int, default=None,
+                    help="seeds run at a time, in worker processes of --threads each (default: as many as "
+                         "the CPUs allow; the curves are the same bytes for any --jobs)")  # fmt: skip
     rl = sub.add_parser("rlhf", help="RL / WARP / BOND / WARM / IRL on a task with a known true reward")
     rl.add_argument("--method", required=True, help="rl, warp, bond, warm or irl")
     rl.add_argument("--preset", default="tiny", help="tiny (< 10 min on 2 cores) or smoke (CI)")
@@ -79,16 +83,26 @@ def main(argv=None) -> int:
 
 
 def _teacher_hacking(args):
+    from .trainer import distributed
     from .trainer.distill import LOSSES
     from .trainer.experiment import preset_config, run_teacher_hacking
+    from .trainer.parallel import default_jobs
 
     preset_config(args.preset)
     if args.divergence not in LOSSES:
         raise ValueError(f"unknown divergence {args.divergence!r}; choose one of {list(LOSSES)}")
     seeds = _seeds(args.seeds) if args.seeds is not None else None if args.seed is None else (args.seed,)
     out = args.out or f"runs/teacher-hacking-{args.preset}"
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs is not None:
+        jobs = args.jobs
+    elif distributed.world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        jobs = 1  # under torchrun every rank is already a process
+    else:
+        jobs = default_jobs(len(seeds or preset_config(args.preset).seeds), args.threads)
     return out, lambda: run_teacher_hacking(
-        args.preset, out, seeds=seeds, divergence=args.divergence, fused=args.fused,
+        args.preset, out, seeds=seeds, divergence=args.divergence, fused=args.fused, jobs=jobs,
         progress=not args.no_progress, plots=not args.no_plots,
     )  # fmt: skip
 

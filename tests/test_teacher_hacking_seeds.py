@@ -50,6 +50,26 @@ def test_position_keyed_tilt_is_deterministic_and_depends_on_the_position(seed):
     bigram = TiltedLM(base, 0.5, torch.Generator().manual_seed(seed)).double()
     torch.testing.assert_close((bigram(same) - base(same))[0, 2], (bigram(same) - base(same))[0, 7])
     with pytest.raises(ValueError, match="key must be one of"):
+        TiltedLM(base, 0.5, torch.Generator(), key="bogus")
+
+
+def test_position_and_prompt_keyed_tilts(seed):
+    base = _base(seed)
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(0, 17, (6, 12), generator=g)
+    seqs[1, :5] = seqs[0, :5]  # rows 0 and 1 share their prompt (5 tokens), not their completion
+    pos = TiltedLM(base, 0.5, torch.Generator().manual_seed(seed), key="position").double()
+    assert pos.table.shape == (20, 17)
+    torch.testing.assert_close(pos(seqs), base(seqs) + pos.table[:12])  # every sequence: the same rows
+    prompt = TiltedLM(base, 0.5, torch.Generator().manual_seed(seed), key="prompt", prompt_len=5).double()
+    shift = prompt(seqs) - base(seqs)
+    assert prompt.table.shape[1] == 17
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))  # one row at every position
+    torch.testing.assert_close(shift[0], shift[1])  # keyed on the prompt alone
+    assert not torch.allclose(shift[0], shift[2])  # another prompt, another row
+    again = TiltedLM(base, 0.5, torch.Generator().manual_seed(seed), key="prompt", prompt_len=5).double()
+    torch.testing.assert_close(again(seqs), prompt(seqs))
+    with pytest.raises(ValueError, match="prompt_len >= 1"):
         TiltedLM(base, 0.5, torch.Generator(), key="prompt")
 
 
@@ -124,9 +144,9 @@ def _fast_preset():
     return dataclasses.replace(smoke, **steps, prompt_len=4, length=8, eval_prompts=8, sources=(source,))
 
 
-def _run(out, seeds):
+def _run(out, seeds, jobs=1, log=lambda *_: None):
     return run_teacher_hacking(
-        _fast_preset(), out, seeds=seeds, progress=False, plots=False, log=lambda *_: None
+        _fast_preset(), out, seeds=seeds, jobs=jobs, progress=False, plots=False, log=log
     )
 
 
@@ -212,9 +232,96 @@ def test_monitor_skip_fits_after_the_initial_transient():
         TeacherHackingMonitor(skip=-1)
 
 
-@pytest.mark.parametrize(("field", "value"), [("tilt_on", "student"), ("tilt_key", "prompt")])
+@pytest.mark.parametrize(("field", "value"), [("tilt_on", "student"), ("tilt_key", "bogus")])
 def test_bad_tilt_options_are_named_before_anything_is_written(tmp_path, field, value):
     bad = dataclasses.replace(preset_config("smoke"), **{field: value})
     with pytest.raises(ValueError, match=f"Preset.{field} must be one of"):
         run_teacher_hacking(bad, tmp_path / "run", progress=False, plots=False, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_seeds_in_parallel_workers_give_the_same_bytes(two_seeds, tmp_path):
+    _, reference = two_seeds
+    lines = []
+    _run(tmp_path / "par", (0, 1), jobs=2, log=lines.append)
+    assert (tmp_path / "par" / "curves.json").read_bytes() == (reference / "curves.json").read_bytes()
+    assert any(line.startswith("[seed 1] stage 3") for line in lines)  # the workers' lines, labelled
+
+
+def test_a_failing_worker_raises_its_error_here(two_seeds, tmp_path):
+    import shutil
+
+    _, reference = two_seeds
+    out = tmp_path / "bad"
+    shutil.copytree(reference, out)
+    (out / "curves.json").unlink()
+    ckpt = out / "checkpoints" / "seed1" / "teacher.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-3] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(experiment.CheckpointError, match="seed1/teacher.safetensors"):
+        _run(out, (0, 1), jobs=2)
+
+
+def test_bad_jobs_are_refused(tmp_path, capsys):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+            _run(tmp_path / "x", (0, 1), jobs=bad)
+    assert cli(["teacher-hacking", "--preset", "smoke", "--jobs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--jobs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find the workers")
+def test_kill_9_of_the_parent_stops_its_workers_and_resume_gives_the_same_bytes(two_seeds, tmp_path):
+    _, reference = two_seeds
+    killed = tmp_path / "killed"
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_teacher_hacking_seeds as t; "
+    )
+    script += f"t._run({str(killed)!r}, (0, 1), jobs=2)"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    first = killed / "checkpoints" / "seed1" / "teacher.safetensors"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert workers, "no worker processes found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "curves.json").exists(), "the run finished before it was killed"
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, "workers outlived their parent"
+        time.sleep(0.05)
+    _run(killed, (0, 1), jobs=2)
+    assert (killed / "curves.json").read_bytes() == (reference / "curves.json").read_bytes()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

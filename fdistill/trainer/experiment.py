@@ -60,6 +60,7 @@ from .extras import require_for_run
 from .loop import HELDOUT_SEED, ORACLE_POOL, oracle_stage, run_loop
 from .model import TILT_KEYS, LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
+from .parallel import check_jobs, run_tasks
 from .report import (
     TEACHER_HACKING_DPI,
     argmin,
@@ -240,6 +241,7 @@ def run_teacher_hacking(
     seeds=None,
     divergence: str = "forward_kl",
     fused: bool = False,
+    jobs: int = 1,
     progress: bool = True,
     plots: bool = True,
     log=print,
@@ -248,8 +250,13 @@ def run_teacher_hacking(
     ``out/curves.json`` (every seed's curves and, per data source, their mean and min/max band),
     ``out/summary.md`` and PNG plots; returns the curves dict.
 
+    ``jobs`` > 1 runs that many seeds at a time in worker processes, each on this process's torch
+    thread count (:mod:`~.parallel`; the same bytes as ``jobs=1``; no progress bars, log lines
+    prefixed with the seed).
+
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and trains data parallel;
-    ``batch`` must divide by the world size. Rank 0 writes the files and logs."""
+    ``batch`` must divide by the world size, and ``jobs`` must be 1. Rank 0 writes the files and
+    logs."""
     cfg = preset if isinstance(preset, Preset) else preset_config(preset)
     preset = "custom" if isinstance(preset, Preset) else preset
     cfg = replace(cfg, seeds=check_seeds(cfg.seeds if seeds is None else seeds))
@@ -259,19 +266,23 @@ def run_teacher_hacking(
         raise ValueError(f"Preset.tilt_key must be one of {list(TILT_KEYS)}, got {cfg.tilt_key!r}")
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {list(LOSSES)}")
+    check_jobs(jobs)
     require_for_run(progress=progress, plots=plots)
     distributed.init_from_env()
     distributed.check_divisible(cfg.batch, "the preset's batch")
+    if jobs > 1 and distributed.world() > 1:
+        raise ValueError(f"jobs must be 1 under torchrun (each rank is already a process), got {jobs}")
     main = distributed.is_main()
     if not main:
         log, progress, plots = (lambda *_: None), False, False
     out = Path(out)
     run_config = {"preset": preset, "divergence": divergence, "fused": fused, "config": jsonable(cfg)}
     claim_out_dir(out, run_config, "preset/seeds/divergence/sizes")
-    per_seed = {}
-    for seed in cfg.seeds:
-        log(f"seed {seed}")
-        per_seed[str(seed)] = _run_seed(cfg, out, seed, divergence, fused, progress, log)
+    parallel = jobs > 1 and len(cfg.seeds) > 1
+    tasks = [(cfg, out, seed, divergence, fused, progress and not parallel) for seed in cfg.seeds]
+    labels = [f"seed {seed}" for seed in cfg.seeds]
+    runs = run_tasks(_run_seed, tasks, labels, jobs=jobs, log=log)
+    per_seed = {str(seed): run for seed, run in zip(cfg.seeds, runs, strict=True)}
     curves = {"run": run_config, **aggregate_seeds(per_seed, cfg.monitor), "per_seed": per_seed}
     publish(out, curves, summary_table(curves), plot_curves, main=main, plots=plots, log=log)
     return curves
@@ -287,7 +298,7 @@ def check_seeds(seeds) -> tuple:
     return seeds
 
 
-def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, log) -> dict:
+def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, *, log) -> dict:
     """One seed's oracle, teacher, student start and distillation runs (checkpoints under
     ``checkpoints/seed<seed>/``); returns its curves."""
 
@@ -307,7 +318,8 @@ def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, lo
     check_compatible(oracle, teacher, task)
 
     def tilted(model):  # the same table for either placement: its own generator
-        return TiltedLM(model, cfg.teacher_tilt, torch.Generator().manual_seed(seed + 7), cfg.tilt_key)
+        gen = torch.Generator().manual_seed(seed + 7)
+        return TiltedLM(model, cfg.teacher_tilt, gen, cfg.tilt_key, cfg.prompt_len)
 
     target = tilted(oracle) if cfg.tilt_on == "target" else oracle
     log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g} on the {cfg.tilt_on}, key {cfg.tilt_key})")

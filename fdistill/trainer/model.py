@@ -146,7 +146,8 @@ class TinyLM(nn.Module):
         return logp.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
 
 
-TILT_KEYS = ("token", "token_position")
+TILT_KEYS = ("token", "token_position", "position", "prompt")
+PROMPT_BUCKETS = 4096  # the ``prompt`` tilt's table rows: prompts are hashed into this many
 
 
 class TiltedLM(nn.Module):
@@ -157,28 +158,50 @@ class TiltedLM(nn.Module):
     preference for some next tokens after each token, learnable from any data. ``key="token_position"``:
     ``key_n`` = (position n, token n) (a ``(context, vocab, vocab)`` table): the error differs at every
     position, so a model learns it cell by cell from the contexts it sees, ``context`` times slower.
+    ``key="position"``: ``key_n`` = position n (a ``(context, vocab)`` table): every sequence shows
+    every row, so any data teaches it at the same rate. ``key="prompt"``: ``key_n`` = a hash of the
+    first ``prompt_len`` tokens into ``PROMPT_BUCKETS`` rows, the same row at every position: an error
+    specific to each prompt, which a model can only memorise from prompts it sees again.
 
     A model with a systematic, context-dependent error (like a stylistic bias in a teacher's training
     data): trained to imitate it, a model inherits the error, and a student can in turn pick it up.
     Sampling, completion logits and log-probs are :class:`TinyLM`'s (they only use ``forward`` and
     ``cfg``)."""
 
-    def __init__(self, base: TinyLM, scale: float, generator: torch.Generator, key: str = "token"):
+    def __init__(
+        self, base: TinyLM, scale: float, generator: torch.Generator, key: str = "token", prompt_len: int = 0
+    ):
         super().__init__()
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
         if key not in TILT_KEYS:
             raise ValueError(f"key must be one of {list(TILT_KEYS)}, got {key!r}")
-        self.base, self.cfg, self.key = base, base.cfg, key
-        v = base.cfg.vocab
-        shape = (v, v) if key == "token" else (base.cfg.context, v, v)
-        self.register_buffer("table", scale * torch.randn(*shape, generator=generator))
+        if key == "prompt" and not (isinstance(prompt_len, int) and prompt_len >= 1):
+            raise ValueError(f"key='prompt' needs prompt_len >= 1, got {prompt_len!r}")
+        self.base, self.cfg, self.key, self.prompt_len = base, base.cfg, key, prompt_len
+        v, n = base.cfg.vocab, base.cfg.context
+        shape = {
+            "token": (v, v),
+            "token_position": (n, v, v),
+            "position": (n, v),
+            "prompt": (PROMPT_BUCKETS, v),
+        }
+        self.register_buffer("table", scale * torch.randn(*shape[key], generator=generator))
+        # the prompt hash: sum of tokens times a fixed random weight per position, mod the rows
+        weights = torch.randint(1, PROMPT_BUCKETS, (max(prompt_len, 1),), generator=generator)
+        self.register_buffer("hash_weights", weights, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.base(tokens)
         if self.key == "token":
-            return self.base(tokens) + self.table[tokens]
+            return logits + self.table[tokens]
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.base(tokens) + self.table[positions, tokens]
+        if self.key == "token_position":
+            return logits + self.table[positions, tokens]
+        if self.key == "position":
+            return logits + self.table[positions]
+        row = (tokens[:, : self.prompt_len] * self.hash_weights).sum(1) % PROMPT_BUCKETS
+        return logits + self.table[row][:, None, :]
 
     sample = TinyLM.sample
     completion_logits = TinyLM.completion_logits
