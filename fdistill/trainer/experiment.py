@@ -64,6 +64,7 @@ from .report import (
     TEACHER_HACKING_DPI,
     argmin,
     band_cell,
+    check_seeds,
     markdown_table,
     mean,
     plot_band,
@@ -275,16 +276,6 @@ def run_teacher_hacking(
     curves = {"run": run_config, **aggregate_seeds(per_seed, cfg.monitor), "per_seed": per_seed}
     publish(out, curves, summary_table(curves), plot_curves, main=main, plots=plots, log=log)
     return curves
-
-
-def check_seeds(seeds) -> tuple:
-    """``seeds`` as a tuple of distinct ints (at least one)."""
-    seeds = tuple(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be one or more ints, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds!r}")
-    return seeds
 
 
 def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, log) -> dict:
