@@ -24,13 +24,15 @@ from ..config import WARP_PROMPTS, RLHFPreset, rl_batches
 from ..frontier import versus_baseline
 from ..stages import Context, frozen, series
 
+SHARED, DISJOINT = WARP_PROMPTS
+
 
 def check(cfg: RLHFPreset) -> None:
     if cfg.warp.policies != 2:
         raise ValueError(f"WARP's SLERP merges exactly 2 policies, got policies={cfg.warp.policies}")
     if cfg.warp.prompts not in WARP_PROMPTS:
         raise ValueError(f"warp.prompts must be one of {list(WARP_PROMPTS)}, got {cfg.warp.prompts!r}")
-    disjoint = cfg.warp.prompts == "disjoint" or cfg.warp.cosine_probe  # the probe runs the other setting
+    disjoint = cfg.warp.prompts == DISJOINT or cfg.warp.cosine_probe  # the probe runs the other setting
     if disjoint and (cfg.task.prompt_len < 2 or cfg.task.vocab < cfg.warp.policies):
         raise ValueError(
             "warp.prompts='disjoint' (or warp.cosine_probe) splits the prompts by their second token: it "
@@ -45,7 +47,7 @@ def _other(setting: str) -> str:
 def prompt_share(ctx: Context, setting: str, m: int):
     """Policy ``m``'s prompts: the task's (``"shared"``), or the task's with the second token moved
     into the residue class ``m`` mod M (``"disjoint"``: the M policies see disjoint prompt sets)."""
-    if setting == "shared":
+    if setting == SHARED:
         return None
     M, vocab = ctx.cfg.warp.policies, ctx.task.vocab
 
