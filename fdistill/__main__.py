@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
     rl = sub.add_parser("rlhf", help="RL / WARP / BOND / WARM / IRL on a task with a known true reward")
     rl.add_argument("--method", required=True, help="rl, warp, bond, warm or irl")
-    rl.add_argument("--preset", default="tiny", help="tiny (3 seeds, 5-15 min on 2 cores) or smoke (CI)")
+    rl.add_argument("--preset", default="tiny", help="tiny (3 seeds, 2-7 min on 2 cores) or smoke (CI)")
     rl.add_argument("--out", default=None, help="output directory (default runs/rlhf-<method>-<preset>)")
     _seed_flags(rl)
     rl.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
