@@ -3,7 +3,7 @@
 python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seeds 0,1,2]
     [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1] [--jobs N]
 python -m fdistill rlhf --method {rl,warp,bond,warm,irl} --preset tiny [--out runs/rlhf-<method>-<preset>]
-    [--seed 0] [--fresh] [--no-progress] [--no-plots] [--threads 1]
+    [--seeds 0,1,2] [--fresh] [--no-progress] [--no-plots] [--threads 1]
 
 teacher-hacking also runs data parallel on the CPU: ``torchrun --nproc_per_node N -m fdistill
 teacher-hacking ...`` (gloo; the preset's batch must divide by N; rank 0 writes and logs).
@@ -26,13 +26,7 @@ def main(argv=None) -> int:
     th = sub.add_parser("teacher-hacking", help="oracle -> teacher -> student, offline vs online data")
     th.add_argument("--preset", default="tiny", help="tiny (3 seeds, ~9 min, 1 thread), small, smoke (CI)")
     th.add_argument("--out", default=None, help="output directory (default runs/teacher-hacking-<preset>)")
-    seeds = th.add_mutually_exclusive_group()
-    seeds.add_argument(
-        "--seeds",
-        default=None,
-        help="comma-separated seeds, one run each (default: the preset's)",
-    )
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
+    _seed_flags(th)
     th.add_argument("--divergence", default="forward_kl", help="any fdistill divergence, or 'fy'")
     th.add_argument("--fused", action="store_true", help="use the fused-linear loss from hidden states")
     th.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
@@ -45,9 +39,9 @@ def main(argv=None) -> int:
                          "the CPUs allow; the curves are the same bytes for any --jobs)")  # fmt: skip
     rl = sub.add_parser("rlhf", help="RL / WARP / BOND / WARM / IRL on a task with a known true reward")
     rl.add_argument("--method", required=True, help="rl, warp, bond, warm or irl")
-    rl.add_argument("--preset", default="tiny", help="tiny (< 10 min on 2 cores) or smoke (CI)")
+    rl.add_argument("--preset", default="tiny", help="tiny (3 seeds, 2-7 min on 2 cores) or smoke (CI)")
     rl.add_argument("--out", default=None, help="output directory (default runs/rlhf-<method>-<preset>)")
-    rl.add_argument("--seed", type=int, default=0)
+    _seed_flags(rl)
     rl.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
     rl.add_argument("--no-progress", action="store_true")
     rl.add_argument("--no-plots", action="store_true")
@@ -82,6 +76,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _seed_flags(parser) -> None:
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, one run each (default: the preset's)",
+    )
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
+
+
+def _seed_list(args):
+    """The seeds the flags ask for; None for the preset's."""
+    return _seeds(args.seeds) if args.seeds is not None else None if args.seed is None else (args.seed,)
+
+
 def _teacher_hacking(args):
     from .trainer import distributed
     from .trainer.distill import LOSSES
@@ -91,7 +100,7 @@ def _teacher_hacking(args):
     preset_config(args.preset)
     if args.divergence not in LOSSES:
         raise ValueError(f"unknown divergence {args.divergence!r}; choose one of {list(LOSSES)}")
-    seeds = _seeds(args.seeds) if args.seeds is not None else None if args.seed is None else (args.seed,)
+    seeds = _seed_list(args)
     out = args.out or f"runs/teacher-hacking-{args.preset}"
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
@@ -109,7 +118,7 @@ def _teacher_hacking(args):
 
 def _seeds(text: str) -> tuple:
     """``--seeds 0,1,2`` as a tuple of ints."""
-    from .trainer.experiment import check_seeds
+    from .trainer.report import check_seeds
 
     try:
         seeds = tuple(int(s) for s in text.split(","))
@@ -127,9 +136,10 @@ def _rlhf(args):
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
     preset_config(args.preset)
+    seeds = _seed_list(args)
     out = args.out or f"runs/rlhf-{args.method}-{args.preset}"
     return out, lambda: run_rlhf(
-        args.method, args.preset, out, seed=args.seed, progress=not args.no_progress, plots=not args.no_plots
+        args.method, args.preset, out, seeds=seeds, progress=not args.no_progress, plots=not args.no_plots
     )
 
 

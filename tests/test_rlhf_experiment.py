@@ -74,9 +74,13 @@ def test_preferences_follow_the_bradley_terry_annotator(seed):
 @pytest.mark.parametrize("method", METHODS)
 def test_smoke_run_outputs(tmp_path, method):
     out = tmp_path / method
-    curves = run_rlhf(method, "smoke", out, **QUIET)
+    aggregated = run_rlhf(method, "smoke", out, **QUIET)
+    assert aggregated["seeds"] == [0] and list(aggregated["per_seed"]) == ["0"]
+    curves = aggregated["per_seed"]["0"]  # one seed's curves; the aggregate's bands are its numbers
+    assert set(curves) <= set(aggregated) | {"train_label_agreement", "versus_baseline", "cosine"}
     saved = json.loads((out / "curves.json").read_text())
     assert saved["run"]["method"] == method and json.loads((out / "run.json").read_text()) == saved["run"]
+    assert (out / "checkpoints" / "seed0").is_dir()
     assert (out / "summary.md").read_text().count("|---|") >= 1
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs and all((out / p).stat().st_size > 1000 for p in pngs)
@@ -126,7 +130,7 @@ class _Interrupt(Exception):
 def test_resume_after_an_interruption_gives_identical_outputs(tmp_path, monkeypatch, method):
     full = run_rlhf(method, "smoke", tmp_path / "full", plots=False, **QUIET)
     # stop at the k-th training step overall: mid-way through a stage after a periodic checkpoint
-    stop_at = {"rl": 22, "warp": 38, "bond": 22, "warm": 30, "irl": 7}[method]
+    stop_at = {"rl": 22, "warp": 46, "bond": 22, "warm": 30, "irl": 7}[method]
     real_loop, calls = stages.run_loop, [0]  # every RLHF training loop runs through Context.train
 
     def interrupted_loop(name, ckpt, steps, step_fn, **kwargs):
@@ -162,7 +166,7 @@ def test_out_dir_holding_another_configuration_is_refused(tmp_path, capsys):
     run_rlhf("irl", "smoke", out, plots=False, **QUIET)
     before = (out / "curves.json").read_text()
     with pytest.raises(ValueError, match="another configuration"):
-        run_rlhf("irl", "smoke", out, seed=1, plots=False, **QUIET)
+        run_rlhf("irl", "smoke", out, seeds=(1,), plots=False, **QUIET)
     with pytest.raises(ValueError, match="another configuration"):
         run_rlhf("rl", "smoke", out, plots=False, **QUIET)
     assert (
@@ -204,13 +208,13 @@ def test_out_dir_holding_another_configuration_is_refused(tmp_path, capsys):
         )
         == 0
     )
-    assert json.loads((out / "run.json").read_text())["seed"] == 2
+    assert json.loads((out / "run.json").read_text())["config"]["seeds"] == [2]
 
 
 def test_corrupt_stage_checkpoint_is_reported(tmp_path, capsys):
     out = tmp_path / "run"
     run_rlhf("bond", "smoke", out, plots=False, **QUIET)
-    (out / "checkpoints" / "sft.safetensors").write_bytes(b"garbage")
+    (out / "checkpoints" / "seed0" / "sft.safetensors").write_bytes(b"garbage")
     assert cli(["rlhf", "--method", "bond", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 2
     assert "sft.safetensors is corrupt" in capsys.readouterr().err
 
@@ -261,8 +265,9 @@ def test_custom_reward_fn_is_the_optimised_reward(tmp_path):
     def count_token_3(prompts, completions):
         return (completions == 3).float().mean(-1)
 
-    curves = run_rlhf("bond", "smoke", tmp_path / "run", reward_fn=count_token_3, plots=False, **QUIET)
-    assert curves["run"]["reward"].endswith("count_token_3")
+    aggregated = run_rlhf("bond", "smoke", tmp_path / "run", reward_fn=count_token_3, plots=False, **QUIET)
+    assert aggregated["run"]["reward"].endswith("count_token_3")
+    curves = aggregated["per_seed"]["0"]
     for run in curves["baseline"].values():  # the "true" metric is the custom reward
         assert all(0 <= r <= 1 for r in run["true"])
         assert run["true"][0] == curves["sft"]["true"]

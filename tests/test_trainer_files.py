@@ -145,7 +145,7 @@ def test_flipped_byte_in_a_run_checkpoint_stops_the_rerun(irl_run, tmp_path, cap
     out = tmp_path / "run"
     shutil.copytree(irl_run[0], out)
     before = (out / "curves.json").read_bytes()
-    path = checkpoint_path(out, "irl_0")
+    path = checkpoint_path(out, "seed0/irl_0")
     data = bytearray(path.read_bytes())
     data[(_header_end(data) + len(data)) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -167,7 +167,7 @@ def test_kill_9_mid_run_then_resume_gives_byte_identical_curves(tmp_path, capsys
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "fdistill", *rl, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    first_rl = checkpoint_path(out, "true_reward_beta_0_01")
+    first_rl = checkpoint_path(out, "seed0/true_reward_beta_0_01")
     deadline = time.monotonic() + 60
     while not first_rl.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

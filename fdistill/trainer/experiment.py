@@ -57,7 +57,7 @@ from .distill import (
     sft_loss,
 )
 from .extras import require_for_run
-from .loop import HELDOUT_SEED, ORACLE_POOL, oracle_stage, run_loop
+from .loop import HELDOUT_SEED, ORACLE_POOL, SEED_STRIDE, oracle_stage, run_loop
 from .model import TILT_KEYS, LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
 from .parallel import check_jobs, run_tasks
@@ -65,6 +65,7 @@ from .report import (
     TEACHER_HACKING_DPI,
     argmin,
     band_cell,
+    check_seeds,
     markdown_table,
     mean,
     plot_band,
@@ -288,44 +289,36 @@ def run_teacher_hacking(
     return curves
 
 
-def check_seeds(seeds) -> tuple:
-    """``seeds`` as a tuple of distinct ints (at least one)."""
-    seeds = tuple(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be one or more ints, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds!r}")
-    return seeds
-
-
 def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, *, log) -> dict:
     """One seed's oracle, teacher, student start and distillation runs (checkpoints under
-    ``checkpoints/seed<seed>/``); returns its curves."""
+    ``checkpoints/seed<seed>/``); returns its curves. Its random streams start at
+    ``seed · SEED_STRIDE``, so no two seeds share one."""
+    base = seed * SEED_STRIDE
 
     def ckpt(stage):
         return checkpoint_path(out, f"seed{seed}/{stage}")
 
     task = Task(cfg.vocab, cfg.prompt_len, cfg.length)
-    oracle = oracle_stage(cfg.oracle, out, seed, f"seed{seed}/oracle")
+    oracle = oracle_stage(cfg.oracle, out, base, f"seed{seed}/oracle")
 
-    gen_eval = torch.Generator().manual_seed(seed + HELDOUT_SEED)  # held-out prompts: their own stream
+    gen_eval = torch.Generator().manual_seed(base + HELDOUT_SEED)  # held-out prompts: their own stream
     eval_prompts = task.prompts(cfg.eval_prompts, gen_eval)
     golden_seqs = oracle.sample(eval_prompts, task.length, generator=gen_eval)
 
     # stage 1: the teacher, distilled from the (tilted) oracle on fresh oracle samples (cached)
-    torch.manual_seed(seed + 1)
+    torch.manual_seed(base + 1)
     teacher = TinyLM(cfg.teacher)
     check_compatible(oracle, teacher, task)
 
     def tilted(model):  # the same table for either placement: its own generator
-        gen = torch.Generator().manual_seed(seed + 7)
+        gen = torch.Generator().manual_seed(base + 7)
         return TiltedLM(model, cfg.teacher_tilt, gen, cfg.tilt_key, cfg.prompt_len)
 
     target = tilted(oracle) if cfg.tilt_on == "target" else oracle
     log(f"stage 1: teacher <- oracle (tilt {cfg.teacher_tilt:g} on the {cfg.tilt_on}, key {cfg.tilt_key})")
     distill_from_oracle = lambda seqs: distillation_loss(teacher, target, seqs, task.prompt_len)  # noqa: E731
     _train_on_oracle(oracle, teacher, "teacher", ckpt("teacher"), cfg.teacher_steps,
-                     distill_from_oracle, task, cfg, seed + 1, progress, log)  # fmt: skip
+                     distill_from_oracle, task, cfg, base + 1, progress, log)  # fmt: skip
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -334,13 +327,13 @@ def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, *,
     proxy_seqs = teacher.sample(eval_prompts, task.length, generator=gen_eval)
 
     # stage 2: the student's start, likelihood training on fresh oracle samples (cached)
-    torch.manual_seed(seed + 2)
+    torch.manual_seed(base + 2)
     student0 = TinyLM(cfg.student)
     check_compatible(teacher, student0, task)
     log(f"stage 2: student SFT on oracle samples ({cfg.sft_steps} steps)")
     sft_on_oracle = lambda seqs: sft_loss(student0, seqs, task.prompt_len)  # noqa: E731
     _train_on_oracle(oracle, student0, "student", ckpt("student_sft"), cfg.sft_steps,
-                     sft_on_oracle, task, cfg, seed + 2, progress, log)  # fmt: skip
+                     sft_on_oracle, task, cfg, base + 2, progress, log)  # fmt: skip
 
     # each rank scores its part of the held-out set; count-weighted means over ranks
     proxy_part, golden_part = distributed.split(proxy_seqs), distributed.split(golden_seqs)
@@ -363,7 +356,7 @@ def _run_seed(cfg: Preset, out: Path, seed: int, divergence, fused, progress, *,
     # stage 3: the student distilled from the teacher, once per data source
     for i, source in enumerate(cfg.sources):
         student = copy.deepcopy(student0).train()
-        gen = torch.Generator().manual_seed(seed + 100 + i)
+        gen = torch.Generator().manual_seed(base + 100 + i)
         if source.kind == "offline":
             data = OfflineData(teacher, task, source.prompts, source.generations, gen)
         else:

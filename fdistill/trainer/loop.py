@@ -15,6 +15,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .model import LMConfig, TinyLM
 from .rundir import checkpoint_path
 
+SEED_STRIDE = 1_000_000  # run seed s draws its random streams from s · this + an offset below it
 HELDOUT_SEED = 10_000  # the held-out prompts' generator is seeded run seed + this: a stream of its own
 ORACLE_POOL = 512  # fresh oracle samples drawn at a time (batched sampling is cheaper per sequence)
 

@@ -47,6 +47,21 @@ def seed_band(runs) -> dict:
     }
 
 
+def check_seeds(seeds) -> tuple:
+    """``seeds`` as a tuple of distinct ints (at least one)."""
+    seeds = tuple(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seeds must be one or more ints, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds!r}")
+    return seeds
+
+
+def scalar_band(values) -> dict:
+    """A :func:`seed_band` of one number per seed (lists of length 1: ``band_cell(band, 0)``)."""
+    return seed_band([[v] for v in values])
+
+
 def band_cell(band: dict, i: int, digits: int = 3) -> str:
     """Point ``i`` of a :func:`seed_band` as ``mean (min–max)``; just the mean for one seed."""
     m, lo, hi = band["mean"][i], band["min"][i], band["max"][i]

@@ -26,7 +26,18 @@ class WARPConfig:
     ``lam``, LITI at ``eta``; ``front_etas`` draw each iteration's front. Paper: β = 0.1, μ = 0.01,
     λ = 0.5, η = 0.3, I = 5, with thousands of steps per run; μ is larger here for 100-step runs.
     The tiny preset's β = 0.1, μ = 0.1 came closest to the RL frontier of the settings tried
-    (β, μ) ∈ {(0.01, 0.05), (0.03, 0.05), (0.01, 0.01), (0.1, 0.1)}; none reached it."""
+    (β, μ) ∈ {(0.01, 0.05), (0.03, 0.05), (0.01, 0.01), (0.1, 0.1)}; none reached it.
+
+    ``prompts`` (:data:`WARP_PROMPTS`) is what the M policies of an iteration train on. Every policy
+    has its own generator (prompts and samples; seed ``1000 + 10 · iteration + m``), so with
+    ``"shared"`` each draws its own fresh prompts from the whole prompt space, in its own order, and
+    its own samples: the same prompt distribution, different data order and sampling seed — the
+    paper's setup (one prompt dataset, policies that differ in seed and data order), which is why
+    the presets use it. ``"disjoint"`` makes them more independent still: policy m only sees prompts
+    whose second token is ≡ m (mod M), a disjoint share of the prompt space (each share holds both
+    halves of the first token, which picks the good set). With ``cosine_probe`` the first iteration
+    also trains its M policies under the other setting, from the same init, and reports their task
+    vectors' cosine next to the run's (the merge still uses ``prompts``')."""
 
     beta: float = 0.1
     mu: float = 0.1
@@ -38,6 +49,11 @@ class WARPConfig:
     front_etas: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     baseline_betas: tuple = (0.003, 0.01, 0.03, 0.1)
     baseline_steps: int = 600
+    prompts: str = "shared"
+    cosine_probe: bool = True
+
+
+WARP_PROMPTS = ("shared", "disjoint")
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,9 @@ class RLHFPreset:
     temperature τ; RM training; ``calibration`` SFT samples), the RL settings shared by every method
     (``rl_prompts`` prompts x ``group`` samples per step, Adam ``rl_lr``), the evaluation
     (``eval_prompts`` held-out prompts every ``eval_every`` steps), checkpoints every ``ckpt_every``
-    steps, and each method's settings. The models' vocab and context come from the task."""
+    steps, and each method's settings. The models' vocab and context come from the task. The whole
+    pipeline (oracle, SFT, RMs, the method's runs) runs once per seed of ``seeds``, each from its own
+    random streams."""
 
     task: RewardTask = RewardTask()
     oracle: LMConfig = LMConfig(width=32, depth=2, heads=4, head_scale=3.0, attn_gain=6.0)
@@ -127,10 +145,11 @@ class RLHFPreset:
     bond: BONDConfig = BONDConfig()
     warm: WARMConfig = WARMConfig()
     irl: IRLConfig = IRLConfig()
+    seeds: tuple = (0,)
 
 
 PRESETS = {
-    "tiny": RLHFPreset(),
+    "tiny": RLHFPreset(seeds=(0, 1, 2)),
     "smoke": RLHFPreset(
         sft_steps=15,
         pairs=128,

@@ -17,6 +17,14 @@ single RMs) and ``irl`` (TD-regularised MLE). The configuration is :mod:`.config
 :mod:`.stages`, and the tables, plots and ``curves.json`` are written with the teacher-hacking
 experiment's :mod:`fdistill.trainer.report`.
 
+The whole pipeline runs once per seed of ``RLHFPreset.seeds`` (or ``run_rlhf(seeds=...)``), each seed
+from its own random streams (:class:`~.stages.Context`) with its checkpoints under
+``checkpoints/seed<seed>/``, so a seed's curves are the same whether it runs alone or with others.
+``curves.json`` holds every seed's curves (``per_seed``) and the method's aggregate over the seeds
+(``aggregate(per_seed)``: each number's mean, std, min and max, :func:`~fdistill.trainer.report.seed_band`);
+the tables give "mean (min–max over the seeds)" and the plots draw the mean with its min–max band (one
+seed: just the numbers and lines).
+
 Every stage checkpoints (atomic safetensors; long loops every ``ckpt_every`` steps) and a rerun resumes
 where it stopped; an output directory that holds another configuration is refused. Outputs:
 ``curves.json``, ``summary.md`` (the table printed at the end) and PNG plots.
@@ -41,13 +49,14 @@ summation order (~1e-7 relative):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .. import distributed
 from ..extras import require_for_run
-from ..report import publish
+from ..report import check_seeds, publish
 from ..rundir import claim_out_dir, jsonable
 from .config import (
     PRESETS,
@@ -73,14 +82,15 @@ def run_rlhf(
     preset: str | RLHFPreset = "tiny",
     out: str | Path | None = None,
     *,
-    seed: int = 0,
+    seeds=None,
     reward_fn: RewardFn | None = None,
     progress: bool = True,
     plots: bool = True,
     log=print,
 ) -> dict:
     """Run (or resume) one method's experiment; writes ``out/curves.json``, ``out/summary.md`` and
-    PNG plots; returns the curves dict.
+    PNG plots; returns the curves dict. ``seeds`` (distinct ints) overrides the preset's: one run of
+    the whole pipeline per seed.
 
     ``reward_fn(prompts (B, P), completions (B, L)) -> (B,)`` replaces the task's true reward
     everywhere (labels, RL, metrics); it must return finite floats of that shape (ValueError
@@ -93,6 +103,7 @@ def run_rlhf(
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     cfg = complete(preset) if isinstance(preset, RLHFPreset) else preset_config(preset)
     preset_name = "custom" if isinstance(preset, RLHFPreset) else preset
+    cfg = replace(cfg, seeds=check_seeds(cfg.seeds if seeds is None else seeds))
     module = REGISTRY[method]
     check_config(cfg)
     module.check(cfg)
@@ -106,7 +117,6 @@ def run_rlhf(
     run_config = {
         "method": method,
         "preset": preset_name,
-        "seed": seed,
         "reward": "task.true_reward"
         if reward_fn is None
         else getattr(reward_fn, "__qualname__", repr(reward_fn)),
@@ -118,9 +128,12 @@ def run_rlhf(
     main = distributed.is_main()
     if not main:
         log, progress, plots = (lambda *_: None), False, False
-    claim_out_dir(out, run_config, "method/preset/seed/reward/sizes")
-    ctx = Context(cfg, out, seed, reward_fn, progress, log)
-    curves = {"run": run_config, **module.run(ctx)}
+    claim_out_dir(out, run_config, "method/preset/seeds/reward/sizes")
+    per_seed = {}
+    for seed in cfg.seeds:
+        log(f"seed {seed}")
+        per_seed[str(seed)] = module.run(Context(cfg, out, seed, reward_fn, progress, log))
+    curves = {"run": run_config, "seeds": list(cfg.seeds), **module.aggregate(per_seed), "per_seed": per_seed}
     publish(out, curves, module.summary(curves), module.plot, main=main, plots=plots, log=log)
     return curves
 

@@ -1,12 +1,14 @@
 """The plain-RL baseline's reward–KL frontier, and the comparison of a method's (KL, reward) points
-with it (WARP's fronts, J-BOND's curve): the numbers, the Markdown table and the plot."""
+with it (WARP's fronts, J-BOND's curve): the numbers, the aggregate over seeds, the Markdown table
+and the plot. The table and the plot take the aggregated curves (bands over the seeds)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from ..report import RLHF_DPI, argmax, markdown_table, pyplot, save_figure
+from ..report import RLHF_DPI, argmax, band_cell, markdown_table, plot_band, pyplot, save_figure, scalar_band
+from .bands import curve_bands, means, named, seeds_line
 
 KL_AXIS = "KL(π ‖ π_sft) per sequence (nats)"
 
@@ -61,9 +63,9 @@ def versus_baseline(points, baseline: dict) -> dict:
 
 
 def best_at(c: dict) -> str:
-    """A run's best true reward and the KL it was reached at."""
-    b = argmax(c["true"])
-    return f"{c['true'][b]:.3f} @ KL {c['kl'][b]:.2f}"
+    """An aggregated run's best mean true reward and the KL it was reached at (bands over seeds)."""
+    b = argmax(c["true"]["mean"])
+    return f"{band_cell(c['true'], b)} @ KL {band_cell(c['kl'], b, 2)}"
 
 
 def margin(v: dict) -> str:
@@ -71,28 +73,56 @@ def margin(v: dict) -> str:
     return f"{v['above']}/{v['points']}; best {v['best_margin']:+.3f} @ KL {v['at_kl']:.2f}"
 
 
+def margins(per_seed: list[dict]) -> str:
+    """Each seed's :func:`versus_baseline` in a table cell: one seed as :func:`margin`; several as the
+    points above per seed and the best margin's mean (min–max)."""
+    if len(per_seed) == 1:
+        return margin(per_seed[0])
+    above = ", ".join(str(v["above"]) for v in per_seed)
+    best = band_cell(scalar_band([v["best_margin"] for v in per_seed]), 0)
+    return f"{above} of {per_seed[0]['points']} per seed; best {best}"
+
+
+def aggregate_baseline(per_seed: list[dict]) -> dict:
+    """The seeds' baseline runs: per run, β, steps and the bands of true, KL and repeat rate."""
+
+    def make(runs):
+        return {"beta": runs[0]["beta"], **curve_bands(runs, ("true", "kl", "repeat"))}
+
+    return named(per_seed, "baseline", make)
+
+
+def mean_baseline(baseline: dict) -> dict:
+    """The aggregated baseline's mean curves (for :func:`versus_baseline` and :func:`envelope`)."""
+    return {name: means(c, "true", "kl") for name, c in baseline.items()}
+
+
 def summary(curves: dict, rows: list) -> str:
     """The baseline's runs, then the method's ``rows`` (five cells each: run, true final, KL final,
-    best true @ KL, :func:`margin`), in one table under the SFT policy's reward."""
-    base = [[name, f"{c['true'][-1]:.3f}", f"{c['kl'][-1]:.2f}", best_at(c), "-"]
+    best true @ KL, :func:`margins`), in one table under the SFT policy's reward; the cells are the
+    mean (min–max over the seeds)."""
+    base = [[name, band_cell(c["true"], -1), band_cell(c["kl"], -1, 2), best_at(c), "-"]
             for name, c in curves["baseline"].items()]  # fmt: skip
     head = ["run", "true final", "KL final", "best true @ KL", "points above the RL frontier; best margin"]
-    return f"SFT: true {curves['sft']['true']:.3f}\n\n" + markdown_table(head, base + rows)
+    return f"{seeds_line(curves)}SFT: true {band_cell(curves['sft']['true'], 0)}\n\n" + markdown_table(
+        head, base + rows
+    )
 
 
 def plot(curves: dict, out: Path, draw: Callable, title: str) -> list[Path]:
-    """``pareto.png``: true reward vs KL of the baseline's runs and its frontier, the method's points
-    (``draw(ax)``) and the SFT policy."""
+    """``pareto.png``: true reward vs KL of the baseline's runs (mean over the seeds, with the true
+    reward's min–max band) and the frontier of the mean curves, the method's points (``draw(ax)``)
+    and the SFT policy."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, c in curves["baseline"].items():
-        ax.plot(c["kl"], c["true"], marker=".", ms=4, lw=1, alpha=0.8, label=name)
-    points = baseline_points(curves["baseline"])
+        plot_band(ax, c["kl"]["mean"], c["true"], marker=".", ms=4, lw=1, alpha=0.8, label=name)
+    points = baseline_points(mean_baseline(curves["baseline"]))
     best, top = envelope(points), max(kl for kl, _ in points)
     grid = [top * i / 200 for i in range(201)]
     ax.plot(grid, [best(k) for k in grid], color="gray", ls="--", lw=1, label="RL frontier (concave)")
     draw(ax)
-    ax.plot([0], [curves["sft"]["true"]], marker="s", color="k", ls="", label="SFT")
+    ax.plot([0], curves["sft"]["true"]["mean"], marker="s", color="k", ls="", label="SFT")
     ax.set(xlabel=KL_AXIS, ylabel="true reward", title=title)
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)

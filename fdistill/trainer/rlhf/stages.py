@@ -14,7 +14,7 @@ import torch
 
 from .. import distributed
 from ..distill import SamplePool, sft_loss
-from ..loop import HELDOUT_SEED, ORACLE_POOL, oracle_stage, run_loop
+from ..loop import HELDOUT_SEED, ORACLE_POOL, SEED_STRIDE, oracle_stage, run_loop
 from ..model import TinyLM
 from ..rundir import checkpoint_path, slug
 from . import merge
@@ -89,22 +89,28 @@ class Calibrated:
 
 
 class Context:
-    """The run's shared pieces: task, reward, oracle, base policy (cached), evaluation, RMs."""
+    """One seed's shared pieces: task, reward, oracle, base policy (cached), evaluation, RMs.
+
+    ``run_seed`` is the seed; ``seed`` is the base of its random streams, ``run_seed · SEED_STRIDE``
+    (every stage seeds its generator ``seed + offset``, offsets below the stride), so no two seeds share
+    a stream and seed 0 draws what the single-seed runs drew. Its checkpoints lie under
+    ``checkpoints/seed<run_seed>/``."""
 
     def __init__(self, cfg: RLHFPreset, out: Path, seed: int, reward_fn, progress: bool, log):
-        self.cfg, self.out, self.seed, self.progress, self.log = cfg, out, seed, progress, log
+        self.cfg, self.out, self.progress, self.log = cfg, out, progress, log
+        self.run_seed, self.seed = seed, seed * SEED_STRIDE
         self.task = cfg.task
         self.P, self.L = self.task.prompt_len, self.task.length
         self.reward_fn = reward_fn or self.task.true_reward
-        self.oracle = oracle_stage(cfg.oracle, out, seed)
-        gen = torch.Generator().manual_seed(seed + HELDOUT_SEED)
+        self.oracle = oracle_stage(cfg.oracle, out, self.seed, f"seed{seed}/oracle")
+        gen = torch.Generator().manual_seed(self.seed + HELDOUT_SEED)
         self.eval_prompts = self.task.prompts(cfg.eval_prompts, gen)
-        self.eval_seed = seed + HELDOUT_SEED + 1  # the evaluation's completions: another stream
+        self.eval_seed = self.seed + HELDOUT_SEED + 1  # the evaluation's completions: another stream
         self._sft, self._calib = None, None
 
     def checkpoint(self, name: str) -> Path:
-        """The checkpoint file of the stage ``name``."""
-        return checkpoint_path(self.out, slug(name))
+        """The checkpoint file of this seed's stage ``name``."""
+        return checkpoint_path(self.out, f"seed{self.run_seed}/{slug(name)}")
 
     def train(self, name: str, checkpoint: str, steps: int, step: Callable[[], dict], **kwargs) -> dict:
         """:func:`~fdistill.trainer.loop.run_loop` (its keyword arguments) with the run's progress bars
@@ -229,9 +235,12 @@ class Context:
         ema: float | None = None,
         seed: int = 0,
         proxies: dict | None = None,
+        prompts: Callable[[int, torch.Generator], torch.Tensor] | None = None,
     ) -> tuple[dict, TinyLM]:
         """REINFORCE (RLOO) from ``init`` (default the SFT policy) against ``reward_fn``, with the
-        fixed SFT anchor, or an EMA anchor (rate ``ema``) starting at ``init``; cached stage."""
+        fixed SFT anchor, or an EMA anchor (rate ``ema``) starting at ``init``, on prompts drawn by
+        ``prompts(n, generator)`` (default the task's); cached stage."""
+        draw = prompts or self.task.prompts
         cfg = self.cfg
         policy = trainable(copy.deepcopy(self.sft))
         if init is not None:
@@ -245,7 +254,7 @@ class Context:
                 policy,
                 anchor,
                 opt,
-                self.task.prompts(cfg.rl_prompts, gen),
+                draw(cfg.rl_prompts, gen),
                 reward_fn,
                 length=self.L,
                 beta=beta,

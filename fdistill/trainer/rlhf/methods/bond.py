@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from ... import distributed
+from ...report import band_cell, plot_band
 from .. import frontier, merge
+from ..bands import band_dict
 from ..bond import best_of_n, jbond_reward, jeffreys_loss
 from ..config import RLHFPreset, rl_batches
 from ..frontier import versus_baseline
@@ -90,18 +92,42 @@ def run(ctx: Context) -> dict:
     return curves
 
 
+def aggregate(per_seed: dict) -> dict:
+    """Across the seeds: the SFT policy's and J-BOND's bands, the baseline's, each seed's comparison
+    with its own RL frontier (``versus_baseline``, a list) and the mean J-BOND curve's with the mean
+    baseline curves' frontier (``mean_versus_baseline``)."""
+    runs = list(per_seed.values())
+    jbond = band_dict([r["jbond"] for r in runs], series=("true", "kl", "repeat", "loses_to_both"),
+                      fixed=("steps",))  # fmt: skip
+    baseline = frontier.aggregate_baseline(runs)
+    mean_points = list(zip(jbond["kl"]["mean"], jbond["true"]["mean"], strict=True))
+    return {
+        "sft": band_dict([r["sft"] for r in runs], scalars=("true", "kl", "repeat")),
+        "jbond": jbond,
+        "baseline": baseline,
+        "versus_baseline": [r["versus_baseline"] for r in runs],
+        "mean_versus_baseline": versus_baseline(mean_points, frontier.mean_baseline(baseline)),
+    }
+
+
 def summary(curves: dict) -> str:
     c = curves["jbond"]
-    row = ["J-BOND", f"{c['true'][-1]:.3f}", f"{c['kl'][-1]:.2f}", frontier.best_at(c),
-           frontier.margin(curves["versus_baseline"])]  # fmt: skip
-    return frontier.summary(curves, [row])
+    row = ["J-BOND", band_cell(c["true"], -1), band_cell(c["kl"], -1, 2), frontier.best_at(c),
+           frontier.margins(curves["versus_baseline"])]  # fmt: skip
+    rows = [row]
+    if len(curves["seeds"]) > 1:
+        rows.append(["J-BOND, mean curve vs the mean RL curves' frontier", "", "", "",
+                     frontier.margin(curves["mean_versus_baseline"])])  # fmt: skip
+    return frontier.summary(curves, rows)
 
 
 def plot(curves: dict, out: Path) -> list[Path]:
-    """``pareto.png``: J-BOND's points along training vs RL."""
+    """``pareto.png``: J-BOND's points along training vs RL (means over the seeds, true reward's
+    min–max band)."""
 
     def draw(ax):
         c = curves["jbond"]
-        ax.plot(c["kl"], c["true"], marker="o", ms=3, lw=2, color="k", label="J-BOND (EMA anchor)")
+        plot_band(ax, c["kl"]["mean"], c["true"], marker="o", ms=3, lw=2, color="k",
+                  label="J-BOND (EMA anchor)")  # fmt: skip
 
     return frontier.plot(curves, out, draw, "J-BOND vs RL (points along training)")

@@ -11,7 +11,17 @@ import torch
 from ... import distributed
 from ...distill import sequence_kl
 from ...model import TinyLM
-from ...report import RLHF_DPI, argmin, finish_axes, markdown_table, pyplot, save_figure
+from ...report import (
+    RLHF_DPI,
+    argmin,
+    band_cell,
+    finish_axes,
+    markdown_table,
+    plot_band,
+    pyplot,
+    save_figure,
+)
+from ..bands import band_dict, curve_bands, named, seeds_line
 from ..config import RLHFPreset
 from ..irl import extracted_rewards, td_regularised_mle_loss
 from ..stages import Context, Order, row_mean, series, trainable
@@ -114,31 +124,50 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / denom if denom > 0 else float("nan")
 
 
+KEYS = ("kl", "entropy", "distinct2", "reward_corr_token", "reward_corr_seq")
+
+
+def aggregate(per_seed: dict) -> dict:
+    """Across the seeds, as bands: the oracle's sample statistics and, per λ, every evaluated series
+    and the training loss."""
+    runs = list(per_seed.values())
+
+    def make(each):
+        losses = band_dict(each, series=("train_loss",))
+        return {"lambda": each[0]["lambda"], **curve_bands(each, KEYS), **losses}
+
+    return {
+        "reference": band_dict([r["reference"] for r in runs], scalars=tuple(runs[0]["reference"])),
+        "runs": named(runs, "runs", make),
+    }
+
+
 def summary(curves: dict) -> str:
     rows = []
     for name, c in curves["runs"].items():
-        b = argmin(c["kl"])
-        rows.append([name, f"{c['kl'][b]:.4f} (step {c['steps'][b]}) → {c['kl'][-1]:.4f}",
-                     f"{c['entropy'][-1]:.3f}", f"{c['distinct2'][-1]:.3f}",
-                     f"{c['reward_corr_token'][-1]:.3f}", f"{c['reward_corr_seq'][-1]:.3f}"])  # fmt: skip
+        b = argmin(c["kl"]["mean"])
+        rows.append([name, f"{band_cell(c['kl'], b, 4)} (step {c['steps'][b]}) → {band_cell(c['kl'], -1, 4)}",
+                     band_cell(c["entropy"], -1), band_cell(c["distinct2"], -1),
+                     band_cell(c["reward_corr_token"], -1), band_cell(c["reward_corr_seq"], -1)])  # fmt: skip
     ref = curves["reference"]
-    head = ["objective", "held-out KL(oracle‖model): min (step) → final", "entropy", "distinct-2",
+    head = ["objective", "held-out KL(oracle‖model): min of the mean (step) → final", "entropy", "distinct-2",
             "corr(extracted r_t, oracle log p) per token", "per sequence"]  # fmt: skip
     return (
-        f"oracle's own samples: entropy {ref['oracle_entropy']:.3f}, distinct-2 {ref['oracle_distinct2']:.3f}"
-        "\n\n" + markdown_table(head, rows)
+        f"{seeds_line(curves)}oracle's own samples: entropy {band_cell(ref['oracle_entropy'], 0)}, "
+        f"distinct-2 {band_cell(ref['oracle_distinct2'], 0)}\n\n" + markdown_table(head, rows)
     )
 
 
 def plot(curves: dict, out: Path) -> list[Path]:
-    """``irl.png``: held-out KL, entropy of the model's samples, and the extracted rewards' correlation."""
+    """``irl.png``: held-out KL, entropy of the model's samples, and the extracted rewards' correlation
+    (means over the seeds, min–max bands)."""
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     for name, c in curves["runs"].items():
-        axes[0].plot(c["steps"], c["kl"], marker=".", label=name)
-        axes[1].plot(c["steps"], c["entropy"], marker=".", label=name)
-        axes[2].plot(c["steps"], c["reward_corr_token"], marker=".", label=f"{name}: per token")
-        axes[2].plot(c["steps"], c["reward_corr_seq"], ls="--", label=f"{name}: per sequence")
-    axes[1].axhline(curves["reference"]["oracle_entropy"], color="k", ls=":", lw=1, label="oracle")
+        plot_band(axes[0], c["steps"], c["kl"], marker=".", label=name)
+        plot_band(axes[1], c["steps"], c["entropy"], marker=".", label=name)
+        plot_band(axes[2], c["steps"], c["reward_corr_token"], marker=".", label=f"{name}: per token")
+        plot_band(axes[2], c["steps"], c["reward_corr_seq"], ls="--", label=f"{name}: per sequence")
+    axes[1].axhline(curves["reference"]["oracle_entropy"]["mean"][0], color="k", ls=":", lw=1, label="oracle")
     axes[0].set(xlabel="step", ylabel="nats per token", title="held-out KL(oracle ‖ model)", yscale="log")
     axes[1].set(xlabel="step", ylabel="nats", title="entropy along own samples")
     axes[2].set(xlabel="step", ylabel="Pearson r", title="extracted reward vs oracle log-likelihood")

@@ -11,12 +11,26 @@ from pathlib import Path
 
 import torch
 
-from ...report import RLHF_DPI, finish_axes, markdown_table, mean, pyplot, save_figure
+from ...report import (
+    RLHF_DPI,
+    band_cell,
+    finish_axes,
+    markdown_table,
+    mean,
+    plot_band,
+    pyplot,
+    save_figure,
+    scalar_band,
+    seed_band,
+)
 from .. import metrics
+from ..bands import band_dict, curve_bands, same, seeds_line
 from ..bond import best_of_n
 from ..config import RLHFPreset, rl_batches
 from ..reward import warm
 from ..stages import Context, frozen, series
+
+BEST = "best single RM"  # the RM of best held-out accuracy: per seed its name is ``best_single``
 
 
 def check(cfg: RLHFPreset) -> None:
@@ -53,7 +67,7 @@ def run(ctx: Context) -> dict:
         for name, score in scorers.items()
     }
     best = max((n for n in scorers if n.startswith("RM ")), key=lambda n: accuracy[n]["heldout"]["accuracy"])
-    compared = {f"best single ({best})": scorers[best], "ensemble": ensemble_score, "WARM": averaged}
+    compared = {BEST: scorers[best], "ensemble": ensemble_score, "WARM": averaged}
     proxies = {name: ctx.calibrate(score) for name, score in compared.items()}
 
     ctx.log("stage: best-of-N from the SFT policy")
@@ -105,66 +119,103 @@ def best_of_n_curves(ctx: Context, proxies: dict, ns, prompts: int) -> dict:
     return out
 
 
+def aggregate(per_seed: dict) -> dict:
+    """Across the seeds, as bands: the SFT policy's and the shifted policy's numbers, the label
+    agreement, each scorer's accuracies (``"best single RM"``: each seed's best RM, named in
+    ``best_single``), best-of-N by each proxy, and per RM optimised against the RL curves (each seed's
+    mean over its ``rl_seeds`` runs) and their best, along-training mean and final numbers (each seed's
+    mean over its runs)."""
+    runs = list(per_seed.values())
+    accuracy = {}
+    for name in same((list(r["accuracy"]) for r in runs), "the reward models"):
+        accuracy[name] = _accuracy_bands([r["accuracy"][name] for r in runs])
+    accuracy[BEST] = _accuracy_bands([r["accuracy"][r["best_single"]] for r in runs])
+    bons = [r["best_of_n"] for r in runs]
+    bon = {"n": same((b["n"] for b in bons), "best-of-N's N"), "kl_bound": bons[0]["kl_bound"]}
+    for name in bons[0]:
+        if name not in bon:
+            bon[name] = {k: seed_band(b[name][k] for b in bons) for k in bons[0][name]}
+    rl = {}
+    for name in same((list(r["rl"]) for r in runs), "the RL runs"):
+        keys = ("true", "proxy", "kl", "repeat")
+        per = [{"steps": same((c["steps"] for c in r["rl"][name]), "the steps")}
+               | {k: [mean(v) for v in zip(*(c[k] for c in r["rl"][name]), strict=True)] for k in keys}
+               | {"best_true": mean([max(c["true"]) for c in r["rl"][name]]),
+                  "mean_true": mean([mean(c["true"][1:]) for c in r["rl"][name]])}
+               for r in runs]  # fmt: skip
+        rl[name] = curve_bands(per, keys) | band_dict(per, scalars=("best_true", "mean_true"))
+        rl[name]["runs_per_seed"] = same((len(r["rl"][name]) for r in runs), "the RL seeds")
+    return {
+        "sft": band_dict([r["sft"] for r in runs], scalars=("true", "kl", "repeat")),
+        "train_label_agreement": scalar_band([r["train_label_agreement"]["agreement"] for r in runs]),
+        "shift_policy": band_dict([r["shift_policy"] for r in runs], scalars=("true", "kl", "repeat")),
+        "accuracy": accuracy,
+        "best_single": [r["best_single"] for r in runs],
+        "best_of_n": bon,
+        "rl": rl,
+    }
+
+
+def _accuracy_bands(each: list[dict]) -> dict:
+    return {
+        "heldout": scalar_band([a["heldout"]["accuracy"] for a in each]),
+        "shifted": scalar_band([a["shifted"]["accuracy"] for a in each]),
+        "wrong_labels_fitted": scalar_band([a["wrong_labels_fitted"] for a in each]),
+    }
+
+
 def summary(curves: dict) -> str:
-    rows = [[name, f"{a['heldout']['accuracy']:.3f}", f"{a['shifted']['accuracy']:.3f}",
-             f"{a['wrong_labels_fitted']:.3f}"] for name, a in curves["accuracy"].items()]  # fmt: skip
+    keys = ("heldout", "shifted", "wrong_labels_fitted")
+    rows = [[name, *(band_cell(a[k], 0) for k in keys)] for name, a in curves["accuracy"].items()]
     first = markdown_table(["reward model", "held-out accuracy (SFT pairs)",
                             "shifted accuracy (RL'd policy's pairs)", "wrong training labels fitted"],
                            rows)  # fmt: skip
     bon, n = curves["best_of_n"], curves["best_of_n"]["n"][-1]
     rows = []
-    for name, runs in curves["rl"].items():
-        best = mean([max(c["true"]) for c in runs])
-        along = mean([mean(c["true"][1:]) for c in runs])
-        final = f"{mean([c['true'][-1] for c in runs]):.3f} / {mean([c['proxy'][-1] for c in runs]):.3f}"
-        rows.append([name, f"{bon[name]['true'][-1]:.3f} / {bon[name]['proxy'][-1]:.3f}", f"{best:.3f}",
-                     f"{along:.3f}", final, f"{mean([c['kl'][-1] for c in runs]):.2f}"])  # fmt: skip
-    k = len(next(iter(curves["rl"].values())))
-    head = ["optimised against", f"best-of-{n}: true / proxy", f"RL: best true (mean of {k} seeds)",
+    for name, c in curves["rl"].items():
+        final = f"{band_cell(c['true'], -1)} / {band_cell(c['proxy'], -1)}"
+        rows.append([name, f"{band_cell(bon[name]['true'], -1)} / {band_cell(bon[name]['proxy'], -1)}",
+                     band_cell(c["best_true"], 0), band_cell(c["mean_true"], 0), final,
+                     band_cell(c["kl"], -1, 2)])  # fmt: skip
+    k = next(iter(curves["rl"].values()))["runs_per_seed"]
+    head = ["optimised against", f"best-of-{n}: true / proxy", f"RL: best true (mean of {k} runs)",
             "RL: mean true along training", "RL final: true / proxy", "RL final KL"]  # fmt: skip
     second = markdown_table(head, rows)
-    oracle = bon["true reward (oracle BoN)"]["true"][-1]
+    oracle = band_cell(bon["true reward (oracle BoN)"]["true"], -1)
+    best = ", ".join(curves["best_single"])
     return (
-        f"SFT: true {curves['sft']['true']:.3f}; best-of-{n} selected by the true reward: {oracle:.3f}\n\n"
+        f"{seeds_line(curves)}SFT: true {band_cell(curves['sft']['true'], 0)}; best-of-{n} selected by the "
+        f"true reward: {oracle}; best single RM (held-out accuracy), per seed: {best}\n\n"
         f"{first}\n\n{second}"
     )
 
 
 def plot(curves: dict, out: Path) -> list[Path]:
-    """``warm.png``: preference accuracies, best-of-N and RL against each RM (true vs proxy)."""
+    """``warm.png``: preference accuracies, best-of-N and RL against each RM (true vs proxy); means over
+    the seeds with their min–max (error bars, bands)."""
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     names = list(curves["accuracy"])
     xs = range(len(names))
     for j, (key, label) in enumerate((("heldout", "held-out (SFT)"), ("shifted", "shifted (RL'd policy)"))):
-        axes[0].bar(
-            [x + 0.4 * j for x in xs],
-            [curves["accuracy"][n][key]["accuracy"] for n in names],
-            width=0.4,
-            label=label,
-        )
+        bands = [curves["accuracy"][n][key] for n in names]
+        heights = [b["mean"][0] for b in bands]
+        spread = [[h - b["min"][0] for h, b in zip(heights, bands, strict=True)],
+                  [b["max"][0] - h for h, b in zip(heights, bands, strict=True)]]  # fmt: skip
+        axes[0].bar([x + 0.4 * j for x in xs], heights, width=0.4, label=label, yerr=spread, capsize=2)
     axes[0].set_xticks([x + 0.2 for x in xs], names, fontsize=7, rotation=20)
-    lo = min(curves["accuracy"][n][k]["accuracy"] for n in names for k in ("heldout", "shifted"))
+    lo = min(curves["accuracy"][n][k]["min"][0] for n in names for k in ("heldout", "shifted"))
     axes[0].set(ylim=(max(0.0, lo - 0.1), 1.0), ylabel="pairwise accuracy", title="preference accuracy")
     axes[0].legend(fontsize=7)
     bon = curves["best_of_n"]
-    axes[1].plot(
-        bon["kl_bound"],
-        bon["true reward (oracle BoN)"]["true"],
-        color="k",
-        marker=".",
-        label="selected by the true reward",
-    )
-    for name, runs in curves["rl"].items():
-        (line,) = axes[1].plot(bon["kl_bound"], bon[name]["true"], marker=".", label=f"{name}: true")
+    plot_band(axes[1], bon["kl_bound"], bon["true reward (oracle BoN)"]["true"], color="k", marker=".",
+              label="selected by the true reward")  # fmt: skip
+    for name, c in curves["rl"].items():
+        line = plot_band(axes[1], bon["kl_bound"], bon[name]["true"], marker=".", label=f"{name}: true")
         color = line.get_color()
-        axes[1].plot(bon["kl_bound"], bon[name]["proxy"], ls="--", color=color, label=f"{name}: proxy")
-        for s, c in enumerate(runs):
-            axes[2].plot(c["steps"], c["true"], color=color, label=f"{name}: true" if s == 0 else None)
-            axes[2].plot(c["steps"], c["proxy"], ls="--", color=color, lw=1,
-                         label=f"{name}: proxy" if s == 0 else None)  # fmt: skip
+        plot_band(axes[1], bon["kl_bound"], bon[name]["proxy"], ls="--", color=color, label=f"{name}: proxy")
+        plot_band(axes[2], c["steps"], c["true"], color=color, label=f"{name}: true")
+        plot_band(axes[2], c["steps"], c["proxy"], ls="--", color=color, lw=1, label=f"{name}: proxy")
     axes[1].set(xlabel="KL bound log N − (N−1)/N", ylabel="reward", title=f"best-of-N (N ≤ {bon['n'][-1]})")
-    axes[2].set(
-        xlabel="RL step", ylabel="reward", title="RL against each RM: true (—) vs proxy (--), all seeds"
-    )
-    finish_axes(axes[1:], hline=curves["sft"]["true"])
+    axes[2].set(xlabel="RL step", ylabel="reward", title="RL against each RM: true (—) vs proxy (--)")
+    finish_axes(axes[1:], hline=curves["sft"]["true"]["mean"][0])
     return [save_figure(fig, out / "warm.png", RLHF_DPI)]
