@@ -3,7 +3,7 @@
 python -m fdistill teacher-hacking --preset tiny [--out runs/teacher-hacking-tiny] [--seeds 0,1,2]
     [--divergence forward_kl] [--fused] [--fresh] [--no-progress] [--no-plots] [--threads 1] [--jobs N]
 python -m fdistill rlhf --method {rl,warp,bond,warm,irl} --preset tiny [--out runs/rlhf-<method>-<preset>]
-    [--seeds 0,1,2] [--fresh] [--no-progress] [--no-plots] [--threads 1]
+    [--seeds 0,1,2] [--fresh] [--no-progress] [--no-plots] [--threads 1] [--jobs N]
 
 teacher-hacking also runs data parallel on the CPU: ``torchrun --nproc_per_node N -m fdistill
 teacher-hacking ...`` (gloo; the preset's batch must divide by N; rank 0 writes and logs).
@@ -32,11 +32,7 @@ def main(argv=None) -> int:
     th.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
     th.add_argument("--no-progress", action="store_true")
     th.add_argument("--no-plots", action="store_true")
-    th.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
-    th.add_argument("--jobs", type=int, default=None,
-                    help="seeds run at a time, in worker processes of --threads each (default: as many as "
-                         "the CPUs allow; the curves are the same bytes for any --jobs)")  # fmt: skip
+    _process_flags(th)
     rl = sub.add_parser("rlhf", help="RL / WARP / BOND / WARM / IRL on a task with a known true reward")
     rl.add_argument("--method", required=True, help="rl, warp, bond, warm or irl")
     rl.add_argument("--preset", default="tiny", help="tiny (3 seeds, 2-7 min on 2 cores) or smoke (CI)")
@@ -45,8 +41,7 @@ def main(argv=None) -> int:
     rl.add_argument("--fresh", action="store_true", help="delete the output directory's previous run first")
     rl.add_argument("--no-progress", action="store_true")
     rl.add_argument("--no-plots", action="store_true")
-    rl.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
+    _process_flags(rl)
     args = p.parse_args(argv)
 
     from .trainer import distributed
@@ -86,30 +81,43 @@ def _seed_flags(parser) -> None:
     seeds.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
 
 
+def _process_flags(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: tiny models, more threads contend)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="seeds run at a time, in worker processes of --threads each (default: as many "
+                             "as the CPUs allow; the curves are the same bytes for any --jobs)")  # fmt: skip
+
+
+def _jobs(args, seeds, preset_seeds) -> int:
+    """``--jobs``, or by default as many seeds at a time as the CPUs allow at ``--threads`` each (1 under
+    ``torchrun``, where every rank is already a process)."""
+    from .trainer.parallel import default_jobs
+
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        return args.jobs
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    return default_jobs(len(seeds or preset_seeds), args.threads)
+
+
 def _seed_list(args):
     """The seeds the flags ask for; None for the preset's."""
     return _seeds(args.seeds) if args.seeds is not None else None if args.seed is None else (args.seed,)
 
 
 def _teacher_hacking(args):
-    from .trainer import distributed
     from .trainer.distill import LOSSES
     from .trainer.experiment import preset_config, run_teacher_hacking
-    from .trainer.parallel import default_jobs
 
-    preset_config(args.preset)
+    cfg = preset_config(args.preset)
     if args.divergence not in LOSSES:
         raise ValueError(f"unknown divergence {args.divergence!r}; choose one of {list(LOSSES)}")
     seeds = _seed_list(args)
     out = args.out or f"runs/teacher-hacking-{args.preset}"
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.jobs is not None:
-        jobs = args.jobs
-    elif distributed.world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        jobs = 1  # under torchrun every rank is already a process
-    else:
-        jobs = default_jobs(len(seeds or preset_config(args.preset).seeds), args.threads)
+    jobs = _jobs(args, seeds, cfg.seeds)
     return out, lambda: run_teacher_hacking(
         args.preset, out, seeds=seeds, divergence=args.divergence, fused=args.fused, jobs=jobs,
         progress=not args.no_progress, plots=not args.no_plots,
@@ -135,12 +143,14 @@ def _rlhf(args):
 
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
-    preset_config(args.preset)
+    cfg = preset_config(args.preset)
     seeds = _seed_list(args)
     out = args.out or f"runs/rlhf-{args.method}-{args.preset}"
+    jobs = _jobs(args, seeds, cfg.seeds)
     return out, lambda: run_rlhf(
-        args.method, args.preset, out, seeds=seeds, progress=not args.no_progress, plots=not args.no_plots
-    )
+        args.method, args.preset, out, seeds=seeds, jobs=jobs, progress=not args.no_progress,
+        plots=not args.no_plots,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -174,3 +174,25 @@ def test_warp_disjoint_prompts_run_and_report_both_cosines(tmp_path):
     assert curves["cosine"]["shared"]["mean"] == [seed["cosine"]["shared"]]
     probe = tmp_path / "run" / "checkpoints" / "seed0" / "WARP_it0_policy1__shared_prompts.safetensors"
     assert probe.exists()
+
+
+def test_seeds_in_parallel_workers_give_the_same_bytes(two_seeds, tmp_path):
+    _, reference = two_seeds
+    lines = []
+    run_rlhf("bond", "smoke", tmp_path / "par", seeds=SEEDS, jobs=2, **{**QUIET, "log": lines.append})
+    assert (tmp_path / "par" / "curves.json").read_bytes() == (reference / "curves.json").read_bytes()
+    assert any(line.startswith("[seed 1] ") for line in lines)
+
+
+def test_parallel_seeds_need_a_picklable_reward_and_jobs_at_least_one(tmp_path, capsys):
+    with pytest.raises(ValueError, match="reward_fn must be picklable"):
+        reward = lambda x, y: y.float().mean(1)  # noqa: E731 (a lambda: not picklable)
+        run_rlhf("bond", "smoke", tmp_path / "x", seeds=SEEDS, jobs=2, reward_fn=reward, **QUIET)
+    with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+        run_rlhf("bond", "smoke", tmp_path / "x", seeds=SEEDS, jobs=0, **QUIET)
+    assert (
+        cli(["rlhf", "--method", "bond", "--preset", "smoke", "--jobs", "0", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "--jobs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

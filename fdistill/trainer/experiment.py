@@ -134,17 +134,18 @@ USHAPE = {
 PRESETS = {
     "tiny": Preset(
         **USHAPE,
-        distill_steps=400,
+        distill_steps=300,
         eval_every=20,
         eval_prompts=128,
         ckpt_every=100,
         sources=(
-            Source("offline 128x1", "offline", prompts=128, generations=1),
+            Source("offline 32x4", "offline", prompts=32, generations=4),
             Source("offline 128x4", "offline", prompts=128, generations=4),
-            Source("offline 512x1", "offline", prompts=512, generations=1),
+            Source("offline 32x16", "offline", prompts=32, generations=16),
             Source("online teacher", "online", lmbda=0.0),
+            Source("online mixed (lambda 0.5)", "online", lmbda=0.5),
         ),
-        monitor={"fit_points": 4, "skip": 3, "tolerance": 0.1, "patience": 3},
+        monitor={"law": "golden_vs_step", "fit_points": 3, "skip": 2, "tolerance": 0.1, "patience": 2},
         seeds=(0, 1, 2),
     ),
     "small": Preset(
@@ -253,7 +254,7 @@ def run_teacher_hacking(
 
     ``jobs`` > 1 runs that many seeds at a time in worker processes, each on this process's torch
     thread count (:mod:`~.parallel`; the same bytes as ``jobs=1``; no progress bars, log lines
-    prefixed with the seed).
+    prefixed with the seed; a script must call it under ``if __name__ == "__main__":``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and trains data parallel;
     ``batch`` must divide by the world size, and ``jobs`` must be 1. Rank 0 writes the files and

@@ -45,10 +45,11 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], labels: Sequence[str], *, jo
     """``fn(*task, log=...)`` for every task; returns the results in task order.
 
     ``jobs == 1`` (or one task): in this process, in turn, logging each label and then the task's lines
-    to ``log``. Otherwise ``jobs``
-    spawned processes at this process's torch thread count; ``fn`` must be a module-level function and
-    the tasks picklable; each worker's log lines reach ``log`` prefixed with the task's label. The
-    first task to fail raises its exception here (the others are cancelled)."""
+    to ``log``. Otherwise ``jobs`` spawned processes at this process's torch thread count: ``fn`` must
+    be a module-level function and the tasks picklable, and a script must call this under
+    ``if __name__ == "__main__":`` (spawned workers import the main module). Each worker's log lines
+    reach ``log`` prefixed with the task's label. The first task to fail raises its exception here (the
+    others are cancelled)."""
     jobs = check_jobs(jobs)
     if jobs == 1 or len(tasks) <= 1:
         results = []
@@ -71,6 +72,13 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], labels: Sequence[str], *, jo
     try:
         running = [pool.submit(fn, *task, log=_Log(label)) for task, label in zip(tasks, labels, strict=True)]
         results = [f.result() for f in running]
+    except futures.process.BrokenProcessPool as exc:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise RuntimeError(
+            "a worker process died (killed, out of memory, or it could not start: a script that runs "
+            "several jobs must do so under `if __name__ == '__main__':`, since spawned workers import the "
+            "main module); rerun to resume, or use jobs=1"
+        ) from exc
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

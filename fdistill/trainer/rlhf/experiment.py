@@ -49,6 +49,7 @@ summation order (~1e-7 relative):
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,6 +57,7 @@ import torch
 
 from .. import distributed
 from ..extras import require_for_run
+from ..parallel import check_jobs, run_tasks
 from ..report import check_seeds, publish
 from ..rundir import claim_out_dir, jsonable
 from .config import (
@@ -84,6 +86,7 @@ def run_rlhf(
     *,
     seeds=None,
     reward_fn: RewardFn | None = None,
+    jobs: int = 1,
     progress: bool = True,
     plots: bool = True,
     log=print,
@@ -96,9 +99,14 @@ def run_rlhf(
     everywhere (labels, RL, metrics); it must return finite floats of that shape (ValueError
     otherwise). It is recorded in ``run.json`` by name only.
 
+    ``jobs`` > 1 runs that many seeds at a time in worker processes, each on this process's torch
+    thread count (:mod:`~fdistill.trainer.parallel`: the same bytes as ``jobs=1``, no progress bars,
+    log lines prefixed with the seed); ``reward_fn`` must then be picklable (a module-level function),
+    and a script must call it under ``if __name__ == "__main__":``.
+
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data parallel (see the module's docstring); the
     training batch sizes (``sft_batch``, ``rm_batch``, ``rl_prompts``, ``irl.batch``) must divide by
-    the world size. Rank 0 writes the files and logs."""
+    the world size, and ``jobs`` must be 1. Rank 0 writes the files and logs."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     cfg = complete(preset) if isinstance(preset, RLHFPreset) else preset_config(preset)
@@ -107,6 +115,16 @@ def run_rlhf(
     module = REGISTRY[method]
     check_config(cfg)
     module.check(cfg)
+    check_jobs(jobs)
+    parallel = jobs > 1 and len(cfg.seeds) > 1
+    if parallel and reward_fn is not None:
+        try:
+            pickle.dumps(reward_fn)
+        except Exception as exc:  # lambdas, closures, bound methods of unpicklable objects
+            raise ValueError(
+                f"reward_fn must be picklable to run seeds in worker processes (jobs={jobs}): define it at "
+                f"a module's top level, or use jobs=1 ({exc})"
+            ) from None
     require_for_run(progress=progress, plots=plots)
     if reward_fn is not None:  # fail fast, before any training
         probe = torch.Generator().manual_seed(0)
@@ -123,19 +141,25 @@ def run_rlhf(
         "config": jsonable(cfg),
     }
     distributed.init_from_env()
+    if jobs > 1 and distributed.world() > 1:
+        raise ValueError(f"jobs must be 1 under torchrun (each rank is already a process), got {jobs}")
     for name, size in module.batches(cfg).items():  # the same error on every rank, before any collective
         distributed.check_divisible(size, name)
     main = distributed.is_main()
     if not main:
         log, progress, plots = (lambda *_: None), False, False
     claim_out_dir(out, run_config, "method/preset/seeds/reward/sizes")
-    per_seed = {}
-    for seed in cfg.seeds:
-        log(f"seed {seed}")
-        per_seed[str(seed)] = module.run(Context(cfg, out, seed, reward_fn, progress, log))
+    tasks = [(method, cfg, out, seed, reward_fn, progress and not parallel) for seed in cfg.seeds]
+    runs = run_tasks(_run_seed, tasks, [f"seed {seed}" for seed in cfg.seeds], jobs=jobs, log=log)
+    per_seed = {str(seed): run for seed, run in zip(cfg.seeds, runs, strict=True)}
     curves = {"run": run_config, "seeds": list(cfg.seeds), **module.aggregate(per_seed), "per_seed": per_seed}
     publish(out, curves, module.summary(curves), module.plot, main=main, plots=plots, log=log)
     return curves
+
+
+def _run_seed(method: str, cfg: RLHFPreset, out: Path, seed: int, reward_fn, progress: bool, *, log) -> dict:
+    """One seed's whole pipeline for ``method``; returns its curves."""
+    return REGISTRY[method].run(Context(cfg, out, seed, reward_fn, progress, log))
 
 
 def summary_table(curves: dict) -> str:
