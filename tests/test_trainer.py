@@ -3,6 +3,7 @@ checkpoints and resume, bad input, and a smoke run of the experiment."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -26,7 +27,7 @@ from fdistill.trainer import (
     sequence_kl,
 )
 from fdistill.trainer.distill import check_compatible
-from fdistill.trainer.experiment import _train, preset_config, run_teacher_hacking
+from fdistill.trainer.experiment import _train, plot_curves, preset_config, run_teacher_hacking
 
 CFG = LMConfig(vocab=17, width=32, depth=2, heads=4, context=20, head_scale=3.0)
 
@@ -244,6 +245,12 @@ def test_experiment_smoke_run_and_resume(tmp_path, capsys):
         assert c["steps"][-1] == 40 and all(v >= 0 for v in c["proxy"]["min"] + c["golden"]["min"])
     assert (out / "curves.png").stat().st_size > 0 and (out / "golden_vs_proxy.png").stat().st_size > 0
     assert "| data source |" in (out / "summary.md").read_text()
+    # the step law's fit and flags are drawn on the golden-vs-step panel instead
+    stepped = copy.deepcopy(saved)
+    for c in stepped["sources"].values():
+        c["monitor"] |= {"law": "golden_vs_step", "departure_step": c["steps"][-1]}
+    paths = plot_curves(stepped, tmp_path)
+    assert [p.name for p in paths] == ["curves.png", "golden_vs_proxy.png"] and paths[0].stat().st_size > 0
     # a rerun resumes from the finished checkpoints and reproduces the curves
     again = run_teacher_hacking("smoke", out, progress=False, plots=False, log=lambda *_: None)
     assert again["sources"] == curves["sources"]

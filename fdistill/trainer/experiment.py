@@ -145,8 +145,8 @@ PRESETS = {
             Source("online teacher", "online", lmbda=0.0),
             Source("online mixed (lambda 0.5)", "online", lmbda=0.5),
         ),
-        monitor={"law": "golden_vs_step", "fit_points": 3, "skip": 2, "tolerance": 0.1, "patience": 2},
-        seeds=(0, 1, 2),
+        monitor={"law": "golden_vs_step", "fit_points": 4, "skip": 1, "tolerance": 0.075, "patience": 3},
+        seeds=(0, 1, 2, 3),  # 4, not 3: two rounds of two workers on 2 cores either way
     ),
     "small": Preset(
         vocab=64,
@@ -473,15 +473,19 @@ def _steps_cell(on_mean, per_seed) -> str:
 
 def plot_curves(curves: dict, out: Path) -> list[Path]:
     """``curves.png`` (proxy and golden vs step, per data source: the mean over the seeds and their
-    min–max band) and ``golden_vs_proxy.png`` (log-log mean curves with the golden band, the early
-    power law fitted to each mean curve and its flagged steps)."""
+    min–max band; with ``law="golden_vs_step"`` the monitor's early power law and flags on the golden
+    panel) and ``golden_vs_proxy.png`` (log-log mean curves with the golden band, with
+    ``law="golden_vs_proxy"`` the fitted law; and the late part, where a U shows, on linear axes), the
+    flagged steps marked (o departure, x hacking)."""
     plt = pyplot()
     sources = curves["sources"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in sources.items():
         steps = [max(s, 1) for s in c["steps"]]
         plot_band(axes[0], steps, c["proxy"], label=name)
-        plot_band(axes[1], steps, c["golden"], label=name)
+        line = plot_band(axes[1], steps, c["golden"], label=name)
+        if c["monitor"]["law"] == "golden_vs_step":
+            _fit_and_flags(axes[1], c, steps, line.get_color())
     axes[1].axhline(mean(curves["teacher_golden"]["mean"]), color="k", ls=":", lw=1, label="teacher's golden")
     for ax, title in zip(
         axes, ("proxy: KL(teacher || student)", "golden: KL(oracle || student)"), strict=True
@@ -492,39 +496,49 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
     axes[1].legend(fontsize=7)
     first = save_figure(fig, out / "curves.png", TEACHER_HACKING_DPI)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, (ax, late) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, c in sources.items():
         proxy, gold = c["proxy"]["mean"], c["golden"]["mean"]
         line = plot_band(ax, proxy, c["golden"], marker=".", label=name)
-        fit = c["monitor"]["fit"]
-        if fit is not None:
-            lo, hi = min(proxy), max(proxy)
-            xs = [lo * (hi / lo) ** (i / 20) for i in range(21)] if lo > 0 else []
-            ax.plot(
-                xs,
-                [math.exp(fit["log_a"]) * x ** fit["exponent"] for x in xs],
-                ls="--",
-                lw=1,
-                color=line.get_color(),
-            )
+        if c["monitor"]["law"] == "golden_vs_proxy":
+            _fit_and_flags(ax, c, proxy, line.get_color())
+        keep = [i for i, s in enumerate(c["steps"]) if s >= LATE_FROM]
+        late.plot([proxy[i] for i in keep], [gold[i] for i in keep], marker=".", color=line.get_color())
         for key, marker in (("departure_step", "o"), ("hacking_step", "x")):
             step = c["monitor"][key]
-            if step is not None:
+            if step is not None and step >= LATE_FROM:
                 i = c["steps"].index(step)
-                ax.plot(proxy[i], gold[i], marker=marker, ms=10, mfc="none", color=line.get_color())
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="proxy (mean over seeds)",
-        ylabel="golden",
-        title="golden vs proxy, mean over seeds (band: golden min–max; dashed: early power-law fit;\n"
-        "o departure, x hacking)",
-    )
-    ax.title.set_fontsize(8)
-    ax.grid(alpha=0.3, which="both")
+                late.plot(proxy[i], gold[i], marker=marker, ms=10, mfc="none", color=line.get_color())
+    ax.set(xscale="log", yscale="log", xlabel="proxy (mean over seeds)", ylabel="golden",
+           title="golden vs proxy, mean over seeds (band: golden min–max)")  # fmt: skip
+    late.set(xlabel="proxy (mean over seeds)", ylabel="golden",
+             title=f"from step {LATE_FROM} (linear axes; o departure, x hacking)")  # fmt: skip
+    late.invert_xaxis()  # training runs left to right: proxy falls
+    for a in (ax, late):
+        a.title.set_fontsize(9)
+        a.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     second = save_figure(fig, out / "golden_vs_proxy.png", TEACHER_HACKING_DPI)
     return [first, second]
+
+
+LATE_FROM = 100  # golden_vs_proxy.png's second panel: the evaluations from this step on
+
+
+def _fit_and_flags(ax, c: dict, xs: list, color) -> None:
+    """The monitor's fitted law ``golden = e^a x^b`` over the range of ``xs`` (dashed) and its flagged
+    steps (o departure, x hacking) on ``ax``."""
+    fit = c["monitor"]["fit"]
+    if fit is not None and min(xs) > 0:
+        lo, hi = min(xs), max(xs)
+        grid = [lo * (hi / lo) ** (i / 20) for i in range(21)]
+        law = [math.exp(fit["log_a"]) * x ** fit["exponent"] for x in grid]
+        ax.plot(grid, law, ls="--", lw=1, color=color)
+    for key, marker in (("departure_step", "o"), ("hacking_step", "x")):
+        step = c["monitor"][key]
+        if step is not None:
+            i = c["steps"].index(step)
+            ax.plot(xs[i], c["golden"]["mean"][i], marker=marker, ms=10, mfc="none", color=color)
 
 
 __all__ = [
