@@ -24,7 +24,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="experiment", required=True)
     th = sub.add_parser("teacher-hacking", help="oracle -> teacher -> student, offline vs online data")
-    th.add_argument("--preset", default="tiny", help="tiny (3 seeds, ~9 min, 1 thread), small, smoke (CI)")
+    th.add_argument("--preset", default="tiny", help="tiny (4 seeds, ~5 min on 2 cores), small, smoke (CI)")
     th.add_argument("--out", default=None, help="output directory (default runs/teacher-hacking-<preset>)")
     _seed_flags(th)
     th.add_argument("--divergence", default="forward_kl", help="any fdistill divergence, or 'fy'")
