@@ -187,26 +187,33 @@ def test_interrupted_in_the_second_seed_resumes_to_the_same_bytes(two_seeds, tmp
     assert (out / "summary.md").read_text() == (reference / "summary.md").read_text()
 
 
-def test_kill_9_in_the_second_seed_then_resume_gives_the_same_bytes(two_seeds, tmp_path):
-    """A real SIGKILL right after seed 1's first distillation checkpoint, then a rerun."""
-    _, reference = two_seeds
-    killed = tmp_path / "killed"
+def _start_run(out, *, jobs, until, timeout=120):
+    """``_run(out, (0, 1), jobs=jobs)`` in a subprocess on this process's thread count (reductions split
+    by it), returned once the file ``until`` exists (or the run ended, or ``timeout`` seconds passed)."""
     script = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_teacher_hacking_seeds as t; "
     )
-    script += f"t._run({str(killed)!r}, (0, 1))"
+    script += f"t._run({str(out)!r}, (0, 1), jobs={jobs})"
     env = dict(
         os.environ,
-        OMP_NUM_THREADS=str(torch.get_num_threads()),  # the reference's: reductions split by thread count
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    first = killed / "checkpoints" / "seed1" / "distill_offline_4x2.safetensors"
-    deadline = time.monotonic() + 60
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while not until.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    return proc
+
+
+def test_kill_9_in_the_second_seed_then_resume_gives_the_same_bytes(two_seeds, tmp_path):
+    """A real SIGKILL right after seed 1's first distillation checkpoint, then a rerun."""
+    _, reference = two_seeds
+    killed = tmp_path / "killed"
+    until = killed / "checkpoints" / "seed1" / "distill_offline_4x2.safetensors"
+    proc = _start_run(killed, jobs=1, until=until)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "curves.json").exists(), "the run finished before it was killed"
@@ -290,22 +297,7 @@ def _children(pid: int) -> list[int]:
 def test_kill_9_of_the_parent_stops_its_workers_and_resume_gives_the_same_bytes(two_seeds, tmp_path):
     _, reference = two_seeds
     killed = tmp_path / "killed"
-    script = (
-        f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_teacher_hacking_seeds as t; "
-    )
-    script += f"t._run({str(killed)!r}, (0, 1), jobs=2)"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(torch.get_num_threads()),
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    first = killed / "checkpoints" / "seed1" / "teacher.safetensors"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    proc = _start_run(killed, jobs=2, until=killed / "checkpoints" / "seed1" / "teacher.safetensors")
     workers = _children(proc.pid)
     assert workers, "no worker processes found"
     proc.send_signal(signal.SIGKILL)
