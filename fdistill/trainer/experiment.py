@@ -60,7 +60,7 @@ from .extras import require_for_run
 from .loop import HELDOUT_SEED, ORACLE_POOL, SEED_STRIDE, oracle_stage, run_loop
 from .model import TILT_KEYS, LMConfig, TiltedLM, TinyLM
 from .monitor import TeacherHackingMonitor
-from .parallel import check_jobs, run_tasks
+from .parallel import check_jobs, run_tasks, spawns
 from .report import (
     TEACHER_HACKING_DPI,
     argmin,
@@ -72,6 +72,7 @@ from .report import (
     publish,
     pyplot,
     save_figure,
+    scalar_band,
     seed_band,
 )
 from .rundir import checkpoint_path, claim_out_dir, jsonable, slug
@@ -280,8 +281,8 @@ def run_teacher_hacking(
     out = Path(out)
     run_config = {"preset": preset, "divergence": divergence, "fused": fused, "config": jsonable(cfg)}
     claim_out_dir(out, run_config, "preset/seeds/divergence/sizes")
-    parallel = jobs > 1 and len(cfg.seeds) > 1
-    tasks = [(cfg, out, seed, divergence, fused, progress and not parallel) for seed in cfg.seeds]
+    bars = progress and not spawns(jobs, len(cfg.seeds))
+    tasks = [(cfg, out, seed, divergence, fused, bars) for seed in cfg.seeds]
     labels = [f"seed {seed}" for seed in cfg.seeds]
     runs = run_tasks(_run_seed, tasks, labels, jobs=jobs, log=log)
     per_seed = {str(seed): run for seed, run in zip(cfg.seeds, runs, strict=True)}
@@ -428,8 +429,8 @@ def aggregate_seeds(per_seed: dict, monitor: dict) -> dict:
         }
     return {
         "seeds": [int(s) for s in per_seed],
-        "teacher_golden": seed_band([[r["teacher_golden"]] for r in runs]),
-        "student_start": {k: seed_band([[r["student_start"][k]] for r in runs]) for k in ("proxy", "golden")},
+        "teacher_golden": scalar_band([r["teacher_golden"] for r in runs]),
+        "student_start": {k: scalar_band([r["student_start"][k] for r in runs]) for k in ("proxy", "golden")},
         "sources": sources,
     }
 
@@ -485,7 +486,8 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
         plot_band(axes[0], steps, c["proxy"], label=name)
         line = plot_band(axes[1], steps, c["golden"], label=name)
         if c["monitor"]["law"] == "golden_vs_step":
-            _fit_and_flags(axes[1], c, steps, line.get_color())
+            _law(axes[1], c, steps, line.get_color())
+            _flags(axes[1], c, steps, line.get_color())
     axes[1].axhline(mean(curves["teacher_golden"]["mean"]), color="k", ls=":", lw=1, label="teacher's golden")
     for ax, title in zip(
         axes, ("proxy: KL(teacher || student)", "golden: KL(oracle || student)"), strict=True
@@ -501,14 +503,11 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
         proxy, gold = c["proxy"]["mean"], c["golden"]["mean"]
         line = plot_band(ax, proxy, c["golden"], marker=".", label=name)
         if c["monitor"]["law"] == "golden_vs_proxy":
-            _fit_and_flags(ax, c, proxy, line.get_color())
+            _law(ax, c, proxy, line.get_color())
+            _flags(ax, c, proxy, line.get_color())
         keep = [i for i, s in enumerate(c["steps"]) if s >= LATE_FROM]
         late.plot([proxy[i] for i in keep], [gold[i] for i in keep], marker=".", color=line.get_color())
-        for key, marker in (("departure_step", "o"), ("hacking_step", "x")):
-            step = c["monitor"][key]
-            if step is not None and step >= LATE_FROM:
-                i = c["steps"].index(step)
-                late.plot(proxy[i], gold[i], marker=marker, ms=10, mfc="none", color=line.get_color())
+        _flags(late, c, proxy, line.get_color(), since=LATE_FROM)
     ax.set(xscale="log", yscale="log", xlabel="proxy (mean over seeds)", ylabel="golden",
            title="golden vs proxy, mean over seeds (band: golden min–max)")  # fmt: skip
     late.set(xlabel="proxy (mean over seeds)", ylabel="golden",
@@ -525,18 +524,21 @@ def plot_curves(curves: dict, out: Path) -> list[Path]:
 LATE_FROM = 100  # golden_vs_proxy.png's second panel: the evaluations from this step on
 
 
-def _fit_and_flags(ax, c: dict, xs: list, color) -> None:
-    """The monitor's fitted law ``golden = e^a x^b`` over the range of ``xs`` (dashed) and its flagged
-    steps (o departure, x hacking) on ``ax``."""
+def _law(ax, c: dict, xs: list, color) -> None:
+    """The monitor's fitted law ``golden = e^a x^b`` over the range of ``xs``, dashed."""
     fit = c["monitor"]["fit"]
     if fit is not None and min(xs) > 0:
         lo, hi = min(xs), max(xs)
         grid = [lo * (hi / lo) ** (i / 20) for i in range(21)]
         law = [math.exp(fit["log_a"]) * x ** fit["exponent"] for x in grid]
         ax.plot(grid, law, ls="--", lw=1, color=color)
+
+
+def _flags(ax, c: dict, xs: list, color, since: int = 0) -> None:
+    """The monitor's flagged steps from step ``since`` on (o departure, x hacking) at ``(xs, golden)``."""
     for key, marker in (("departure_step", "o"), ("hacking_step", "x")):
         step = c["monitor"][key]
-        if step is not None:
+        if step is not None and step >= since:
             i = c["steps"].index(step)
             ax.plot(xs[i], c["golden"]["mean"][i], marker=marker, ms=10, mfc="none", color=color)
 

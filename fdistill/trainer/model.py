@@ -187,9 +187,9 @@ class TiltedLM(nn.Module):
             "prompt": (PROMPT_BUCKETS, v),
         }
         self.register_buffer("table", scale * torch.randn(*shape[key], generator=generator))
-        # the prompt hash: sum of tokens times a fixed random weight per position, mod the rows
-        weights = torch.randint(1, PROMPT_BUCKETS, (max(prompt_len, 1),), generator=generator)
-        self.register_buffer("hash_weights", weights, persistent=False)
+        if key == "prompt":  # the hash: tokens times a fixed random weight per position, summed, mod rows
+            weights = torch.randint(1, PROMPT_BUCKETS, (prompt_len,), generator=generator)
+            self.register_buffer("hash_weights", weights, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.base(tokens)

@@ -41,6 +41,12 @@ def check_jobs(jobs) -> int:
     return jobs
 
 
+def spawns(jobs: int, tasks: int) -> bool:
+    """Whether :func:`run_tasks` runs ``tasks`` tasks in worker processes at ``jobs`` (then the tasks get
+    no progress bars, and what they take must pickle)."""
+    return jobs > 1 and tasks > 1
+
+
 def run_tasks(fn: Callable, tasks: Sequence[tuple], labels: Sequence[str], *, jobs: int, log) -> list:
     """``fn(*task, log=...)`` for every task; returns the results in task order.
 
@@ -50,8 +56,7 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], labels: Sequence[str], *, jo
     ``if __name__ == "__main__":`` (spawned workers import the main module). Each worker's log lines
     reach ``log`` prefixed with the task's label. The first task to fail raises its exception here (the
     others are cancelled)."""
-    jobs = check_jobs(jobs)
-    if jobs == 1 or len(tasks) <= 1:
+    if not spawns(check_jobs(jobs), len(tasks)):
         results = []
         for task, label in zip(tasks, labels, strict=True):
             log(label)

@@ -57,7 +57,7 @@ import torch
 
 from .. import distributed
 from ..extras import require_for_run
-from ..parallel import check_jobs, run_tasks
+from ..parallel import check_jobs, run_tasks, spawns
 from ..report import check_seeds, publish
 from ..rundir import claim_out_dir, jsonable
 from .config import (
@@ -115,8 +115,7 @@ def run_rlhf(
     module = REGISTRY[method]
     check_config(cfg)
     module.check(cfg)
-    check_jobs(jobs)
-    parallel = jobs > 1 and len(cfg.seeds) > 1
+    parallel = spawns(check_jobs(jobs), len(cfg.seeds))
     if parallel and reward_fn is not None:
         try:
             pickle.dumps(reward_fn)
