@@ -50,6 +50,16 @@ def _seed_global_rng(request):
     torch.manual_seed(seed_from("global:" + request.node.nodeid))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and tensors: one torch thread is many times faster than two OpenMP threads that
+    contend for a shared 2-core machine (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fresh_dynamo():
     """torch.compile tests start and end with a reset torch._dynamo."""

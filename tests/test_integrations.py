@@ -26,13 +26,7 @@ V = 96
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine are ~50x slower with two OpenMP threads than with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors
 
 
 def _common(**kw):

@@ -37,13 +37,7 @@ from fdistill.trainer.rlhf import (
 CFG = LMConfig(vocab=8, width=16, depth=1, heads=2, context=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is much faster than two that contend for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors
 
 
 def state(seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:

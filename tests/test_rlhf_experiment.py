@@ -8,23 +8,18 @@ import json
 
 import pytest
 import torch
+from utils import Interrupt, interrupt_rlhf_loops, restore_rlhf_loops
 
 from fdistill.__main__ import main as cli
 from fdistill.trainer import LMConfig, TinyLM
-from fdistill.trainer.rlhf import experiment, stages
+from fdistill.trainer.rlhf import experiment
 from fdistill.trainer.rlhf.experiment import METHODS, RLHFPreset, preset_config, run_rlhf
 from fdistill.trainer.rlhf.task import RewardTask
 
 QUIET = {"progress": False, "log": lambda *_: None}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is much faster than two that contend for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors
 
 
 # ----------------------------------------------------------------------------- the task
@@ -122,39 +117,21 @@ def test_smoke_run_outputs(tmp_path, method):
             assert all(k > 0 for k in run["kl"]) and -1 <= run["reward_corr_token"][-1] <= 1
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_after_an_interruption_gives_identical_outputs(tmp_path, monkeypatch, method):
     full = run_rlhf(method, "smoke", tmp_path / "full", plots=False, **QUIET)
     # stop at the k-th training step overall: mid-way through a stage after a periodic checkpoint
-    stop_at = {"rl": 22, "warp": 46, "bond": 22, "warm": 30, "irl": 7}[method]
-    real_loop, calls = stages.run_loop, [0]  # every RLHF training loop runs through Context.train
-
-    def interrupted_loop(name, ckpt, steps, step_fn, **kwargs):
-        def step():
-            calls[0] += 1
-            if calls[0] == stop_at:
-                raise _Interrupt(name)
-            return step_fn()
-
-        return real_loop(name, ckpt, steps, step, **kwargs)
-
-    monkeypatch.setattr(stages, "run_loop", interrupted_loop)
-    with pytest.raises(_Interrupt):
+    interrupt_rlhf_loops(monkeypatch, {"rl": 22, "warp": 46, "bond": 22, "warm": 30, "irl": 7}[method])
+    with pytest.raises(Interrupt):
         run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, **QUIET)
     assert not (tmp_path / "resumed" / "curves.json").exists()
-    monkeypatch.setattr(stages, "run_loop", real_loop)
+    restore_rlhf_loops(monkeypatch)
     logged = []
     resumed = run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, progress=False, log=logged.append)
     assert any("resuming" in line for line in logged)
     assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(full))
     # and a finished run reruns from its checkpoints to the same curves without training
-    calls[0] = 0
-    monkeypatch.setattr(stages, "run_loop", interrupted_loop)
-    stop_at = 1
+    interrupt_rlhf_loops(monkeypatch, 1)
     assert run_rlhf(method, "smoke", tmp_path / "resumed", plots=False, **QUIET) == resumed
 
 

@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+from utils import Interrupt, interrupt_rlhf_loops, restore_rlhf_loops
 
 from fdistill.__main__ import main as cli
-from fdistill.trainer.rlhf import stages
 from fdistill.trainer.rlhf.bands import band_dict, same
 from fdistill.trainer.rlhf.experiment import WARPConfig, preset_config, run_rlhf
 from fdistill.trainer.rlhf.methods import bond, warp
@@ -21,24 +21,14 @@ SEEDS = (0, 1)
 SEED_STEPS = 15 + 8 + 8  # bond smoke, per seed: SFT, J-BOND, one baseline run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory):
+def two_seeds(tmp_path_factory, one_thread):
     """(curves, out) of an uninterrupted J-BOND smoke run of seeds 0 and 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("two") / "run"
-        return run_rlhf("bond", "smoke", out, seeds=SEEDS, **QUIET), out
-    finally:
-        torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("two") / "run"
+    return run_rlhf("bond", "smoke", out, seeds=SEEDS, **QUIET), out
 
 
 def test_seeds_in_one_run_match_separate_runs(two_seeds, tmp_path):
@@ -55,31 +45,15 @@ def test_seeds_in_one_run_match_separate_runs(two_seeds, tmp_path):
     assert both["per_seed"]["0"]["sft"] != both["per_seed"]["1"]["sft"]
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_interrupted_in_the_second_seed_resumes_to_the_same_bytes(two_seeds, tmp_path, monkeypatch):
     _, reference = two_seeds
-    real_loop, calls = stages.run_loop, [0]
-    stop_at = SEED_STEPS + 15 + 6  # seed 1's J-BOND, after its step-4 checkpoint
-
-    def interrupted_loop(name, ckpt, steps, step_fn, **kwargs):
-        def step():
-            calls[0] += 1
-            if calls[0] == stop_at:
-                raise _Interrupt(name)
-            return step_fn()
-
-        return real_loop(name, ckpt, steps, step, **kwargs)
-
-    monkeypatch.setattr(stages, "run_loop", interrupted_loop)
+    interrupt_rlhf_loops(monkeypatch, SEED_STEPS + 15 + 6)  # seed 1's J-BOND, after its step-4 checkpoint
     out = tmp_path / "cut"
-    with pytest.raises(_Interrupt, match="J-BOND"):
+    with pytest.raises(Interrupt, match="J-BOND"):
         run_rlhf("bond", "smoke", out, seeds=SEEDS, **QUIET)
     assert not (out / "curves.json").exists()
     assert (out / "checkpoints" / "seed1" / "jbond.safetensors").exists()
-    monkeypatch.setattr(stages, "run_loop", real_loop)
+    restore_rlhf_loops(monkeypatch)
     run_rlhf("bond", "smoke", out, seeds=SEEDS, **QUIET)
     assert (out / "curves.json").read_bytes() == (reference / "curves.json").read_bytes()
     assert (out / "summary.md").read_text() == (reference / "summary.md").read_text()

@@ -653,3 +653,35 @@ def run_linear_head(backend, grad_in_place, h, w, teacher, divergence, options, 
     objective = (loss * weight).sum() if weight is not None else loss
     objective.backward()
     return loss.detach(), logits.detach(), logits.grad, w.grad
+
+
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_rlhf_loops` at its chosen training step."""
+
+
+def interrupt_rlhf_loops(monkeypatch, stop_at: int) -> None:
+    """Every RLHF training loop runs through ``stages.run_loop``: make it raise ``Interrupt(stage name)``
+    at the ``stop_at``-th training step counted over all of them (steps before it run as usual);
+    :func:`restore_rlhf_loops` undoes it."""
+    from fdistill.trainer.rlhf import stages
+
+    real = getattr(stages.run_loop, "__wrapped__", stages.run_loop)
+    calls = [0]
+
+    def interrupted_loop(name, ckpt, steps, step_fn, **kwargs):
+        def step():
+            calls[0] += 1
+            if calls[0] == stop_at:
+                raise Interrupt(name)
+            return step_fn()
+
+        return real(name, ckpt, steps, step, **kwargs)
+
+    interrupted_loop.__wrapped__ = real
+    monkeypatch.setattr(stages, "run_loop", interrupted_loop)
+
+
+def restore_rlhf_loops(monkeypatch) -> None:
+    from fdistill.trainer.rlhf import stages
+
+    monkeypatch.setattr(stages, "run_loop", getattr(stages.run_loop, "__wrapped__", stages.run_loop))
